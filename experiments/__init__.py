@@ -1,0 +1,1 @@
+"""Runnable workloads: `python -m experiments.NAME`; each module docstring says what it shows."""

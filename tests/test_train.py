@@ -1,0 +1,129 @@
+"""The training core: optimizers, fit in both modes, the finite check."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fnlearn.models import DynamicNet, SimpleNet
+from fnlearn.train import (NonFiniteError, TrainState, cross_entropy, decay_mask, fit, make_optimizer,
+                           make_schedule, make_train_step)
+from fnlearn.train.steps import first_nonfinite
+
+
+def blobs(key, n=256, classes=4, features=16):
+    """Linearly separable classes: one Gaussian blob per class."""
+    k1, k2 = jax.random.split(key)
+    centers = 3.0 * jax.random.normal(k1, (classes, features))
+    labels = jnp.arange(n) % classes
+    return centers[labels] + jax.random.normal(k2, (n, features)), labels
+
+
+def new_state(model, x, tx, seed=0):
+    return TrainState.create(apply_fn=model.apply, variables=model.init(jax.random.key(seed), x), tx=tx)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "adamw"])
+def test_fit_lowers_loss_with_every_optimizer(name):
+    x, y = blobs(jax.random.key(0))
+    lr = 0.01 if name.startswith("adam") else 0.05
+    state = new_state(SimpleNet(), x, make_optimizer(name, lr, weight_decay=1e-4))
+    _, history = fit(state, (x, y), epochs=5, batch_size=32, key=jax.random.key(1), progress=False)
+    assert history["loss"][-1] < 0.5 * history["loss"][0]
+    assert history["accuracy"][-1] > 0.9
+    assert len(history["grad_norm"]) == 5
+
+
+def test_compiled_run_matches_step_loop():
+    x, y = blobs(jax.random.key(0))
+    tx = make_optimizer("momentum", 0.05)
+    a, ha = fit(new_state(SimpleNet(), x, tx), (x, y), epochs=3, batch_size=64, key=jax.random.key(3),
+                eval_data=(x[:100], y[:100]), progress=False)
+    b, hb = fit(new_state(SimpleNet(), x, tx), (x, y), epochs=3, batch_size=64, key=jax.random.key(3),
+                eval_data=(x[:100], y[:100]), compiled=True)
+    for pa, pb in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(pa, pb, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
+    np.testing.assert_allclose(ha["eval_accuracy"], hb["eval_accuracy"])
+    assert int(b.step) == 3 * (256 // 64)
+    assert hb["compile_seconds"] > 0
+
+
+def test_clipping_bounds_the_update():
+    x, y = blobs(jax.random.key(0), n=64)
+    state = new_state(SimpleNet(), x, make_optimizer("sgd", 1.0))
+    step = jax.jit(make_train_step(clip_norm=1e-3))
+    after, metrics = step(state, (x, y))
+    moved = jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in
+                         zip(jax.tree.leaves(after.params), jax.tree.leaves(state.params))))
+    assert float(metrics["grad_norm"]) > 1e-2  # reported before clipping
+    np.testing.assert_allclose(float(moved), 1e-3, rtol=1e-3)  # lr 1 × clipped norm
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_nonfinite_check_names_step_and_leaf(compiled):
+    x, y = blobs(jax.random.key(0), n=64)
+    state = new_state(SimpleNet(), x, make_optimizer("sgd", 0.01))
+    # A NaN in the second layer's kernel makes the loss NaN, so every gradient is NaN
+    # and the first leaf in flatten order (biases sort before kernels) is named.
+    params = state.params
+    poisoned = params["Linear_1"]["kernel"].at[0, 0].set(jnp.nan)
+    state = state.replace(params={**params, "Linear_1": {**params["Linear_1"], "kernel": poisoned}})
+    with pytest.raises(NonFiniteError, match=r"step 0: first in params/Linear_0/bias") as err:
+        fit(state, (x, y), epochs=2, batch_size=32, key=jax.random.key(1), check_finite=True,
+            compiled=compiled, progress=False)
+    # The state handed back is the one before the bad step.
+    assert err.value.step == 0
+    assert int(err.value.state.step) == 0
+
+
+def test_first_nonfinite_names_only_the_bad_leaf():
+    finite = {"Dense_0": {"bias": True, "kernel": True}, "Dense_1": {"bias": True, "kernel": False}}
+    assert first_nonfinite(finite) == "params/Dense_1/kernel"
+    assert first_nonfinite(jax.tree.map(lambda _: True, finite)) is None
+
+
+def test_nonfinite_check_fires_mid_run():
+    x, y = blobs(jax.random.key(0), n=64)
+    x_bad = x.at[40, 0].set(jnp.inf)  # in the second batch of 32 (no shuffling)
+    state = new_state(SimpleNet(), x, make_optimizer("sgd", 0.01))
+    with pytest.raises(NonFiniteError) as err:
+        fit(state, (x_bad, y), epochs=1, batch_size=32, key=jax.random.key(1), shuffle=False,
+            check_finite=True, progress=False)
+    assert err.value.step == 1
+    assert int(err.value.state.step) == 1  # the first (finite) step was kept
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(err.value.state.params))
+
+
+def test_fit_rejects_batch_larger_than_data():
+    x, y = blobs(jax.random.key(0), n=16)
+    with pytest.raises(ValueError, match="batch_size=32"):
+        fit(new_state(SimpleNet(), x, make_optimizer("sgd", 0.1)), (x, y), epochs=1, batch_size=32,
+            key=jax.random.key(0), progress=False)
+
+
+def test_weight_decay_masks_biases():
+    params = DynamicNet().init(jax.random.key(0), jnp.ones((1, 10)))["params"]
+    mask = decay_mask(params)
+    assert mask["hidden"]["kernel"] and not mask["hidden"]["bias"]
+
+
+def test_triangular_schedule_peaks_and_ends_at_zero():
+    schedule = make_schedule("triangular", 1.0, total_steps=100, peak_at=0.2)
+    assert float(schedule(0)) == pytest.approx(0.2)
+    assert float(schedule(20)) == pytest.approx(1.0)
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'"):
+        make_optimizer("adamx", 0.1)
+    with pytest.raises(ValueError, match="total_steps"):
+        make_schedule("cosine", 0.1)
+
+
+def test_cross_entropy_label_smoothing_matches_definition():
+    logits = jnp.array([[2.0, 0.0, -1.0]])
+    labels = jnp.array([0])
+    logp = jax.nn.log_softmax(logits)[0]
+    target = 0.9 * jnp.array([1.0, 0, 0]) + 0.1 / 3  # PyTorch's smoothing over all classes
+    assert float(cross_entropy(logits, labels, 0.1)) == pytest.approx(float(-(target * logp).sum()), rel=1e-6)
