@@ -1,18 +1,26 @@
 """The basic models: output shapes, parameter counts, dynamic control flow, the registry."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fnlearn.models
-from fnlearn.models import (CNN, ActivatedLinear, CustomLinear, DynamicNet, LinearRegression, Net,
+from fnlearn.models import (CNN, ActivatedLinear, CustomLinear, DynamicNet, Linear, LinearRegression, Net,
                             RecurrentNet, RegressionNet, SimpleNet, VariableDepthMLP)
 
 KEY = jax.random.key(0)
+RNG = np.random.default_rng(0)  # NumPy inputs: no PRNG program to compile per shape
 
 
 def n_params(variables):
-    return sum(p.size for p in jax.tree.leaves(variables["params"]))
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
+
+
+def init(model, *args):
+    """`model.init` as one compiled program: faster here than an eager op per parameter."""
+    return jax.jit(model.init)(KEY, *args)
 
 
 @pytest.mark.parametrize("model, x_shape, out_shape, count", [
@@ -27,24 +35,25 @@ def n_params(variables):
     (ActivatedLinear(3, 4), (5, 3), (5, 4), 16),                    # 3*4 + 4
 ])
 def test_shapes_and_parameter_counts(model, x_shape, out_shape, count):
-    x = jnp.ones(x_shape)
-    variables = model.init(KEY, x)
-    assert model.apply(variables, x).shape == out_shape
+    # Shapes only: eval_shape traces init and apply without running them.
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    variables = jax.eval_shape(model.init, KEY, x)
+    assert jax.eval_shape(model.apply, variables, x).shape == out_shape
     assert n_params(variables) == count
 
 
 def test_variable_depth_mlp_shape_and_count():
     model = VariableDepthMLP(hidden=32, out_features=1, max_depth=8)
-    x = jnp.ones((5, 4))
-    variables = model.init(KEY, x, 3)
-    assert model.apply(variables, x, 3).shape == (5, 1)
+    x = jax.ShapeDtypeStruct((5, 4), jnp.float32)
+    variables = jax.eval_shape(model.init, KEY, x, 3)
+    assert jax.eval_shape(model.apply, variables, x, 3).shape == (5, 1)
     # input 4*32+32 = 160; stacked hidden 8*(32*32+32) = 8,448; output 32*1+1 = 33
     assert n_params(variables) == 8_641
 
 
 def test_torch_default_init_bounds():
-    params = SimpleNet().init(KEY, jnp.ones((1, 784)))["params"]
-    kernel, bias = params["Linear_0"]["kernel"], params["Linear_0"]["bias"]
+    params = init(Linear(16), jnp.ones((1, 784)))["params"]
+    kernel, bias = params["kernel"], params["bias"]
     bound = 1 / np.sqrt(784)  # nn.Linear: U(±1/sqrt(in_features)) for weight and bias
     assert float(jnp.abs(kernel).max()) <= bound
     assert float(jnp.abs(bias).max()) <= bound
@@ -53,12 +62,17 @@ def test_torch_default_init_bounds():
 
 def test_custom_linear_is_x_w_transpose_plus_b():
     model = CustomLinear(3, 2)
-    x = jax.random.normal(jax.random.key(1), (4, 3))
-    variables = model.init(KEY, x)
+    x = RNG.standard_normal((4, 3), dtype=np.float32)
+    variables = init(model, x)
     w, b = variables["params"]["weight"], variables["params"]["bias"]
     assert w.shape == (2, 3)  # (out, in), F.linear's layout
-    np.testing.assert_allclose(model.apply(variables, x), np.asarray(x) @ np.asarray(w).T + np.asarray(b),
-                               rtol=1e-6)
+    np.testing.assert_allclose(model.apply(variables, x), x @ np.asarray(w).T + np.asarray(b), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def activated_linear_params():
+    """One set of params for every activation: the name does not change the parameter tree."""
+    return init(ActivatedLinear(3, 6), np.zeros((1, 3), np.float32))
 
 
 @pytest.mark.parametrize("name, reference", [
@@ -68,38 +82,43 @@ def test_custom_linear_is_x_w_transpose_plus_b():
     ("leaky_relu", lambda y: np.where(y > 0, y, 0.1 * y)),
     ("no_such_activation", lambda y: y),
 ])
-def test_activated_linear(name, reference):
-    model = ActivatedLinear(3, 6, name)
-    x = jax.random.normal(jax.random.key(1), (8, 3))
-    variables = model.init(KEY, x)
-    p = variables["params"]["Linear_0"]
-    pre = np.asarray(x) @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+def test_activated_linear(activated_linear_params, name, reference):
+    x = RNG.standard_normal((8, 3), dtype=np.float32)
+    p = activated_linear_params["params"]["Linear_0"]
+    pre = x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
     assert (pre < 0).any() and (pre > 0).any()  # both sides of zero are exercised
-    np.testing.assert_allclose(model.apply(variables, x), reference(pre), rtol=1e-5, atol=1e-6)
+    out = ActivatedLinear(3, 6, name).apply(activated_linear_params, x)
+    np.testing.assert_allclose(out, reference(pre), rtol=1e-5, atol=1e-6)
 
 
-def test_dynamic_net_paths_differ_and_shortcut_skips_middle():
+@pytest.fixture(scope="module")
+def dynamic_net():
+    """(model, x, variables) shared by the DynamicNet tests."""
     model = DynamicNet()
-    x = jax.random.normal(jax.random.key(1), (4, 10))
-    variables = model.init(KEY, x)
+    x = RNG.standard_normal((4, 10), dtype=np.float32)
+    return model, x, init(model, x)
+
+
+def test_dynamic_net_paths_differ_and_shortcut_skips_middle(dynamic_net):
+    model, x, variables = dynamic_net
     p = jax.tree.map(np.asarray, variables["params"])
-    h = np.maximum(np.asarray(x) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
+    h = np.maximum(x @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
     deep = np.maximum(h @ p["middle"]["kernel"] + p["middle"]["bias"], 0)
     out = lambda v: v @ p["out"]["kernel"] + p["out"]["bias"]  # noqa: E731
     np.testing.assert_allclose(model.apply(variables, x, True), out(h), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(model.apply(variables, x, False), out(deep), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out(h), out(deep))
 
 
 def test_dynamic_net_init_creates_middle_whichever_path():
     x = jnp.ones((2, 10))
     for flag in (True, False, jnp.array(True)):
-        assert set(DynamicNet().init(KEY, x, flag)["params"]) == {"hidden", "middle", "out"}
+        variables = jax.eval_shape(lambda key, v: DynamicNet().init(key, v, flag), KEY, x)  # noqa: B023
+        assert set(variables["params"]) == {"hidden", "middle", "out"}
 
 
-def test_dynamic_net_traced_bool_compiles_once_and_matches_python_path():
-    model = DynamicNet()
-    x = jax.random.normal(jax.random.key(1), (4, 10))
-    variables = model.init(KEY, x)
+def test_dynamic_net_traced_bool_compiles_once_and_matches_python_path(dynamic_net):
+    model, x, variables = dynamic_net
     traces = []
 
     @jax.jit
@@ -114,20 +133,24 @@ def test_dynamic_net_traced_bool_compiles_once_and_matches_python_path():
     assert forward._cache_size() == 1
 
 
-def test_dynamic_net_python_bool_traces_per_value():
-    model = DynamicNet()
-    x = jnp.ones((2, 10))
-    variables = model.init(KEY, x)
+def test_dynamic_net_python_bool_traces_per_value(dynamic_net):
+    model, x, variables = dynamic_net
     forward = jax.jit(model.apply, static_argnums=2)
     for flag in (True, False, True):
         forward(variables, x, flag)
     assert forward._cache_size() == 2  # a program per Python value, reused on the repeat
 
 
-def test_variable_depth_one_program_many_depths_and_fixed_params():
+@pytest.fixture(scope="module")
+def mlp():
+    """(model, x, variables) shared by the VariableDepthMLP tests."""
     model = VariableDepthMLP(hidden=16, out_features=3, max_depth=4)
-    x = jax.random.normal(jax.random.key(1), (5, 6))
-    variables = model.init(KEY, x, 1)
+    x = RNG.standard_normal((5, 6), dtype=np.float32)
+    return model, x, init(model, x, 1)
+
+
+def test_variable_depth_one_program_many_depths_and_fixed_params(mlp):
+    model, x, variables = mlp
     snapshot = jax.tree.map(np.array, variables)
     forward = jax.jit(model.apply)
     outs = [np.asarray(forward(variables, x, jnp.int32(d))) for d in (1, 2, 3, 4)]
@@ -138,28 +161,32 @@ def test_variable_depth_one_program_many_depths_and_fixed_params():
     # Same depth again gives the same output: no fresh random layers per call (the tutorial's bug).
     np.testing.assert_array_equal(forward(variables, x, jnp.int32(2)), outs[1])
     jax.tree.map(np.testing.assert_array_equal, variables, snapshot)
-    # Init at another depth creates the same params: depth is not part of the parameter structure.
-    jax.tree.map(np.testing.assert_array_equal, model.init(KEY, x, 4), snapshot)
+    # Depth is not part of the parameter tree: init at any depth makes the same stacked params.
+    shapes = jax.tree.map(lambda a: a.shape, variables)
+    assert jax.tree.map(lambda a: a.shape, jax.eval_shape(model.init, KEY, x, 4)) == shapes
+    assert shapes["params"]["hidden_kernels"] == (4, 16, 16)
 
 
-def test_variable_depth_matches_manual_stack():
-    model = VariableDepthMLP(hidden=8, out_features=2, max_depth=3)
-    x = jax.random.normal(jax.random.key(1), (4, 5))
-    variables = model.init(KEY, x, 1)
+def test_variable_depth_matches_manual_stack(mlp):
+    model, x, variables = mlp
     p = jax.tree.map(np.asarray, variables["params"])
-    h = np.maximum(np.asarray(x) @ p["input"]["kernel"] + p["input"]["bias"], 0)
+    h = np.maximum(x @ p["input"]["kernel"] + p["input"]["bias"], 0)
     for i in range(2):
         h = np.maximum(h @ p["hidden_kernels"][i] + p["hidden_biases"][i], 0)
     expected = h @ p["output"]["kernel"] + p["output"]["bias"]
-    np.testing.assert_allclose(model.apply(variables, x, 2), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(model.apply)(variables, x, 2), expected, rtol=1e-5, atol=1e-6)
+    # Depths beyond max_depth are clipped to it.
+    np.testing.assert_allclose(jax.jit(model.apply)(variables, x, 9), jax.jit(model.apply)(variables, x, 4),
+                               rtol=1e-6)
 
 
 def test_recurrent_net_n_steps():
     model = RecurrentNet(hidden_size=8)
-    x = jax.random.normal(jax.random.key(1), (3, 10, 5))
-    variables = model.init(KEY, x)
-    full = model.apply(variables, x)
-    part = model.apply(variables, x, 7)
+    x = RNG.standard_normal((3, 10, 5), dtype=np.float32)
+    variables = init(model, x)
+    apply = jax.jit(model.apply, static_argnums=2)  # n_steps sets the output shape
+    full = apply(variables, x, 10)
+    part = apply(variables, x, 7)
     assert part.shape == (3, 7, 8)
     # A prefix of the sequence gives the prefix of the hidden states.
     np.testing.assert_allclose(part, full[:, :7], rtol=1e-6)

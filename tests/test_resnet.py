@@ -34,7 +34,15 @@ def test_imagenet_variants_match_torchvision_param_counts():
     assert count_params(ResNet50ImageNet(num_classes=1000), (1, 224, 224, 3)) == 25_557_032
 
 
-@pytest.mark.parametrize("stem, size, first_stage_size", [("cifar", 32, 32), ("imagenet", 64, 16)])
+@pytest.fixture(scope="module")
+def tiny():
+    """A float32 ResNetTiny (CIFAR stem), a small batch and its initial variables."""
+    model = ResNetTiny()
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    return model, x, model.init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("stem, size, first_stage_size", [("cifar", 16, 16), ("imagenet", 32, 8)])
 def test_stem_output_shapes(stem, size, first_stage_size):
     model = ResNetTiny(stem=stem)
     x = jnp.ones((2, size, size, 3))
@@ -58,21 +66,22 @@ def test_bottleneck_expands_channels_by_four():
     assert variables["params"]["layer1_0"]["downsample_conv"]["kernel"].shape == (1, 1, 4, 16)
 
 
-def test_bf16_policy_keeps_params_float32():
+def test_bf16_policy_keeps_params_float32(tiny):
+    _, x, variables = tiny
     model = ResNetTiny(dtype=jnp.bfloat16)
-    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
     with jax.numpy_dtype_promotion("strict"):  # no silent promotion anywhere in the net
-        variables = model.init(jax.random.key(0), x)
-        logits, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
-    assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+        shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+        # Same parameter tree as the float32 model, so its variables serve.
+        logits, state = model.apply(variables, x, train=True, capture_intermediates=True,
+                                    mutable=["batch_stats", "intermediates"])
+    assert {p.dtype for p in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
     assert logits.dtype == jnp.bfloat16
     assert state["intermediates"]["layer1_0"]["__call__"][0].dtype == jnp.bfloat16
+    assert {p.dtype for p in jax.tree.leaves(state["batch_stats"])} == {jnp.dtype(jnp.float32)}
 
 
-def test_train_updates_batch_stats_with_torch_momentum():
-    model = ResNetTiny()
-    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
-    variables = model.init(jax.random.key(0), x)
+def test_train_updates_batch_stats_with_torch_momentum(tiny):
+    model, x, variables = tiny
     _, state = model.apply(variables, x, train=True, capture_intermediates=True,
                            mutable=["batch_stats", "intermediates"])
     (stem_out,) = state["intermediates"]["conv1"]["__call__"]
@@ -140,7 +149,7 @@ def torch_state_dict(variables):
     for collection in ("params", "batch_stats"):
         for path, leaf in jax.tree_util.tree_flatten_with_path(variables[collection])[0]:
             names = [k.key for k in path]
-            a = np.asarray(leaf, np.float32)
+            a = np.array(leaf, np.float32)  # a writable copy, as torch.from_numpy wants
             if names[-1] == "kernel":
                 # conv HWIO -> OIHW; Dense (in, out) -> (out, in)
                 a = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T
@@ -166,8 +175,9 @@ def randomised_norms(variables, key):
 
 
 @pytest.mark.parametrize("model, stage_sizes, width, stem, size", [
-    (ResNet18(), (2, 2, 2, 2), 64, "cifar", 32),
-    (ResNetTiny(stem="imagenet"), (1, 1), 8, "imagenet", 30),  # odd sizes after stride 2: padding
+    (ResNetTiny(), (1, 1), 8, "cifar", 8),  # stride 2 on an even size: torch pads (1, 1)
+    (ResNetTiny(stem="imagenet"), (1, 1), 8, "imagenet", 30),  # odd size after the stem conv
+    pytest.param(ResNet18(), (2, 2, 2, 2), 64, "cifar", 32, marks=pytest.mark.slow),  # ~10-25 s
 ])
 def test_eval_logits_match_torch(model, stage_sizes, width, stem, size):
     x = np.random.default_rng(0).standard_normal((2, size, size, 3), dtype=np.float32)
@@ -184,10 +194,9 @@ def test_eval_logits_match_torch(model, stage_sizes, width, stem, size):
     np.testing.assert_allclose(logits, torch_logits.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_train_mode_matches_torch():
-    model = ResNetTiny()
-    x = np.random.default_rng(0).standard_normal((4, 8, 8, 3), dtype=np.float32)
-    variables = model.init(jax.random.key(0), x)
+def test_train_mode_matches_torch(tiny):
+    model, x, variables = tiny
+    x = np.array(x)  # writable, as torch.from_numpy wants
     logits, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
 
     torch_model = TorchResNet((1, 1), 8, "cifar")

@@ -127,3 +127,10 @@ def test_cross_entropy_label_smoothing_matches_definition():
     logp = jax.nn.log_softmax(logits)[0]
     target = 0.9 * jnp.array([1.0, 0, 0]) + 0.1 / 3  # PyTorch's smoothing over all classes
     assert float(cross_entropy(logits, labels, 0.1)) == pytest.approx(float(-(target * logp).sum()), rel=1e-6)
+
+
+def test_weight_decay_masks_stacked_biases():
+    from fnlearn.models import VariableDepthMLP
+    params = VariableDepthMLP(max_depth=3).init(jax.random.key(0), jnp.ones((1, 4)), 2)["params"]
+    mask = decay_mask(params)
+    assert mask["hidden_kernels"] and not mask["hidden_biases"]  # (3, 32) biases: rank 2, still no decay

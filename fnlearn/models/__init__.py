@@ -14,9 +14,26 @@ from fnlearn.models.basics import RecurrentNet
 from fnlearn.models.basics import RegressionNet
 from fnlearn.models.basics import SimpleNet
 from fnlearn.models.basics import VariableDepthMLP
+from fnlearn.models.fastnet import FastNet
+from fnlearn.models.fastnet import FastNetSmall
+from fnlearn.models.fastnet import FastNetTiny
+from fnlearn.models.fastnet import init_fastnet
+from fnlearn.models.fastnet import param_labels
+from fnlearn.models.fastnet import whitening_kernel
+from fnlearn.models.fastnet import with_whitening
 from fnlearn.models.registry import get
 from fnlearn.models.registry import names
 from fnlearn.models.registry import register
+from fnlearn.models.resnet import BasicBlock
+from fnlearn.models.resnet import Bottleneck
+from fnlearn.models.resnet import ResNet
+from fnlearn.models.resnet import ResNet18
+from fnlearn.models.resnet import ResNet18ImageNet
+from fnlearn.models.resnet import ResNet34
+from fnlearn.models.resnet import ResNet34ImageNet
+from fnlearn.models.resnet import ResNet50
+from fnlearn.models.resnet import ResNet50ImageNet
+from fnlearn.models.resnet import ResNetTiny
 
 register("linear_regression", LinearRegression)
 register("regression_net", RegressionNet)
@@ -26,3 +43,13 @@ register("cnn", CNN)
 register("dynamic_net", DynamicNet)
 register("variable_depth_mlp", VariableDepthMLP)
 register("recurrent_net", RecurrentNet)
+register("resnet18", ResNet18)
+register("resnet34", ResNet34)
+register("resnet50", ResNet50)
+register("resnet18_imagenet", ResNet18ImageNet)
+register("resnet34_imagenet", ResNet34ImageNet)
+register("resnet50_imagenet", ResNet50ImageNet)
+register("resnet_tiny", ResNetTiny)
+register("fastnet", FastNet)
+register("fastnet_small", FastNetSmall)
+register("fastnet_tiny", FastNetTiny)

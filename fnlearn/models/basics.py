@@ -67,6 +67,8 @@ class ActivatedLinear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"ActivatedLinear expects {self.in_features} input features, got {x.shape[-1]}")
         y = Linear(self.out_features)(x)
         return ACTIVATIONS.get(self.activation, lambda v: v)(y)
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from fnlearn.models import layers
+from fnlearn.models.resnet import BatchNorm
 
 # torch.nn.Conv2d / Linear default weight init: kaiming_uniform_(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -161,7 +162,7 @@ class ConvGroup(nn.Module):
         conv = partial(layers.Conv, self.features, (3, 3), padding="SAME", use_bias=False,
                        kernel_init=dirac_init, dtype=self.dtype, param_dtype=self.param_dtype)
         # Scale-free BN (a following conv can absorb any scale), with airbench's eps 1e-12.
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=1e-12, use_scale=False, dtype=self.dtype, param_dtype=self.param_dtype)
         gelu = partial(nn.gelu, approximate=False)  # torch.nn.GELU's default is the exact erf form
         x = conv(name="conv1")(x)
@@ -221,4 +222,5 @@ class FastNet(nn.Module):
 
 
 # For tests: same structure, a few channels.
-FastNetTiny = partial(FastNet, widths=(8, 16, 16))
+FastNetTiny = partial(FastNet, widths=(8, 16, 16))  # for tests
+FastNetSmall = partial(FastNet, widths=(32, 64, 64))  # about 1/10 the compute: quick checks

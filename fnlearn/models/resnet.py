@@ -35,6 +35,21 @@ def uniform_bias_init(fan_in):
     return init
 
 
+class BatchNorm(nn.BatchNorm):
+    """`nn.BatchNorm` that also runs under strict dtype promotion.
+
+    With a bfloat16 input, flax's BatchNorm computes its statistics in float32 and mixes
+    them with the input by implicit promotion, which `jax.numpy_dtype_promotion("strict")`
+    rejects. That promotion is intended (statistics in float32, as airbench keeps its
+    BatchNorms in float32), so it is allowed here and only here.
+    """
+
+    def __call__(self, x, *args, **kwargs):
+        """Normalises x, (..., C), over all axes but the last; returns (..., C) in `dtype`."""
+        with jax.numpy_dtype_promotion("standard"):
+            return super().__call__(x, *args, **kwargs)
+
+
 def batch_norm(train, dtype, param_dtype, name):
     """BatchNorm with PyTorch's defaults (torch momentum 0.1 == flax momentum 0.9, eps 1e-5).
 
@@ -47,10 +62,10 @@ def batch_norm(train, dtype, param_dtype, name):
       dtype, param_dtype: compute and storage dtypes.
       name: the module's name (torchvision's, e.g. "bn1").
     Returns:
-      an `nn.BatchNorm` over the last (channel) axis.
+      a `BatchNorm` over the last (channel) axis.
     """
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, param_dtype=param_dtype, name=name)
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def shortcut(x, features, strides, conv, norm):

@@ -36,8 +36,14 @@ def make_schedule(name, learning_rate, total_steps=None, warmup_steps=0, peak_at
 
 
 def decay_mask(params):
-    """True for weights that take weight decay: kernels, not biases or norm scales."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """True for weights that take weight decay: kernels, not biases or norm scales.
+
+    Decided by rank and by name, so stacked biases (e.g. (depth, features)) are still excluded.
+    """
+    def decays(path, p):
+        name = str(getattr(path[-1], "key", path[-1])).lower()
+        return p.ndim > 1 and "bias" not in name and "scale" not in name
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")

@@ -1,0 +1,66 @@
+"""MNIST with the tutorials' SimpleNet (784-128-10) or the CNN family, through fnlearn's data layer.
+
+    python -m experiments.mnist                                   # TFDS mnist (online)
+    python -m experiments.mnist --data path/to/mnist-folder-or.tar.gz --model cnn
+
+`--data` takes an image-folder tree or archive, <root>/{train,test}/<class>/*.png.
+Adam 1e-3, batch 64, 5 epochs; the whole data set sits on the device and each
+epoch is one jitted step per batch. Writes `summary.json` (with `test_accuracy`)
+to the workdir. Target with TFDS MNIST: >= 97.5% for SimpleNet in 5 epochs.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from fnlearn import models
+from fnlearn.data import DataError, load_dataset
+from fnlearn.train import TrainState, fit, make_optimizer
+
+
+def standardize(train, test):
+    """Scales uint8 images to [0, 1], then to zero mean and unit variance with the train set's stats."""
+    train, test = (jnp.asarray(a, jnp.float32) / 255.0 for a in (train, test))
+    mean, std = train.mean(), train.std()
+    return (train - mean) / std, (test - mean) / std
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="mnist", help="'mnist' (TFDS) or an image-folder tree / .tar.gz")
+    parser.add_argument("--data-dir", help="TFDS data dir for the prepared array_record files")
+    parser.add_argument("--model", default="simple_net", choices=("simple_net", "net", "cnn"))
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compiled", action="store_true", help="run all epochs as one compiled program")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/mnist"))
+    args = parser.parse_args(argv)
+    try:
+        dataset = load_dataset(args.data, data_dir=args.data_dir)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    x, x_test = standardize(dataset.train_images, dataset.test_images)
+    y, y_test = jnp.asarray(dataset.train_labels), jnp.asarray(dataset.test_labels)
+    print(f"{args.model} on {dataset.source}: {len(x)} train / {len(x_test)} test images {x.shape[1:]}")
+
+    model = models.get(args.model)
+    init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
+    state = TrainState.create(apply_fn=model.apply, variables=model.init(init_key, x[:1]),
+                              tx=make_optimizer("adam", args.lr))
+    state, history = fit(state, (x, y), epochs=args.epochs, batch_size=args.batch_size, key=shuffle_key,
+                         eval_data=(x_test, y_test), compiled=args.compiled, log_every=1)
+    summary = {"test_accuracy": history["eval_accuracy"][-1], "model": args.model, "epochs": args.epochs,
+               "seconds": sum(history["seconds"]), "history": history}
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    (args.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"test accuracy {summary['test_accuracy']:.4f}; wrote {args.workdir}/summary.json")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

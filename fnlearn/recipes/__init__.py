@@ -1,0 +1,1 @@
+"""Recipes: whole workloads composed from models, data and the training core."""
