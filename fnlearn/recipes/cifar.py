@@ -284,11 +284,11 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         for name, value in (("train_loss", metrics["loss"]), ("train_accuracy", metrics["accuracy"]),
                             ("test_accuracy", test_accuracy), ("epoch_seconds", seconds)):
             history[name].append(float(value))
-        log(f"{epoch + 1:>5} {metrics['loss']:>10.4f} {metrics['accuracy']:>9.4f} "
-            f"{test_accuracy:>8.4f} {seconds:>8.1f}")
         if checkpoints:
             checkpoints.save(epoch + 1, state, {"epoch": epoch + 1, "train_seconds": train_seconds,
                                                 "history": history})
+        log(f"{epoch + 1:>5} {metrics['loss']:>10.4f} {metrics['accuracy']:>9.4f} "
+            f"{test_accuracy:>8.4f} {seconds:>8.1f}")
     if checkpoints:
         checkpoints.close()
 

@@ -1,0 +1,173 @@
+"""The CIFAR recipe and experiment on tiny generated image trees."""
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import cifar as cifar_experiment
+from experiments import mnist as mnist_experiment
+from fnlearn import models
+from fnlearn.checkpoint import CheckpointError
+from fnlearn.data import load_dataset, online
+from fnlearn.recipes.cifar import (CifarConfig, TrainingDiverged, build_state, make_cifar_optimizer,
+                                   make_train_fn, train_and_evaluate)
+from fnlearn.train import TrainState
+
+COLORS = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [200, 200, 40]])
+SHARED_CIFAR = pathlib.Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
+
+
+def write_tree(root, per_class=(24, 8), size=32, channels=3, classes=4, suffix=".jpg"):
+    """root/{train,test}/<class>/N.jpg: each class a noisy solid colour, so it is learnable."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "test"), per_class):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = COLORS[c][:channels] if channels == 3 else np.array([60 * c + 30])
+                pixels = np.clip(base + rng.normal(0, 40, (size, size, channels)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(root / split / f"class{c}" / f"{i}{suffix}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree")
+    write_tree(root / "src")
+    return load_dataset(root / "src", data_dir=root / "tfds")
+
+
+TINY = CifarConfig(data="unused", model="fastnet_tiny", epochs=2, batch_size=16, eval_batch_size=16,
+                   whiten_bias_epochs=1)
+
+
+def test_one_step_lowers_the_loss(tiny_dataset):
+    model = models.get("fastnet_tiny")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    cfg = TINY
+    state = TrainState.create(apply_fn=model.apply, variables=variables,
+                              tx=make_cifar_optimizer(cfg, variables["params"], total_steps=10, steps_per_epoch=5))
+    state = state.replace(ema_params=state.variables)
+    images, labels = jnp.asarray(tiny_dataset.train_images), jnp.asarray(tiny_dataset.train_labels)
+    plain = dataclasses.replace(cfg, translate=0, flip="none", lookahead_every=0)
+    train = jax.jit(make_train_fn(plain, images, labels, total_steps=10))
+    batch = jnp.arange(16)
+    state, first = train(state, batch, 0)
+    _, second = train(state, batch, 0)  # the same batch, unaugmented: the step must have helped
+    assert float(second["loss"]) < float(first["loss"])
+
+
+def test_whitening_kernel_is_frozen_and_its_bias_stops_after_its_epochs(tiny_dataset):
+    result = train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None)
+    params = result["state"].params
+    _, fresh = build_state(TINY, tiny_dataset, jax.random.split(jax.random.key(TINY.seed))[0])
+    np.testing.assert_array_equal(params["whiten"]["kernel"], fresh["params"]["whiten"]["kernel"])
+    assert not np.allclose(params["block1"]["conv1"]["kernel"], fresh["params"]["block1"]["conv1"]["kernel"])
+
+
+def test_experiment_end_to_end_writes_everything(tiny_dataset, tmp_path):
+    src = pathlib.Path(tiny_dataset.source)
+    workdir = tmp_path / "run"
+    summary = cifar_experiment.main([
+        "--data", str(src), "--data-dir", str(src.parent / "tfds"), "--workdir", str(workdir),
+        "--model", "fastnet_tiny", "--epochs", "3", "--batch-size", "16", "--eval-batch-size", "16",
+        "--whiten-bias-epochs", "1", "--runs", "2"])
+    saved = json.loads((workdir / "summary.json").read_text())
+    for key in ("test_accuracy", "train_seconds", "compile_seconds", "epochs", "model", "precision", "devices"):
+        assert key in saved
+    assert saved["model"] == "fastnet_tiny" and saved["epochs"] == 3 and saved["precision"] == "fp32"
+    assert len(saved["test_accuracy_runs"]) == 2
+    assert saved["test_accuracy"] == pytest.approx(np.mean(saved["test_accuracy_runs"]))
+    assert saved["test_accuracy"] > 0.5  # 4 classes: chance is 0.25
+    assert saved["train_seconds"] > 0 and saved["compile_seconds"] > 0
+    assert summary["test_accuracy"] == saved["test_accuracy"]
+    for name in ("curves.png", "confusion.png"):
+        assert (workdir / name).stat().st_size > 1000
+    assert list((workdir / "tensorboard" / "run1").glob("events.out.tfevents.*"))
+    assert (workdir / "checkpoints" / "run0" / "3").is_dir()
+
+
+def test_resume_gives_the_same_params_as_an_uninterrupted_run(tiny_dataset, tmp_path):
+    straight = train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None,
+                                  checkpoint_dir=tmp_path / "a")
+
+    def killed_after_first_epoch(line):
+        if line.lstrip().startswith("1 "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(TINY, tiny_dataset, progress=False, log=killed_after_first_epoch,
+                           checkpoint_dir=tmp_path / "b")
+    assert sorted(os.listdir(tmp_path / "b")) == ["1"]
+    resumed = train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None,
+                                 checkpoint_dir=tmp_path / "b", resume=True)
+    for a, b in zip(jax.tree.leaves(straight["state"].variables), jax.tree.leaves(resumed["state"].variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert resumed["history"]["train_loss"] == straight["history"]["train_loss"]
+
+
+def test_a_corrupt_checkpoint_is_named(tiny_dataset, tmp_path):
+    train_and_evaluate(dataclasses.replace(TINY, epochs=1), tiny_dataset, progress=False,
+                       log=lambda _: None, checkpoint_dir=tmp_path)
+    for f in (tmp_path / "1" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=str(tmp_path / "1")):
+        train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None,
+                           checkpoint_dir=tmp_path, resume=True)
+
+
+def test_divergence_is_reported_with_the_epoch(tiny_dataset):
+    with pytest.raises(TrainingDiverged, match="epoch 1"):
+        train_and_evaluate(dataclasses.replace(TINY, lr=1e30), tiny_dataset, progress=False,
+                           log=lambda _: None)
+
+
+def test_bf16_policy_trains_with_float32_params(tiny_dataset):
+    result = train_and_evaluate(dataclasses.replace(TINY, precision="bf16", epochs=1),
+                                tiny_dataset, progress=False, log=lambda _: None)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(result["state"].params))
+    assert np.isfinite(result["history"]["train_loss"][0])
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit):
+        cifar_experiment.main(["--precision", "fp8"])
+    with pytest.raises(ValueError, match="--flip"):
+        CifarConfig(flip="sometimes")
+    with pytest.raises(ValueError, match="unknown --model 'resnet9'"):
+        CifarConfig(model="resnet9")
+
+
+def test_offline_without_data_says_what_to_pass(tmp_path, monkeypatch, capsys):
+    # A test host that never resolves: offline here, and no download on a machine with internet.
+    monkeypatch.setattr(online.Cifar10Builder, "URLS", {"archive": "https://fnlearn-test.invalid/cifar.tar.gz"})
+    with pytest.raises(SystemExit) as exit_info:
+        cifar_experiment.main(["--data-dir", str(tmp_path), "--workdir", str(tmp_path / "run")])
+    message = str(exit_info.value.code)
+    assert "--data" in message and "Traceback" not in message
+
+
+def test_mnist_experiment_on_a_generated_tree(tmp_path):
+    write_tree(tmp_path / "mnist", per_class=(30, 10), size=28, channels=1, classes=3, suffix=".png")
+    summary = mnist_experiment.main(["--data", str(tmp_path / "mnist"), "--data-dir", str(tmp_path / "tfds"),
+                                     "--epochs", "3", "--batch-size", "10", "--workdir", str(tmp_path / "run")])
+    assert summary["test_accuracy"] > 0.9  # 3 grey levels: chance is 1/3
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_smoke_preset_on_the_shared_cifar10(tmp_path):
+    """`--preset smoke` on the real (JPEG) CIFAR-10: one short epoch must reach 40%."""
+    if not SHARED_CIFAR.exists():
+        if os.environ.get("FNLEARN_REQUIRE_DATA") == "1":
+            raise FileNotFoundError(f"FNLEARN_REQUIRE_DATA=1 but {SHARED_CIFAR} is missing")
+        pytest.skip(f"{SHARED_CIFAR} not present")
+    summary = cifar_experiment.main(["--preset", "smoke", "--data", str(SHARED_CIFAR),
+                                     "--workdir", str(tmp_path)])
+    assert summary["test_accuracy"] >= 0.40
