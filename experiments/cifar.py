@@ -99,6 +99,8 @@ def main(argv=None):
     except DataError as e:
         sys.exit(f"error: {e}")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if dataset.skipped:
+        print(f"skipped {dataset.skipped} unreadable images (--skip-corrupt)")
     print(f"{cfg.model} on {dataset.source}: {len(dataset.train_images)} train / {len(dataset.test_images)} "
           f"test images; {cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.precision}, on {jax.devices()[0]}")
     results = []
@@ -109,6 +111,8 @@ def main(argv=None):
         try:
             result = train_and_evaluate(cfg, dataset, run=run, resume=args.resume,
                                         checkpoint_dir=args.workdir / "checkpoints" / f"run{run}")
+        except FileExistsError as e:
+            sys.exit(f"error: {e}")
         except KeyboardInterrupt:
             sys.exit(f"\ninterrupted; checkpoints in {args.workdir / 'checkpoints'} are intact: "
                      f"rerun with --resume to continue")

@@ -105,6 +105,8 @@ def test_resume_gives_the_same_params_as_an_uninterrupted_run(tiny_dataset, tmp_
         train_and_evaluate(TINY, tiny_dataset, progress=False, log=killed_after_first_epoch,
                            checkpoint_dir=tmp_path / "b")
     assert sorted(os.listdir(tmp_path / "b")) == ["1"]
+    with pytest.raises(FileExistsError, match="--resume"):  # never overwritten without --resume
+        train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None, checkpoint_dir=tmp_path / "b")
     resumed = train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None,
                                  checkpoint_dir=tmp_path / "b", resume=True)
     for a, b in zip(jax.tree.leaves(straight["state"].variables), jax.tree.leaves(resumed["state"].variables)):

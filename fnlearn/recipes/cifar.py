@@ -236,6 +236,10 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     history = {"train_loss": [], "train_accuracy": [], "test_accuracy": [], "epoch_seconds": []}
     start_epoch, train_seconds = 0, 0.0
     checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
+    if checkpoints and not resume and checkpoints.latest_epoch() is not None:
+        raise FileExistsError(f"{checkpoints.directory} already holds checkpoints (last epoch "
+                              f"{checkpoints.latest_epoch()}): pass --resume to continue that run, "
+                              f"or choose another --workdir")
     if resume and checkpoints and checkpoints.latest_epoch() is not None:
         state, meta = checkpoints.restore(state)
         start_epoch, train_seconds, history = meta["epoch"], meta["train_seconds"], meta["history"]
