@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from fnlearn.models.fastnet import (FastNet, FastNetTiny, dirac_init, image_patches, init_fastnet,
                                     param_labels, whitening_kernel)
@@ -134,71 +133,26 @@ def test_bf16_forward_with_float32_params(tiny):
     assert np.all(np.isfinite(np.asarray(logits, np.float32)))
 
 
-class TorchConvGroup(torch.nn.Module):
-    """airbench's ConvGroup, written out in torch: conv, pool, BN, GELU, conv, BN, GELU."""
+def test_matches_airbench_in_torch(torch, tiny):
+    from experiments.torch_models import TorchFastNet, torch_state_dict  # imports torch: after the fixture
 
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        nn = torch.nn
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding="same", bias=False)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding="same", bias=False)
-        # airbench: BatchNorm2d(eps=1e-12, momentum=1 - 0.6) with the weight frozen at 1.
-        self.bn1 = nn.BatchNorm2d(c_out, eps=1e-12, momentum=1 - 0.6)
-        self.bn2 = nn.BatchNorm2d(c_out, eps=1e-12, momentum=1 - 0.6)
-
-    def forward(self, x):
-        gelu = torch.nn.functional.gelu
-        x = gelu(self.bn1(torch.nn.functional.max_pool2d(self.conv1(x), 2)))
-        return gelu(self.bn2(self.conv2(x)))
-
-
-def torch_fastnet(variables, widths):
-    """airbench's net in torch (NCHW), loaded with the Flax variables."""
-    nn = torch.nn
-    net = nn.Module()
-    net.whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
-    c_in = 24
-    for i, width in enumerate(widths):
-        setattr(net, f"block{i + 1}", TorchConvGroup(c_in, width))
-        c_in = width
-    net.fc = nn.Linear(c_in, 10, bias=False)
-    renames = {"mean": "running_mean", "var": "running_var"}
-    state = {}
-    for collection in ("params", "batch_stats"):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(variables[collection])[0]:
-            names = [k.key for k in path]
-            a = np.array(leaf, np.float32)
-            if names[-1] == "kernel":  # conv HWIO -> OIHW; Dense (in, out) -> (out, in)
-                a, names[-1] = (a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T), "weight"
-            state[".".join(renames.get(n, n) for n in names)] = torch.from_numpy(np.ascontiguousarray(a))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    # Only the BN weights (frozen at their init, 1) and counters come from torch itself.
-    assert not unexpected and all(k.endswith(("bn1.weight", "bn2.weight", "num_batches_tracked"))
-                                  for k in missing)
-
-    def forward(x):
-        x = torch.nn.functional.gelu(net.whiten(x))
-        for i in range(len(widths)):
-            x = getattr(net, f"block{i + 1}")(x)
-        return net.fc(x.amax(dim=(2, 3))) / 9
-
-    return net, forward
-
-
-def test_matches_airbench_in_torch(tiny):
     model, x, variables = tiny
     # Non-zero biases, so the parity also covers the whitening and BatchNorm biases.
     params = jax.tree_util.tree_map_with_path(
         lambda path, p: p + 0.1 * jnp.sin(jnp.arange(p.size, dtype=p.dtype) + 1.0).reshape(p.shape)
         if path[-1].key == "bias" else p, variables["params"])
     variables = {**variables, "params": params}
-    net, forward = torch_fastnet(variables, model.widths)
+    net = TorchFastNet(model.widths)
+    missing, unexpected = net.load_state_dict(torch_state_dict(variables), strict=False)
+    # Only the BN weights (frozen at their init, 1) and counters come from torch itself.
+    assert not unexpected and all(k.endswith(("bn1.weight", "bn2.weight", "num_batches_tracked"))
+                                  for k in missing)
     x_torch = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)
     with torch.no_grad():
         net.train()
-        train_logits = forward(x_torch)  # also updates torch's running statistics
+        train_logits = net(x_torch)  # also updates torch's running statistics
         net.eval()
-        eval_logits = forward(x_torch)
+        eval_logits = net(x_torch)
 
     logits, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(logits, train_logits.numpy(), rtol=1e-4, atol=1e-5)

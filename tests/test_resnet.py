@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from fnlearn.models.resnet import (Bottleneck, ResNet, ResNet18, ResNet18ImageNet,
                                    ResNet50ImageNet, ResNetTiny)
@@ -93,73 +92,6 @@ def test_train_updates_batch_stats_with_torch_momentum(tiny):
     assert all(jax.tree.leaves(changed))
 
 
-# A torchvision-style ResNet with BasicBlocks, written out because torchvision is not installed.
-class TorchBasicBlock(torch.nn.Module):
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        nn = torch.nn
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                            nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchResNet(torch.nn.Module):
-    def __init__(self, stage_sizes, width, stem, num_classes=10):
-        super().__init__()
-        nn = torch.nn
-        if stem == "cifar":
-            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
-        else:
-            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.bn1 = nn.BatchNorm2d(width)
-        c_in = width
-        for i, n in enumerate(stage_sizes):
-            c_out = width * 2 ** i
-            blocks = [TorchBasicBlock(c_in if j == 0 else c_out, c_out, 2 if i > 0 and j == 0 else 1)
-                      for j in range(n)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            c_in = c_out
-        self.num_stages = len(stage_sizes)
-        self.fc = nn.Linear(c_in, num_classes)
-
-    def forward(self, x):
-        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-        for i in range(self.num_stages):
-            x = getattr(self, f"layer{i + 1}")(x)
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-def torch_state_dict(variables):
-    """Flax ResNet variables as a torchvision state_dict (NCHW/OIHW, (out, in) Linear)."""
-    renames = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1",
-               "scale": "weight", "mean": "running_mean", "var": "running_var"}
-    state = {}
-    for collection in ("params", "batch_stats"):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(variables[collection])[0]:
-            names = [k.key for k in path]
-            a = np.array(leaf, np.float32)  # a writable copy, as torch.from_numpy wants
-            if names[-1] == "kernel":
-                # conv HWIO -> OIHW; Dense (in, out) -> (out, in)
-                a = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T
-                names[-1] = "weight"
-            key = ".".join(renames.get(n, n.replace("_", ".") if n.startswith("layer") else n)
-                           for n in names)
-            state[key] = torch.from_numpy(np.ascontiguousarray(a))
-    return state
-
-
 def randomised_norms(variables, key):
     """Variables with BN scale/bias/mean/var drawn at random, so parity covers them too."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
@@ -179,7 +111,9 @@ def randomised_norms(variables, key):
     (ResNetTiny(stem="imagenet"), (1, 1), 8, "imagenet", 30),  # odd size after the stem conv
     pytest.param(ResNet18(), (2, 2, 2, 2), 64, "cifar", 32, marks=pytest.mark.slow),  # ~10-25 s
 ])
-def test_eval_logits_match_torch(model, stage_sizes, width, stem, size):
+def test_eval_logits_match_torch(torch, model, stage_sizes, width, stem, size):
+    from experiments.torch_models import TorchResNet, torch_state_dict  # imports torch: after the fixture
+
     x = np.random.default_rng(0).standard_normal((2, size, size, 3), dtype=np.float32)
     variables = randomised_norms(model.init(jax.random.key(0), x), jax.random.key(1))
     logits = model.apply(variables, x)
@@ -194,7 +128,9 @@ def test_eval_logits_match_torch(model, stage_sizes, width, stem, size):
     np.testing.assert_allclose(logits, torch_logits.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_train_mode_matches_torch(tiny):
+def test_train_mode_matches_torch(torch, tiny):
+    from experiments.torch_models import TorchResNet, torch_state_dict  # imports torch: after the fixture
+
     model, x, variables = tiny
     x = np.array(x)  # writable, as torch.from_numpy wants
     logits, state = model.apply(variables, x, train=True, mutable=["batch_stats"])

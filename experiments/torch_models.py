@@ -1,0 +1,217 @@
+"""PyTorch references for fnlearn's models, for the parity tests and the benchmark.
+
+The nets are written out here (torchvision is not installed), laid out so that
+`torch_state_dict` maps Flax variables onto them one to one. Layouts differ:
+images are NHWC in fnlearn and NCHW in torch, conv kernels HWIO and OIHW, Dense
+kernels (in, out) and Linear weights (out, in).
+
+Also here: airbench's on-the-fly augmentation, optimizer groups and lookahead in
+torch, so the benchmark can run the fast CIFAR recipe's epoch on both sides.
+"""
+import jax
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fnlearn.data.augment import CIFAR10_MEAN, CIFAR10_STD
+
+
+def torch_state_dict(variables):
+    """Flax variables as a torch state_dict for the nets below (and torchvision's ResNets).
+
+    Args:
+      variables: {"params", optionally "batch_stats"} of a Flax model whose module names
+        follow torch's (`conv1`, `layer2_0/downsample_conv`, `fc`, ...).
+    Returns:
+      dict of float32 tensors: conv kernels OIHW, Linear weights (out, in), BatchNorm
+      scale as `weight` and statistics as `running_mean` / `running_var`.
+    """
+    renames = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1",
+               "scale": "weight", "mean": "running_mean", "var": "running_var"}
+    state = {}
+    for collection in ("params", "batch_stats"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]:
+            names = [k.key for k in path]
+            a = np.array(leaf, np.float32)  # a writable copy, as torch.from_numpy wants
+            if names[-1] == "kernel":  # conv HWIO -> OIHW; Dense (in, out) -> (out, in)
+                a = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T
+                names[-1] = "weight"
+            key = ".".join(renames.get(n, n.replace("_", ".") if n.startswith("layer") else n)
+                           for n in names)
+            state[key] = torch.from_numpy(np.ascontiguousarray(a))
+    return state
+
+
+class TorchCNN(nn.Module):
+    """The seed CNN: conv 3->16 (3x3, no padding) -> ReLU -> flatten (CHW) -> Linear(16*14*14, 10).
+
+    Submodules carry the Flax names (`Conv_0`, `Linear_0`) so `cnn_state_dict` maps onto them.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.Conv_0 = nn.Conv2d(3, 16, 3)
+        self.Linear_0 = nn.Linear(16 * 14 * 14, 10)
+
+    def forward(self, x):  # (B, 3, 16, 16)
+        return self.Linear_0(torch.flatten(torch.relu(self.Conv_0(x)), 1))
+
+
+def cnn_state_dict(variables):
+    """fnlearn CNN variables as a `TorchCNN` state_dict.
+
+    Flax flattens the (14, 14, 16) feature map in HWC order and torch in CHW order,
+    so the Linear's input columns are reordered.
+    """
+    state = torch_state_dict(variables)
+    weight = state["Linear_0.weight"]  # (10, 14*14*16), HWC-major columns
+    state["Linear_0.weight"] = weight.reshape(10, 14, 14, 16).permute(0, 3, 1, 2).reshape(10, -1).contiguous()
+    return state
+
+
+class TorchConvGroup(nn.Module):
+    """airbench's ConvGroup: conv, max-pool 2, BN, GELU, conv, BN, GELU."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding="same", bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding="same", bias=False)
+        # airbench: BatchNorm2d(eps=1e-12, momentum=1 - 0.6) with the weight frozen at 1.
+        self.bn1 = nn.BatchNorm2d(c_out, eps=1e-12, momentum=1 - 0.6)
+        self.bn2 = nn.BatchNorm2d(c_out, eps=1e-12, momentum=1 - 0.6)
+        for bn in (self.bn1, self.bn2):
+            bn.weight.requires_grad_(False)
+
+    def forward(self, x):
+        x = F.gelu(self.bn1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.bn2(self.conv2(x)))
+
+
+class TorchFastNet(nn.Module):
+    """airbench94's net: frozen 2x2 whitening conv, GELU, ConvGroups, global max-pool, Linear / 9."""
+
+    def __init__(self, widths=(64, 256, 256), num_classes=10):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)  # set from the data, never trained
+        c_in = 24
+        for i, width in enumerate(widths):
+            setattr(self, f"block{i + 1}", TorchConvGroup(c_in, width))
+            c_in = width
+        self.num_blocks = len(widths)
+        self.fc = nn.Linear(c_in, num_classes, bias=False)
+
+    def forward(self, x):  # (B, 3, H, W)
+        x = F.gelu(self.whiten(x))
+        for i in range(self.num_blocks):
+            x = getattr(self, f"block{i + 1}")(x)
+        return self.fc(x.amax(dim=(2, 3))) / 9
+
+
+class TorchBasicBlock(nn.Module):
+    """torchvision's BasicBlock: two 3x3 convs with BN, identity or 1x1 projection shortcut."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                            nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNet(nn.Module):
+    """torchvision's ResNet with BasicBlocks, with the CIFAR (3x3, no pool) or ImageNet stem."""
+
+    def __init__(self, stage_sizes=(2, 2, 2, 2), width=64, stem="cifar", num_classes=10):
+        super().__init__()
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(width)
+        c_in = width
+        for i, n in enumerate(stage_sizes):
+            c_out = width * 2 ** i
+            blocks = [TorchBasicBlock(c_in if j == 0 else c_out, c_out, 2 if i > 0 and j == 0 else 1)
+                      for j in range(n)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            c_in = c_out
+        self.num_stages = len(stage_sizes)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):  # (B, 3, H, W)
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def airbench_batch(images, indices, flip_base, epoch, translate=2):
+    """airbench's training batch on tensors: gather, normalise, alternating flip, reflect translate.
+
+    Args:
+      images: (N, H, W, 3) uint8 training images.
+      indices: (B,) int64 positions of the batch in `images`.
+      flip_base: (N,) bool, which images flip on even epochs (fixed for the run).
+      epoch: epoch number; odd epochs flip the other images.
+      translate: largest shift in pixels.
+    Returns:
+      (B, 3, H, W) float32 in channels_last memory format.
+    """
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    x = (images[indices].permute(0, 3, 1, 2).float() / 255 - mean) / std  # (B, C, H, W)
+    flips = flip_base[indices] ^ bool(epoch % 2)
+    x = torch.where(flips[:, None, None, None], x.flip(3), x)
+    # Reflect-pad, then crop each image at its own offset with one gather (airbench's batch_crop).
+    b, c, h, w = x.shape
+    padded = F.pad(x, (translate,) * 4, mode="reflect")
+    starts = torch.randint(0, 2 * translate + 1, (b, 2))
+    rows = (starts[:, :1] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (starts[:, 1:] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
+    x = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def airbench_optimizer(net, lr, momentum, weight_decay, bias_lr_scale=64.0):
+    """airbench's SGD: Nesterov, BatchNorm biases at `bias_lr_scale` x the learning rate.
+
+    Args:
+      net: a `TorchFastNet`; frozen parameters are left out.
+      lr, momentum, weight_decay: for the mean loss (torch's coupled weight decay).
+      bias_lr_scale: learning-rate factor of the BatchNorm biases (their decay is divided by it).
+    """
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    bn_biases = [p for n, p in trainable if ".bn" in n and n.endswith("bias")]
+    others = [p for n, p in trainable if not (".bn" in n and n.endswith("bias"))]
+    return torch.optim.SGD([{"params": bn_biases, "lr": lr * bias_lr_scale,
+                             "weight_decay": weight_decay / bias_lr_scale},
+                            {"params": others}],
+                           lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+
+
+def lookahead_(average, net, decay):
+    """airbench's lookahead sync: pull `average` toward the weights, then reset the weights to it.
+
+    Args:
+      average: float tensors, one per float entry of `net.state_dict()` (params and BN statistics).
+      net: the model, changed in place.
+      decay: weight kept by the average.
+    """
+    with torch.no_grad():
+        current = [v for v in net.state_dict().values() if v.is_floating_point()]
+        torch._foreach_lerp_(average, current, 1 - decay)
+        for a, w in zip(average, current):
+            w.copy_(a)

@@ -1,0 +1,93 @@
+"""The benchmark's table and the PyTorch references it times fnlearn against (values, never speed)."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import bench
+from fnlearn.data.augment import CIFAR10_MEAN, CIFAR10_STD
+from fnlearn.models import CNN
+
+FIELDS = {"workload", "mode", "precision", "unit", "torch_per_s", "torch_mode", "fnlearn_per_s", "ratio",
+          "compile_s"}
+
+
+def test_rows_in_the_json(torch, tmp_path):
+    path = tmp_path / "bench.json"
+    returned = bench.main(["regression", "cnn", "--repeats", "1", "--json", str(path)])  # ~15 s
+    rows = json.loads(path.read_text())
+    assert rows == returned
+    assert [(r["workload"], r["mode"], r["precision"]) for r in rows] == [
+        ("regression", "jit_step", "fp32"), ("regression", "compiled_run", "fp32"),
+        ("cnn", "jit_step", "fp32"), ("cnn", "jit_step", "bf16")]
+    for r in rows:
+        assert set(r) == FIELDS
+        assert r["torch_per_s"] > 0 and r["fnlearn_per_s"] > 0 and r["compile_s"] > 0
+        assert r["ratio"] == pytest.approx(r["fnlearn_per_s"] / r["torch_per_s"], rel=1e-12)
+    assert {r["unit"] for r in rows[:2]} == {"steps/s"} and {r["unit"] for r in rows[2:]} == {"images/s"}
+    assert rows[0]["torch_mode"] == "fp32_eager" and rows[2]["torch_mode"] in bench.TORCH_MODES
+    # Both fnlearn precisions of a workload are measured against one PyTorch number.
+    assert rows[2]["torch_per_s"] == rows[3]["torch_per_s"]
+
+
+def test_unknown_workload_exits_naming_it(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["regression", "resnet19_train"])
+    assert exit_info.value.code != 0
+    assert "resnet19_train" in capsys.readouterr().err
+
+
+def test_torch_cnn_matches_the_seed_cnn(torch):
+    from experiments.torch_models import TorchCNN, cnn_state_dict  # imports torch: after the fixture
+
+    x = np.random.default_rng(0).standard_normal((4, 16, 16, 3)).astype(np.float32)
+    variables = CNN().init(jax.random.key(0), x)
+    net = TorchCNN()
+    net.load_state_dict(cnn_state_dict(variables))  # strict: every tensor is set
+    with torch.no_grad():
+        torch_logits = net(torch.from_numpy(x).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(CNN().apply(variables, x), torch_logits.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_airbench_batch_normalises_flips_and_translates(torch):
+    from experiments.torch_models import airbench_batch
+
+    images = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
+    indices = torch.tensor([4, 1, 2])
+    flip_base = torch.tensor([True, False, True, False, False, True])
+    plain = airbench_batch(images, indices, torch.zeros(6, dtype=torch.bool), 0, translate=0)
+    assert plain.shape == (3, 3, 8, 8) and plain.is_contiguous(memory_format=torch.channels_last)
+    mean, std = torch.tensor((CIFAR10_MEAN, CIFAR10_STD)).view(2, 1, 3, 1, 1)
+    expected = (images[indices].permute(0, 3, 1, 2) / 255 - mean) / std
+    torch.testing.assert_close(plain, expected)
+    # Image 2 flips on even epochs (its base is True), images 4 and 1 on odd ones.
+    even = airbench_batch(images, indices, flip_base, 0, translate=0)
+    odd = airbench_batch(images, indices, flip_base, 1, translate=0)
+    torch.testing.assert_close(even, torch.stack([plain[0], plain[1], plain[2].flip(2)]))
+    torch.testing.assert_close(odd, torch.stack([plain[0].flip(2), plain[1].flip(2), plain[2]]))
+    # A translate is a crop of the reflect-padded image at the drawn offset.
+    torch.manual_seed(0)
+    shifted = airbench_batch(images, indices, torch.zeros(6, dtype=torch.bool), 0, translate=2)
+    torch.manual_seed(0)
+    starts = torch.randint(0, 5, (3, 2))  # the draw airbench_batch made
+    padded = torch.nn.functional.pad(plain, (2, 2, 2, 2), mode="reflect")
+    for image, source, (top, left) in zip(shifted, padded, starts.tolist()):
+        torch.testing.assert_close(image, source[:, top:top + 8, left:left + 8])
+    assert not torch.equal(shifted, plain)
+
+
+def test_lookahead_pulls_the_average_and_resets_the_weights(torch):
+    from experiments.torch_models import lookahead_
+
+    net = torch.nn.BatchNorm1d(2)  # params and running statistics, as lookahead averages both
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+        net.running_mean.fill_(1.0)
+    average = [torch.ones(2), torch.zeros(2), torch.zeros(2), torch.ones(2)]  # weight, bias, mean, var
+    lookahead_(average, net, decay=0.25)
+    # average = 0.25 * average + 0.75 * weights, and the weights take it.
+    torch.testing.assert_close(net.weight.detach(), torch.full((2,), 0.25 + 0.75 * 3.0))
+    torch.testing.assert_close(net.running_mean, torch.full((2,), 0.75))
+    torch.testing.assert_close(average[0], net.weight.detach())
+    torch.testing.assert_close(net.running_var, torch.ones(2))
