@@ -118,30 +118,20 @@ def test_cnn_forward_and_grads(torch):
 
     (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
-    conv, fc = nn.Conv2d(3, 16, 3), nn.Linear(16 * 14 * 14, 10)
-    kernel = np.asarray(params["Conv_0"]["kernel"])  # (3, 3, 3, 16) HWIO
-    # Flax flattens (14, 14, 16) as HWC, torch (16, 14, 14) as CHW: reorder the Linear's inputs.
-    fc_kernel = np.asarray(params["Linear_0"]["kernel"])  # (14*14*16, 10), HWC-major rows
+    from experiments.torch_models import TorchCNN, cnn_state_dict  # imports torch: after the fixture
 
-    def hwc_to_chw(k):  # (14*14*16, 10) -> torch weight (10, 16*14*14)
-        return k.reshape(14, 14, 16, 10).transpose(3, 2, 0, 1).reshape(10, -1)
-
-    with torch.no_grad():
-        conv.weight.copy_(tensor(torch, kernel.transpose(3, 2, 0, 1)))  # -> OIHW
-        conv.bias.copy_(tensor(torch, params["Conv_0"]["bias"]))
-        fc.weight.copy_(tensor(torch, hwc_to_chw(fc_kernel)))
-        fc.bias.copy_(tensor(torch, params["Linear_0"]["bias"]))
-    net = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), fc)
+    net = TorchCNN()
+    net.load_state_dict(cnn_state_dict({"params": params}))  # strict: every tensor is set
     torch_logits = net(torch.from_numpy(x).permute(0, 3, 1, 2))  # NHWC -> NCHW
     torch_loss = nn.functional.cross_entropy(torch_logits, torch.from_numpy(labels))
     torch_loss.backward()
 
     assert_close(logits, torch_logits.detach().numpy())
     assert_close(loss, torch_loss.item())
-    assert_close(grads["Conv_0"]["kernel"], conv.weight.grad.numpy().transpose(2, 3, 1, 0))  # OIHW -> HWIO
-    assert_close(grads["Conv_0"]["bias"], conv.bias.grad.numpy())
-    assert_close(hwc_to_chw(np.asarray(grads["Linear_0"]["kernel"])), fc.weight.grad.numpy())
-    assert_close(grads["Linear_0"]["bias"], fc.bias.grad.numpy())
+    # Compare grads in torch's layout: the same mapping as the weights.
+    expected = cnn_state_dict({"params": grads})
+    for name, tensor_ in net.named_parameters():
+        assert_close(expected[name].numpy(), tensor_.grad.numpy())
 
 
 def test_recurrent_net_matches_rnn_cell(torch):

@@ -10,7 +10,6 @@ import dataclasses
 import math
 import time
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
