@@ -1,6 +1,20 @@
 """Layers the zoo builds on. The conv and pool here are the ones every model uses,
 so a faster lowering (chosen by backend in `fnlearn.ops`) reaches the whole zoo."""
+from typing import Any
+
 import flax.linen as nn
 
-Conv = nn.Conv
-max_pool = nn.max_pool
+from fnlearn.ops.conv import conv_general_dilated
+from fnlearn.ops.pool import max_pool
+
+
+class Conv(nn.Conv):
+    """`nn.Conv` whose convolution is `fnlearn.ops.conv_general_dilated`.
+
+    Same attributes, parameters and results as `nn.Conv`; on CPU, 1x1 convs run as
+    dots, and every other case (and every other backend) is lax's convolution.
+    """
+    conv_general_dilated: Any = conv_general_dilated
+
+
+__all__ = ["Conv", "max_pool"]

@@ -1,0 +1,176 @@
+"""fnlearn.ops conv, pool and flags: values and gradients against lax / flax, and which lowering runs."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from fnlearn.models import layers
+from fnlearn.ops import flags
+from fnlearn.ops.conv import conv_general_dilated
+from fnlearn.ops.pool import max_pool
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def normal(seed, shape):
+    """Test data from numpy: jax.random would compile a program per shape."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+# (input shape, kernel shape, strides, padding): the convs of the zoo.
+CONV_CASES = {
+    "3x3_same": ((2, 9, 9, 8), (3, 3, 8, 16), (1, 1), "SAME"),
+    "3x3_valid": ((2, 9, 9, 8), (3, 3, 8, 16), (1, 1), "VALID"),
+    "3x3_stride2": ((2, 10, 10, 8), (3, 3, 8, 16), (2, 2), ((1, 1), (1, 1))),
+    "1x1": ((2, 8, 8, 16), (1, 1, 16, 32), (1, 1), "VALID"),
+    "1x1_stride2": ((2, 9, 9, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0))),
+    "1x1_same_stride2": ((2, 8, 8, 16), (1, 1, 16, 32), (2, 2), "SAME"),
+    "2x2_valid_stem": ((2, 8, 8, 3), (2, 2, 3, 24), (1, 1), "VALID"),
+    "7x7_stride2_stem": ((1, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),
+}
+
+
+def conv_pair(case, dtype=jnp.float32):
+    """(conv, reference conv, x, w) for a case; both convs take (x, w)."""
+    x_shape, w_shape, strides, padding = CONV_CASES[case]
+    x = jnp.asarray(normal(0, x_shape), dtype)
+    w = jnp.asarray(normal(1, w_shape) / np.sqrt(np.prod(w_shape[:3])), dtype)
+    ours = lambda x, w: conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)  # noqa: E731
+    ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)  # noqa: E731
+    return ours, ref, x, w
+
+
+def value_and_grads(conv, x, w):
+    """Output and the (x, w) gradients of a fixed random projection of it, computed in float32."""
+    probe = normal(2, jax.eval_shape(conv, x, w).shape)
+
+    def loss(x, w):
+        y = conv(x, w)
+        return jnp.sum(y.astype(jnp.float32) * probe), y
+
+    # One jit for value and grads: op-by-op gradients would compile every primitive.
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
+    return (y,) + grads
+
+
+def max_relative_error(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_matches_lax_float32(case):
+    ours, ref, x, w = conv_pair(case)
+    for got, want in zip(value_and_grads(ours, x, w), value_and_grads(ref, x, w)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert max_relative_error(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("case", ["3x3_same", "1x1", "1x1_stride2"])
+def test_conv_matches_lax_bfloat16(case):
+    ours, ref, x, w = conv_pair(case, jnp.bfloat16)
+    for got, want in zip(value_and_grads(ours, x, w), value_and_grads(ref, x, w)):
+        assert got.dtype == want.dtype == jnp.bfloat16
+        assert max_relative_error(got, want) < 2e-2  # bf16 keeps 8 bits: ~4e-3 per rounding
+
+
+def compiled_text(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_pointwise_conv_is_a_dot_on_cpu():
+    ours, _, x, w = conv_pair("1x1_stride2")
+    loss = lambda x, w: jnp.sum(ours(x, w) ** 2)  # noqa: E731
+    for text in (compiled_text(ours, x, w), compiled_text(jax.grad(loss, argnums=(0, 1)), x, w)):
+        assert " dot(" in text
+        assert "convolution(" not in text
+
+
+def test_spatial_conv_stays_native_on_cpu():
+    ours, _, x, w = conv_pair("3x3_same")
+    assert "convolution(" in compiled_text(ours, x, w)
+
+
+def test_other_backends_get_the_native_conv():
+    # Lowering for CUDA needs no GPU: the platform branch is chosen at lowering time.
+    ours, _, x, w = conv_pair("1x1_stride2")
+    loss = lambda x, w: jnp.sum(ours(x, w) ** 2)  # noqa: E731
+    for fn in (ours, jax.grad(loss, argnums=(0, 1))):
+        text = jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+        assert "stablehlo.convolution" in text
+        assert "stablehlo.dot_general" not in text
+    cpu_text = jax.jit(ours).trace(x, w).lower(lowering_platforms=("cpu",)).as_text()
+    assert "stablehlo.dot_general" in cpu_text and "stablehlo.convolution" not in cpu_text
+
+
+def test_pointwise_conv_supports_forward_mode():
+    ours, ref, x, w = conv_pair("1x1")
+    dx = normal(3, x.shape)
+    got = jax.jvp(lambda x: ours(x, w), (x,), (dx,))[1]
+    want = jax.jvp(lambda x: ref(x, w), (x,), (dx,))[1]
+    assert max_relative_error(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("kernel_size, strides", [((3, 3), 1), ((1, 1), 2)])
+def test_layers_conv_is_flax_conv(kernel_size, strides):
+    x = normal(0, (2, 8, 8, 4))
+    ours, flax_conv = layers.Conv(6, kernel_size, strides), nn.Conv(6, kernel_size, strides)
+    variables = flax_conv.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+    assert max_relative_error(ours.apply(variables, x), flax_conv.apply(variables, x)) < 1e-5
+
+
+def pool_grad(pool, x, window, strides):
+    probe = normal(4, jax.eval_shape(lambda x: pool(x, window, strides), x).shape)
+    return jax.jit(jax.grad(lambda x: jnp.sum(pool(x, window, strides) * probe)))(x)
+
+
+@pytest.mark.parametrize("shape, window, strides", [
+    ((2, 8, 8, 3), (2, 2), (2, 2)),      # FastNet's pool
+    ((2, 15, 15, 3), (2, 2), (2, 2)),    # odd size: VALID drops the last row and column
+    ((7, 7, 3), (2, 2), (2, 2)),         # no batch dim
+    ((2, 9, 9, 3), (3, 3), (3, 3)),
+    ((2, 9, 9, 3), (3, 3), (2, 2)),      # overlapping windows: nn.max_pool itself
+])
+def test_max_pool_matches_flax(shape, window, strides):
+    x = normal(0, shape)
+    np.testing.assert_array_equal(max_pool(x, window, strides), nn.max_pool(x, window, strides))
+    np.testing.assert_array_equal(pool_grad(max_pool, x, window, strides),
+                                  pool_grad(nn.max_pool, x, window, strides))
+
+
+def test_max_pool_ties_route_gradient_like_flax():
+    # Few distinct values: most windows hold tied maxima; the first in row-major order
+    # gets the gradient, as in select-and-scatter.
+    x = np.random.default_rng(0).integers(0, 3, (2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(pool_grad(max_pool, x, (2, 2), (2, 2)),
+                                  pool_grad(nn.max_pool, x, (2, 2), (2, 2)))
+
+
+def test_max_pool_bfloat16_and_forward_mode():
+    x = jnp.asarray(normal(0, (2, 8, 8, 3)))
+    pool = lambda x: max_pool(x, (2, 2), (2, 2))  # noqa: E731
+    assert pool(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+    tangent = normal(1, x.shape)
+    np.testing.assert_array_equal(jax.jvp(pool, (x,), (tangent,))[1],
+                                  jax.jvp(lambda x: nn.max_pool(x, (2, 2), (2, 2)), (x,), (tangent,))[1])
+
+
+def test_max_pool_gradient_avoids_select_and_scatter_on_cpu():
+    x = jnp.ones((2, 8, 8, 3))
+    grad = jax.grad(lambda x: jnp.sum(max_pool(x, (2, 2), (2, 2))))
+    assert "select-and-scatter" not in compiled_text(grad, x)
+    cuda = jax.jit(grad).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.select_and_scatter" in cuda
+
+
+def test_xla_flags_are_added_and_user_settings_win():
+    name, value = next(iter(flags.CPU_FLAGS.items()))
+    combined = flags.xla_flags("--xla_force_host_platform_device_count=4")
+    assert combined.split() == ["--xla_force_host_platform_device_count=4", f"--{name}={value}"]
+    assert flags.xla_flags(f"--{name}=individual_dot") == f"--{name}=individual_dot"
+    environ = {}
+    flags.apply(environ)
+    flags.apply(environ)  # idempotent
+    assert environ["XLA_FLAGS"] == f"--{name}={value}"
