@@ -31,9 +31,8 @@ one compiled run (`lax.scan` over every step). ratio = fnlearn_per_s / torch_per
 
 Run it on an idle machine: anything else heavy running skews the ratio (PyTorch's
 threads suffer most: simple_net's PyTorch rate swung 20x on a busy machine).
-`basics` takes about a minute on a 2-core CPU. The whole bench took 18 minutes (with
-`--epoch-fraction 0.1`) on a 2-core CPU kept busy by other jobs (load 4); idle, it
-should take about half that (not yet measured).
+`basics` takes about a minute on a 2-core CPU; the whole bench took 652 s there (with
+another job running on the same cores).
 """
 import argparse
 import contextlib

@@ -8,8 +8,12 @@
 Presets: `airbench94` (the default), `resnet18`, `smoke`. Any config field can be
 overridden after the preset (`--epochs 4`). Writes to `--workdir`: summary.json,
 TensorBoard events, curves.png, confusion.png and a checkpoint per epoch
-(`--resume` continues a killed run). See the README for the times and accuracies
-measured on each machine.
+(`--resume` continues a killed run).
+
+Measured on the shared JPEG CIFAR-10, 2-core Xeon CPU, other jobs sharing it: an epoch
+of the default recipe takes 417-461 s of training; `--epochs 4` reached 87.05% with
+TTA; `--preset smoke` takes about a minute and reached 55.75%. The README has the
+figures in full.
 """
 import argparse
 import dataclasses
