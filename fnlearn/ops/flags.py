@@ -13,6 +13,9 @@ Measured on a 2-core AVX-512 Xeon (jax 0.10.2), variants compiled with
   XLA's Eigen convolution is 1.5-5x faster on every CIFAR-size layer measured, most of
   all for kernel gradients, which YNNPACK ran at 14-60 GFLOP/s: the FastNet train step
   (batch 512) went 1.7-1.9x faster, ResNet-18 (batch 128) 1.5x.
+- kept: YNNPACK dots off too. No change on the FastNet step, but the small-matmul
+  SimpleNet (784-128-10, batch 64) train step ran 1.3x faster (compiled run 3365-3579
+  against 2598-2657 steps/s, idle machine, `experiments.bench simple_net`).
 - not kept, within noise (+-3%) on the FastNet step: `xla_cpu_prefer_vector_width=512`,
   `xla_cpu_enable_fast_math`, Eigen instead of YNNPACK for dots, and glibc `mallopt`
   keeping freed memory mapped (which does speed up single big copies 2-3x).
@@ -25,7 +28,7 @@ import os
 # Flag name -> value. The "-" removes one entry from XLA's default list of YNNPACK
 # fusion types (dots, convolutions, reductions), keeping the others.
 CPU_FLAGS = {
-    "xla_cpu_experimental_ynn_fusion_type": "-individual_convolution",
+    "xla_cpu_experimental_ynn_fusion_type": "-individual_convolution,-individual_dot",
 }
 
 
