@@ -55,6 +55,11 @@ class CifarConfig:
     test_subset: int = 0  # evaluate on the first this-many test images (0: all)
     eval_batch_size: int = 1000
 
+    @property
+    def compute_dtype(self):
+        """The dtype activations are computed in under `precision`."""
+        return jnp.bfloat16 if self.precision == "bf16" else jnp.float32
+
     def __post_init__(self):
         checks = {"precision": (self.precision, ("fp32", "bf16")),
                   "flip": (self.flip, ("alternating", "random", "none"))}
@@ -139,7 +144,7 @@ def augment_batch(cfg, key, images, indices, epoch, dtype):
 
 def make_train_fn(cfg, images, labels, total_steps):
     """`train(state, indices, epoch) -> (state, metrics)`: gather, augment, step, lookahead."""
-    dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
+    dtype = cfg.compute_dtype
     step = make_train_step(partial(cross_entropy, label_smoothing=cfg.label_smoothing))
 
     def train(state, indices, epoch):
@@ -155,7 +160,7 @@ def make_train_fn(cfg, images, labels, total_steps):
 
 def make_predict_fn(cfg, apply_fn, tta):
     """`predict(variables, uint8 images) -> float32 logits`, with TTA if asked."""
-    dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
+    dtype = cfg.compute_dtype
 
     def predict(variables, images):
         def logits(x):
@@ -177,7 +182,7 @@ def batched_logits(predict, variables, images, batch_size):
 
 def build_state(cfg, dataset, key):
     """A TrainState for `cfg.model`, its whitening stem (if any) set from training images."""
-    dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
+    dtype = cfg.compute_dtype
     model = models.get(cfg.model, num_classes=len(dataset.class_names), dtype=dtype)
     sample = dataset.train_images[:5000]
     variables = model.init(key, jnp.zeros((1, *sample.shape[1:]), jnp.float32))
