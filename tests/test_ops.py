@@ -1,4 +1,4 @@
-"""fnlearn.ops conv, pool and flags: values and gradients against lax / flax, and which lowering runs."""
+"""fnlearn.ops conv, pool, gelu and flags: values and gradients against lax / flax, and which lowering runs."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 from jax import lax
 
 from fnlearn.models import layers
-from fnlearn.ops import flags
+from fnlearn.ops import flags, gelu
 from fnlearn.ops.conv import conv_general_dilated
 from fnlearn.ops.pool import max_pool
 
@@ -163,6 +163,18 @@ def test_max_pool_gradient_avoids_select_and_scatter_on_cpu():
     assert "select-and-scatter" not in compiled_text(grad, x)
     cuda = jax.jit(grad).trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert "stablehlo.select_and_scatter" in cuda
+
+
+def test_gelu_is_exact_gelu_in_one_fusion():
+    x = jnp.asarray(normal(0, (4, 5, 5, 8)) * 3)
+    exact = lambda x: jax.nn.gelu(x, approximate=False)  # noqa: E731
+    np.testing.assert_allclose(gelu(x), exact(x), rtol=1e-5, atol=1e-6)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * x))(x)  # noqa: E731
+    np.testing.assert_allclose(grad(gelu), grad(exact), rtol=1e-5, atol=1e-6)
+    assert gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+    # The speed-up: erf, not erfc, so XLA:CPU fuses the whole forward into one loop.
+    hlo = compiled_text(gelu, x)
+    assert hlo[hlo.index("ENTRY"):].count("fusion(") == 1
 
 
 def test_xla_flags_are_added_and_user_settings_win():

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fnlearn import ops
 from fnlearn.models import layers
 from fnlearn.models.resnet import BatchNorm
 
@@ -164,11 +165,10 @@ class ConvGroup(nn.Module):
         # Scale-free BN (a following conv can absorb any scale), with airbench's eps 1e-12.
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=1e-12, use_scale=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        gelu = partial(nn.gelu, approximate=False)  # torch.nn.GELU's default is the exact erf form
         x = conv(name="conv1")(x)
         x = layers.max_pool(x, (2, 2), strides=(2, 2))  # pool before BN: 4x less to normalise
-        x = gelu(norm(name="bn1")(x))
-        x = gelu(norm(name="bn2")(conv(name="conv2")(x)))
+        x = ops.gelu(norm(name="bn1")(x))
+        x = ops.gelu(norm(name="bn2")(conv(name="conv2")(x)))
         return x
 
 
@@ -211,7 +211,7 @@ class FastNet(nn.Module):
         x = layers.Conv(2 * p * p * x.shape[-1], (p, p), padding="VALID", use_bias=True,
                         kernel_init=torch_default_init, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="whiten")(x)  # (B, 31, 31, 24)
-        x = nn.gelu(x, approximate=False)
+        x = ops.gelu(x)  # exact (erf) GELU, torch.nn.GELU's default
         for i, width in enumerate(self.widths):
             x = ConvGroup(width, self.bn_momentum, self.dtype, self.param_dtype,
                           name=f"block{i + 1}")(x, train)
