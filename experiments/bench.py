@@ -104,6 +104,7 @@ def carried(compiled_step, state, batches):
         holder[0], metrics = compiled_step(holder[0], next(batch_iter))
         return holder[0], metrics
 
+    step.compiled = compiled_step  # for experiments.profile, which reads its HLO
     return step
 
 
@@ -244,11 +245,15 @@ def random_batch(batch, size):
     return jax.random.normal(kx, (batch, size, size, 3)), jax.random.randint(ky, (batch,), 0, 10)
 
 
-def train_rows(torch, args, name, model_name, net_cls, batch, steps, size=32, to_torch=None):
-    """A conv net's train step (cross-entropy, Nesterov SGD) in fnlearn and PyTorch; returns rows.
+def train_steps(torch, model_name, net_cls, batch, size=32, to_torch=None):
+    """Step factories for a conv net's train step (cross-entropy, Nesterov SGD) on both sides.
 
     Both sides start from the same weights: `to_torch(variables)` (default
     `torch_models.torch_state_dict`) loads fnlearn's into `net_cls()`.
+
+    Returns:
+      (torch_step(bf16) -> step(), fnlearn_step(precision, dtype) -> (step(), compile seconds)),
+      each building a fresh model and optimizer on one fixed random batch.
     """
     from experiments import torch_models  # imports torch, which `main` loads only once it needs it
 
@@ -270,6 +275,12 @@ def train_rows(torch, args, name, model_name, net_cls, batch, steps, size=32, to
         step_c, compile_s = compile_timed(make_train_step(), state, (x, y))
         return carried(step_c, state, [(x, y)]), compile_s
 
+    return torch_step, fnlearn_step
+
+
+def train_rows(torch, args, name, model_name, net_cls, batch, steps, size=32, to_torch=None):
+    """A conv net's train step (see `train_steps`) timed on both sides; returns rows."""
+    torch_step, fnlearn_step = train_steps(torch, model_name, net_cls, batch, size, to_torch)
     ref = torch_best(torch_step, steps, batch, args.repeats)
     return precision_rows(name, "jit_step", batch, steps, args.repeats, ref, fnlearn_step)
 

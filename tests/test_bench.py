@@ -76,3 +76,33 @@ def test_lookahead_pulls_the_average_and_resets_the_weights(torch):
     torch.testing.assert_close(net.running_mean, torch.full((2,), 0.75))
     torch.testing.assert_close(average[0], net.weight.detach())
     torch.testing.assert_close(net.running_var, torch.ones(2))
+
+
+def test_profile_splits_both_steps_by_kind(torch):
+    from experiments import profile
+
+    table = profile.main(["fastnet", "--batch", "4", "--steps", "1"])  # ~20 s
+    assert set(table) == set(profile.KINDS)
+    for kind in ("conv forward", "conv backward", "batch norm", "other model ops"):
+        torch_ms, fnlearn_ms = table[kind]
+        assert torch_ms > 0 and fnlearn_ms > 0, kind
+    assert table["optimizer"][1] > 0
+
+
+def test_profile_kinds_and_interval_union():
+    from experiments import profile
+
+    assert profile.union_ms([(0, 2_000_000), (1_000_000, 3_000_000), (5_000_000, 6_000_000)]) == 4.0
+    kind = profile.jax_kind
+    assert kind("conv_general_dilated.3", "convolution", "jit(f)/jvp(FastNet)/block1/conv1/conv", "FastNet") \
+        == "conv forward"
+    assert kind("convolution.7", "convolution", "", "FastNet") == "conv backward"
+    assert kind("dot.2", "dot", "jit(f)/transpose(jvp(ResNet))/layer2_0/downsample_conv/conv_general_dilated",
+                "ResNet") == "conv backward"
+    assert kind("transpose_copy_fusion.4", "fusion", "", "FastNet") == "layout copies"
+    assert kind("add_fusion", "fusion", "jit(f)/jvp(ResNet)/layer1_0/downsample_bn/add", "ResNet") == "batch norm"
+    assert kind("erf_fusion", "fusion", "jit(f)/jvp(FastNet)/block2/erf", "FastNet") == "other model ops"
+    assert kind("multiply_fusion", "fusion", "jit(f)/mul", "FastNet") == "optimizer"
+    assert profile.torch_kind("aten::convolution_backward") == "conv backward"
+    assert profile.torch_kind("aten::mkldnn_convolution") == "conv forward"
+    assert profile.torch_kind("aten::native_batch_norm") == "batch norm"

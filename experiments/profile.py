@@ -1,0 +1,163 @@
+"""Where a conv net's train step spends its time, in fnlearn and in PyTorch, side by side.
+
+    python -m experiments.profile fastnet            # airbench94's net, batch 512
+    python -m experiments.profile resnet18 --top 20  # ResNet-18 (CIFAR stem), batch 128
+
+Runs the same train step as `experiments.bench` (same weights, batch, optimizer;
+PyTorch in fp32 channels_last) a few times under each framework's own profiler,
+`jax.profiler` and `torch.profiler`, and prints milliseconds per step by kind of
+work, then fnlearn's most expensive XLA ops. fnlearn's times are wall-clock: the
+time during which at least one op of that kind was running. XLA runs independent
+ops concurrently (an input gradient beside a kernel gradient), so the kinds can
+add up to more than the step; "all ops" counts such overlaps once. PyTorch's are
+the profiler's self CPU time per op (its ops run one after another). Takes about a minute for fastnet on a 2-core CPU; run
+it on an idle machine, as the bench.
+
+Kinds: conv forward / conv backward (XLA convolutions, and 1x1 convs run as dots;
+PyTorch's mkldnn convolutions), layout copies (the transposes XLA:CPU inserts
+around a convolution, mostly for kernel gradients; PyTorch's copies), batch norm,
+other model ops (activations, pooling, loss), optimizer (the update, outside the
+model).
+"""
+import argparse
+import collections
+import glob
+import re
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from experiments import bench
+
+NETS = {"fastnet": ("TorchFastNet", 512), "resnet18": ("TorchResNet", 128)}
+KINDS = ("conv forward", "conv backward", "layout copies", "batch norm", "other model ops", "optimizer")
+
+
+def hlo_ops(hlo_text):
+    """{instruction name: (opcode, op_name metadata)} of a compiled module's text."""
+    ops = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+ ([\w-]+)\(", line)
+        if m:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            ops[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+    return ops
+
+
+def jax_kind(name, opcode, op_name, model):
+    """The kind of work of one XLA instruction (see the module docstring)."""
+    # Forward ops come from the model's jvp; XLA's rewrites of gradient convs drop the metadata.
+    backward = "transpose(" in op_name or not op_name
+    if opcode == "convolution" or (opcode == "dot" and op_name.endswith("conv_general_dilated")):
+        return "conv backward" if backward else "conv forward"
+    if opcode in ("copy", "transpose") or name.startswith("transpose"):
+        return "layout copies"
+    if model not in op_name:
+        return "optimizer"
+    if re.search(r"/(\w+_)?bn\d*/", op_name):
+        return "batch norm"
+    return "other model ops"
+
+
+def union_ms(intervals):
+    """Total length in ms of the union of (start_ns, end_ns) intervals."""
+    total, end = 0, None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            total, end = total + (e - s), e
+        elif e > end:
+            total, end = total + (e - end), e
+    return total / 1e6
+
+
+def jax_profile(step, steps):
+    """{instruction name: [(start_ns, end_ns), ...]} of `steps` calls of `step()` (a `bench.carried` step)."""
+    jax.block_until_ready(step())  # warm-up
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(steps):
+                out = step()
+            jax.block_until_ready(out)
+        (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
+    intervals, ends = collections.defaultdict(list), collections.defaultdict(list)
+    for plane in data.planes:
+        for line in plane.lines:
+            for e in line.events:
+                if e.name.startswith("end: "):  # an asynchronous op (a convolution) completes here
+                    ends[e.name[5:]].append((e.start_ns, e.end_ns))
+                else:
+                    intervals[e.name].append((e.start_ns, e.end_ns))
+    for name, done in ends.items():  # an async op runs from its last start before the end event
+        starts = sorted(s for s, _ in intervals[name])
+        intervals[name] += [(max([s for s in starts if s <= start] or [start]), end) for start, end in done]
+    return intervals
+
+
+def torch_profile(torch, step, steps):
+    """{aten op: self CPU ms per step} of `step()` under torch.profiler."""
+    step()  # warm-up: oneDNN builds its kernels on the first call
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+
+
+def torch_kind(op):
+    """The kind of work of one PyTorch op (see the module docstring)."""
+    if "convolution_backward" in op:
+        return "conv backward"
+    if "conv" in op:
+        return "conv forward"
+    if "batch_norm" in op:
+        return "batch norm"
+    if "copy" in op or "contiguous" in op or "clone" in op:
+        return "layout copies"
+    if "foreach" in op or "Optimizer" in op or "sgd" in op.lower():
+        return "optimizer"
+    return "other model ops"
+
+
+def main(argv=None):
+    """Prints the profile; returns {kind: (PyTorch ms, fnlearn ms)} per step."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.profile", description=__doc__.splitlines()[0])
+    parser.add_argument("net", choices=list(NETS))
+    parser.add_argument("--batch", type=int, help="batch size (default: the bench's, 512 or 128)")
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up)")
+    parser.add_argument("--top", type=int, default=12, help="fnlearn ops to list")
+    args = parser.parse_args(argv)
+    import torch
+
+    from experiments import torch_models
+
+    net_cls, batch = NETS[args.net]
+    batch = args.batch or batch
+    torch_step, fnlearn_step = bench.train_steps(torch, args.net, getattr(torch_models, net_cls), batch)
+    step, _ = fnlearn_step("fp32", jnp.float32)
+    ops = hlo_ops(step.compiled.as_text())
+    model = {"fastnet": "FastNet", "resnet18": "ResNet"}[args.net]
+    jax_iv = {name: iv for name, iv in jax_profile(step, args.steps).items() if name in ops}
+    jax_ms = {name: union_ms(iv) / args.steps for name, iv in jax_iv.items()}
+    torch_ms = torch_profile(torch, torch_step(False), args.steps)
+
+    print(f"{args.net} train step, batch {batch}, fp32; ms per step (wall-clock per op)")
+    print(f"{'kind':<18}{'PyTorch':>10}{'fnlearn':>10}")
+    table = {}
+    for kind in KINDS:
+        t = sum(ms for op, ms in torch_ms.items() if torch_kind(op) == kind)
+        j = union_ms([i for name, iv in jax_iv.items() if jax_kind(name, *ops[name], model) == kind
+                      for i in iv]) / args.steps
+        table[kind] = (t, j)
+        print(f"{kind:<18}{t:>10.1f}{j:>10.1f}")
+    every = union_ms([i for iv in jax_iv.values() for i in iv]) / args.steps
+    print(f"{'all ops':<18}{sum(torch_ms.values()):>10.1f}{every:>10.1f}\n")
+    print(f"fnlearn's top {args.top} ops")
+    for name, ms in sorted(jax_ms.items(), key=lambda kv: -kv[1])[:args.top]:
+        opcode, op_name = ops[name]
+        print(f"{ms:8.1f} ms  {jax_kind(name, opcode, op_name, model):<16} {name:<30} {op_name[-60:]}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
