@@ -86,6 +86,7 @@ def test_experiment_end_to_end_writes_everything(tiny_dataset, tmp_path):
     assert saved["test_accuracy"] == pytest.approx(np.mean(saved["test_accuracy_runs"]))
     assert saved["test_accuracy"] > 0.5  # 4 classes: chance is 0.25
     assert saved["train_seconds"] > 0 and saved["compile_seconds"] > 0
+    assert 0 < saved["final_eval_seconds"] < saved["eval_seconds"]
     assert summary["test_accuracy"] == saved["test_accuracy"]
     for name in ("curves.png", "confusion.png"):
         assert (workdir / name).stat().st_size > 1000
