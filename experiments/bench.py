@@ -31,8 +31,8 @@ one compiled run (`lax.scan` over every step). ratio = fnlearn_per_s / torch_per
 
 Run it on an idle machine: anything else heavy running skews the ratio (PyTorch's
 threads suffer most: simple_net's PyTorch rate swung 20x on a busy machine).
-`basics` takes about a minute on a 2-core CPU; the whole bench took 652 s there (with
-another job running on the same cores).
+`basics` takes about a minute on a 2-core CPU; the whole bench took 281 s there, idle.
+`python -m experiments.profile` splits the conv train steps by kind of work.
 """
 import argparse
 import contextlib

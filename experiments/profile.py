@@ -10,8 +10,9 @@ work, then fnlearn's most expensive XLA ops. fnlearn's times are wall-clock: the
 time during which at least one op of that kind was running. XLA runs independent
 ops concurrently (an input gradient beside a kernel gradient), so the kinds can
 add up to more than the step; "all ops" counts such overlaps once. PyTorch's are
-the profiler's self CPU time per op (its ops run one after another). Takes about a minute for fastnet on a 2-core CPU; run
-it on an idle machine, as the bench.
+the profiler's self CPU time per op (its ops run one after another; under the
+profiler they add up to 30-50% more than the unprofiled step). Takes about a
+minute per net on a 2-core CPU; run it on an idle machine, as the bench.
 
 Kinds: conv forward / conv backward (XLA convolutions, and 1x1 convs run as dots;
 PyTorch's mkldnn convolutions), layout copies (the transposes XLA:CPU inserts
