@@ -11,7 +11,7 @@ time during which at least one op of that kind was running. XLA runs independent
 ops concurrently (an input gradient beside a kernel gradient), so the kinds can
 add up to more than the step; "all ops" counts such overlaps once. PyTorch's are
 the profiler's self CPU time per op (its ops run one after another; under the
-profiler they add up to 30-50% more than the unprofiled step). Takes about a
+profiler they add up to as much as 50% more than the unprofiled step). Takes about a
 minute per net on a 2-core CPU; run it on an idle machine, as the bench.
 
 Kinds: conv forward / conv backward (XLA convolutions, and 1x1 convs run as dots;
@@ -50,7 +50,7 @@ def jax_kind(name, opcode, op_name, model):
     """The kind of work of one XLA instruction (see the module docstring)."""
     # Forward ops come from the model's jvp; XLA's rewrites of gradient convs drop the metadata.
     backward = "transpose(" in op_name or not op_name
-    if opcode == "convolution" or (opcode == "dot" and op_name.endswith("conv_general_dilated")):
+    if opcode == "convolution" or (opcode == "dot" and re.search(r"/(\w+_)?conv\d*/", op_name)):
         return "conv backward" if backward else "conv forward"
     if opcode in ("copy", "transpose") or name.startswith("transpose"):
         return "layout copies"

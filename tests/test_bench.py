@@ -97,8 +97,9 @@ def test_profile_kinds_and_interval_union():
     assert kind("conv_general_dilated.3", "convolution", "jit(f)/jvp(FastNet)/block1/conv1/conv", "FastNet") \
         == "conv forward"
     assert kind("convolution.7", "convolution", "", "FastNet") == "conv backward"
-    assert kind("dot.2", "dot", "jit(f)/transpose(jvp(ResNet))/layer2_0/downsample_conv/conv_general_dilated",
-                "ResNet") == "conv backward"
+    one_by_one = "jit(f)/transpose(jvp(ResNet))/layer2_0/downsample_conv/cond/branch_0_fun/dot_general"
+    assert kind("dot.2", "dot", one_by_one, "ResNet") == "conv backward"
+    assert kind("dot.3", "dot", "jit(f)/jvp(ResNet)/fc/dot_general", "ResNet") == "other model ops"
     assert kind("transpose_copy_fusion.4", "fusion", "", "FastNet") == "layout copies"
     assert kind("add_fusion", "fusion", "jit(f)/jvp(ResNet)/layer1_0/downsample_bn/add", "ResNet") == "batch norm"
     assert kind("erf_fusion", "fusion", "jit(f)/jvp(FastNet)/block2/erf", "FastNet") == "other model ops"

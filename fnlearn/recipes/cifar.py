@@ -308,5 +308,5 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     confusion = confusion_matrix(test_y, predictions, len(dataset.class_names))
     return {"test_accuracy": final_accuracy, "test_accuracy_plain": history["test_accuracy"][-1],
             "train_seconds": train_seconds, "compile_seconds": compile_seconds,
-            "eval_seconds": eval_seconds, "final_eval_seconds": final_eval_seconds, "history": history, "confusion": confusion.tolist(),
-            "steps": total_steps, "state": state}
+            "eval_seconds": eval_seconds, "final_eval_seconds": final_eval_seconds, "history": history,
+            "confusion": confusion.tolist(), "steps": total_steps, "state": state}
