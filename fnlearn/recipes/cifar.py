@@ -241,12 +241,12 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     history = {"train_loss": [], "train_accuracy": [], "test_accuracy": [], "epoch_seconds": []}
     start_epoch, train_seconds = 0, 0.0
     checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
-    if checkpoints and not resume and checkpoints.latest_epoch() is not None:
+    latest = checkpoints.latest_epoch() if checkpoints else None
+    if latest is not None and not resume:
         raise FileExistsError(f"{checkpoints.directory} already holds checkpoints (last epoch "
-                              f"{checkpoints.latest_epoch()}): pass --resume to continue that run, "
-                              f"or choose another --workdir")
-    if resume and checkpoints and checkpoints.latest_epoch() is not None:
-        state, meta = checkpoints.restore(state)
+                              f"{latest}): pass --resume to continue that run, or choose another --workdir")
+    if latest is not None:
+        state, meta = checkpoints.restore(state, latest)
         start_epoch, train_seconds, history = meta["epoch"], meta["train_seconds"], meta["history"]
         log(f"resumed from {checkpoints.directory}/{start_epoch} (epoch {start_epoch} of {n_epochs})")
 
