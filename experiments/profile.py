@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from experiments import bench
 
-NETS = {"fastnet": ("TorchFastNet", 512), "resnet18": ("TorchResNet", 128)}
+# name -> (PyTorch twin in experiments.torch_models, the bench's batch, the Flax module in op names)
+NETS = {"fastnet": ("TorchFastNet", 512, "FastNet"), "resnet18": ("TorchResNet", 128, "ResNet")}
 KINDS = ("conv forward", "conv backward", "layout copies", "batch norm", "other model ops", "optimizer")
 
 
@@ -132,12 +133,11 @@ def main(argv=None):
 
     from experiments import torch_models
 
-    net_cls, batch = NETS[args.net]
+    net_cls, batch, model = NETS[args.net]
     batch = args.batch or batch
     torch_step, fnlearn_step = bench.train_steps(torch, args.net, getattr(torch_models, net_cls), batch)
     step, _ = fnlearn_step("fp32", jnp.float32)
     ops = hlo_ops(step.compiled.as_text())
-    model = {"fastnet": "FastNet", "resnet18": "ResNet"}[args.net]
     jax_iv = {name: iv for name, iv in jax_profile(step, args.steps).items() if name in ops}
     jax_ms = {name: union_ms(iv) / args.steps for name, iv in jax_iv.items()}
     torch_ms = torch_profile(torch, torch_step(False), args.steps)
