@@ -6,6 +6,7 @@ import os
 import pathlib
 import struct
 import tarfile
+import tempfile
 import types
 
 import numpy as np
@@ -119,6 +120,22 @@ def test_tar_gz_is_extracted_once_into_data_dir(tmp_path, count_generate):
     assert len(extracted) == 1 and extracted[0].name.startswith("tiny-")
     load_dataset(str(archive), data_dir=data_dir)
     assert list((data_dir / folder.EXTRACT_DIR).iterdir()) == extracted and len(count_generate) == 2
+    os.utime(archive, ns=(0, 0))  # a fresh copy of the same bytes: nothing is extracted or prepared again
+    load_dataset(str(archive), data_dir=data_dir)
+    assert list((data_dir / folder.EXTRACT_DIR).iterdir()) == extracted and len(count_generate) == 2
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:  # other bytes: extracted afresh
+        tar.add(tmp_path / "src" / "tiny", arcname="tiny")
+    load_dataset(str(archive), data_dir=data_dir)
+    assert len(list((data_dir / folder.EXTRACT_DIR).iterdir())) == 2
+
+
+def test_loading_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+    # TFDS's GCS info lookup would leave an empty tmp*tfds folder per new builder.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    write_folder(tmp_path / "src")
+    load_dataset(str(tmp_path / "src"), data_dir=tmp_path / "tfds")
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 @pytest.mark.parametrize("bad", ["../evil.png", "/tmp/evil.png", "link"])

@@ -60,6 +60,18 @@ def image_features(shape: tuple[int, int, int], class_names) -> tfds.features.Fe
     })
 
 
+class LocalInfo(tfds.core.DatasetInfo):
+    """`DatasetInfo` for fnlearn's builders, which are never on TFDS's GCS bucket.
+
+    A builder whose data is not prepared yet asks TFDS to look up its info in
+    that bucket, and TFDS leaves an empty `tmp*tfds` folder in the temp dir on
+    every such lookup. There is nothing to look up, so this skips it.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of fnlearn's image builders: fixes how TFDS finds their source file."""
 

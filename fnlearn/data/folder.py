@@ -23,6 +23,7 @@ from fnlearn.data.base import (
     DataError,
     Dataset,
     ImageBuilder,
+    LocalInfo,
     default_data_dir,
     image_features,
     prepare,
@@ -142,8 +143,9 @@ def extract_archive(archive: pathlib.Path, data_dir: str) -> pathlib.Path:
 
     Extraction goes to a temp folder renamed into place at the end, so a killed
     run never leaves a half-extracted folder that a later run would trust. The
-    hash covers the archive's path, size and mtime: a changed archive is
-    extracted afresh.
+    hash is of the archive's bytes (0.02 s for CIFAR-10's 20 MB here): a changed
+    archive is extracted afresh, and a fresh copy of the same archive (a new
+    mtime) reuses the extraction and the prepared files.
 
     Args:
       archive: path of a gzip-compressed tar file.
@@ -156,8 +158,11 @@ def extract_archive(archive: pathlib.Path, data_dir: str) -> pathlib.Path:
       DataError: naming the archive if it cannot be read, or the member whose
         path is absolute, climbs out with `..`, or is a link or device.
     """
-    stat = archive.stat()
-    key = hashlib.sha256(f"{archive}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    try:
+        with open(archive, "rb") as f:
+            key = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    except OSError as err:
+        raise DataError(f"cannot read archive {archive}: {err}") from None
     name = archive.name.removesuffix(".gz").removesuffix(".tar").removesuffix(".tgz")
     final = pathlib.Path(data_dir) / EXTRACT_DIR / f"{name}-{key}"
     if final.is_dir():
@@ -236,7 +241,7 @@ class ImageFolderBuilder(ImageBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
-        return tfds.core.DatasetInfo(
+        return LocalInfo(
             builder=self,
             description=f"Image classification folder {config.root}",
             features=image_features(config.image_shape, config.class_names),

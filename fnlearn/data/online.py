@@ -18,7 +18,8 @@ import urllib.parse
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fnlearn.data.base import DataError, Dataset, ImageBuilder, default_data_dir, image_features, prepare, read_prepared
+from fnlearn.data.base import (DataError, Dataset, ImageBuilder, LocalInfo, default_data_dir, image_features, prepare,
+                                read_prepared)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _CIFAR10_RECORD = 1 + 3 * 32 * 32  # label byte, then the image as CHW planes
@@ -163,7 +164,7 @@ class _OnlineBuilder(ImageBuilder, skip_registration=True):
     CLASS_NAMES: tuple[str, ...] = ()
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalInfo(
             builder=self,
             description=f"{self.name}: images parsed with NumPy from {sorted(self.URLS.values())}",
             features=image_features(self.IMAGE_SHAPE, self.CLASS_NAMES),
