@@ -28,6 +28,9 @@ is faster on a one-step probe (`torch_mode`). fnlearn runs the conv workloads in
 float32 and in bfloat16 (the model built with dtype=bfloat16, params float32),
 each row against that one PyTorch number, and the basics as a jitted step and as
 one compiled run (`lax.scan` over every step). ratio = fnlearn_per_s / torch_per_s.
+Both sides do a tutorial loop's work: forward, loss, gradients, update. fnlearn's
+train step leaves out its grad-norm metric (`make_train_step(grad_norm=False)`),
+which PyTorch's loop does not compute either; it keeps its accuracy metric.
 
 Run it on an idle machine: anything else heavy running skews the ratio (PyTorch's
 threads suffer most: simple_net's PyTorch rate swung 20x on a busy machine).
@@ -117,7 +120,7 @@ def row(workload, mode, precision, unit, torch_per_s, torch_mode, fnlearn_per_s,
 
 def fnlearn_rows(name, state, batches, loss_fn, items_per_step, repeats, torch_per_s):
     """Times the jitted step and the compiled run over `batches` (stacked, (N, ...)); returns rows."""
-    train_step = make_train_step(loss_fn)
+    train_step = make_train_step(loss_fn, grad_norm=False)
     steps = jax.tree.leaves(batches)[0].shape[0]
     batch_list = [jax.tree.map(lambda b, i=i: b[i], batches) for i in range(steps)]
     step_c, step_compile = compile_timed(train_step, state, batch_list[0])
@@ -272,7 +275,7 @@ def train_steps(torch, model_name, net_cls, batch, size=32, to_torch=None):
         model = models.get(model_name, dtype=dtype)
         state = TrainState.create(apply_fn=model.apply, variables=jax.tree.map(jnp.copy, variables),
                                   tx=make_optimizer("nesterov", 0.01, momentum=0.9))
-        step_c, compile_s = compile_timed(make_train_step(), state, (x, y))
+        step_c, compile_s = compile_timed(make_train_step(grad_norm=False), state, (x, y))
         return carried(step_c, state, [(x, y)]), compile_s
 
     return torch_step, fnlearn_step

@@ -59,6 +59,17 @@ def test_clipping_bounds_the_update():
     np.testing.assert_allclose(float(moved), 1e-3, rtol=1e-3)  # lr 1 × clipped norm
 
 
+def test_grad_norm_metric_is_optional_and_clipping_still_applies():
+    x, y = blobs(jax.random.key(0), n=64)
+    state = new_state(SimpleNet(), x, make_optimizer("sgd", 1.0))
+    with_norm, metrics = jax.jit(make_train_step(clip_norm=1e-3))(state, (x, y))
+    without, bare = jax.jit(make_train_step(clip_norm=1e-3, grad_norm=False))(state, (x, y))
+    assert "grad_norm" in metrics and "grad_norm" not in bare
+    assert set(bare) == {"loss", "accuracy"}
+    for a, b in zip(jax.tree.leaves(with_norm.params), jax.tree.leaves(without.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)  # the same clipped update
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_nonfinite_check_names_step_and_leaf(compiled):
     x, y = blobs(jax.random.key(0), n=64)
