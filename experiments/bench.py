@@ -18,9 +18,11 @@ Workloads (same shapes and random data on both sides; the conv nets start from t
 
 How it times: each side is warmed up first (compilation for fnlearn, kernel
 selection for PyTorch), then the best of `--repeats` runs of a few steps counts
-(basics: their whole run; cnn: 20 steps; the big nets: 2 steps, each of which
-takes seconds on a CPU). The epoch fraction is timed once, after a warm-up step:
-it is several steps already. Compile time is reported apart and never counted.
+(basics: PyTorch's whole run, and fnlearn's steps or compiled runs for about
+0.1 s; cnn: 20 steps; the big nets: 2 steps, each of which takes seconds on a CPU). The runs of a workload's sides take turns (PyTorch,
+fnlearn, PyTorch, ...), so a slow spell of a shared machine hits both sides, not
+one. The epoch fraction is timed once, after a warm-up step: it is several steps
+already. Compile time is reported apart and never counted.
 
 PyTorch runs eagerly in its best CPU mode: the basics in float32; the conv
 workloads in float32 channels_last or in bf16 autocast (channels_last), whichever
@@ -42,6 +44,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import time
 from functools import partial
 
@@ -59,33 +62,50 @@ PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 TORCH_MODES = {"fp32_channels_last": False, "bf16_autocast_channels_last": True}
 
 
-def best_time(fn, repeats):
-    """Best wall-clock of `repeats` calls of `fn` (which must block until done)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def elapsed(fn):
+    """Wall-clock seconds of one call of `fn` (which must block until done)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def steps_per_s(step, steps, repeats, warmup_steps=1):
-    """Calls of `step()` per second: the best of `repeats` runs of `steps` calls, after a warm-up.
+def timed_run(step, steps, warmup_steps=1):
+    """Warms `step` up with `warmup_steps` calls; returns `run()`, which makes `steps` calls and waits for them.
 
     Args:
-      step: runs one step; may return JAX arrays, which each run waits for.
-      steps: calls per timed run.
-      repeats: timed runs; the fastest counts.
-      warmup_steps: untimed calls first.
+      step: runs one step; may return JAX arrays, which `run` waits for.
     """
-    def run(n):
+    def run(n=steps):
         out = None
         for _ in range(n):
             out = step()
         jax.block_until_ready(out)  # JAX dispatches asynchronously; torch has already finished
 
     run(warmup_steps)
-    return steps / best_time(lambda: run(steps), repeats)
+    return run
+
+
+def run_lasting(step, items_per_call, seconds=0.1):
+    """`(run, items)` as `best_rates` takes: `run()` makes enough calls of `step()` to last about `seconds`.
+
+    A compiled run of the seed regression takes 3 ms: timed alone, one slow
+    millisecond of a shared machine would swing its ratio by a third.
+    """
+    one_call = timed_run(step, 1)  # warmed up by one call
+    calls = max(1, math.ceil(seconds / elapsed(one_call)))
+    return timed_run(step, calls, warmup_steps=0), calls * items_per_call
+
+
+def best_rates(runs, repeats):
+    """Items per second of each run: the best of `repeats` rounds, each round timing every run once, in turn.
+
+    Args:
+      runs: list of `(run, items)`: `run()` blocks until done and handles `items` items.
+    Returns:
+      a list of items per second, in the order of `runs`.
+    """
+    times = [[elapsed(run) for run, _ in runs] for _ in range(repeats)]
+    return [items / min(t[i] for t in times) for i, (_, items) in enumerate(runs)]
 
 
 def compile_timed(fn, *example, donate=True):
@@ -118,17 +138,21 @@ def row(workload, mode, precision, unit, torch_per_s, torch_mode, fnlearn_per_s,
             "ratio": fnlearn_per_s / torch_per_s, "compile_s": compile_s}
 
 
-def fnlearn_rows(name, state, batches, loss_fn, items_per_step, repeats, torch_per_s):
-    """Times the jitted step and the compiled run over `batches` (stacked, (N, ...)); returns rows."""
+def fnlearn_rows(name, state, batches, loss_fn, repeats, torch_run):
+    """Times PyTorch's run, the jitted step and the compiled run over `batches` (stacked, (N, ...)); returns rows.
+
+    Args:
+      torch_run: `(run, steps)` from `torch_steps`.
+    """
     train_step = make_train_step(loss_fn, grad_norm=False)
     steps = jax.tree.leaves(batches)[0].shape[0]
     batch_list = [jax.tree.map(lambda b, i=i: b[i], batches) for i in range(steps)]
     step_c, step_compile = compile_timed(train_step, state, batch_list[0])
-    step_rate = steps_per_s(carried(step_c, jax.tree.map(jnp.copy, state), batch_list), steps, repeats,
-                            warmup_steps=steps)
+    step_run = run_lasting(carried(step_c, jax.tree.map(jnp.copy, state), batch_list), 1)
     scan_c, scan_compile = compile_timed(lambda s, bs: lax.scan(train_step, s, bs), state, batches)
-    scan_rate = steps * steps_per_s(carried(scan_c, jax.tree.map(jnp.copy, state), [batches]), 1, repeats)
-    return [row(name, mode, "fp32", "steps/s", torch_per_s, "fp32_eager", rate * items_per_step, compile_s)
+    scan_run = run_lasting(carried(scan_c, jax.tree.map(jnp.copy, state), [batches]), steps)
+    torch_per_s, step_rate, scan_rate = best_rates([torch_run, step_run, scan_run], repeats)
+    return [row(name, mode, "fp32", "steps/s", torch_per_s, "fp32_eager", rate, compile_s)
             for mode, rate, compile_s in (("jit_step", step_rate, step_compile),
                                           ("compiled_run", scan_rate, scan_compile))]
 
@@ -156,14 +180,14 @@ def torch_train_step(torch, model, opt, loss_fn, next_batch, bf16=False, after_s
     return step
 
 
-def torch_per_s(torch, model, batches, loss_fn, make_opt, items_per_step, repeats):
-    """PyTorch eager train steps per second (times items_per_step) over the same batches."""
+def torch_steps(torch, model, batches, loss_fn, make_opt):
+    """`(run, steps)`: `run()` makes PyTorch eager train steps over each of the same batches once (warmed up)."""
     xs, ys = (torch.from_numpy(np.array(a)) for a in batches)  # np.array: a writable copy for torch
     if not ys.is_floating_point():
         ys = ys.long()  # torch's cross_entropy takes int64 class ids
     step = torch_train_step(torch, model, make_opt(model.parameters()), loss_fn,
                             itertools.cycle(zip(xs, ys)).__next__)
-    return items_per_step * steps_per_s(step, len(xs), repeats, warmup_steps=len(xs))
+    return timed_run(step, len(xs), warmup_steps=len(xs)), len(xs)
 
 
 def regression(torch, args, steps=500):
@@ -175,9 +199,8 @@ def regression(torch, args, steps=500):
                               tx=make_optimizer("adam", 0.01))
     batches = (jnp.broadcast_to(x, (steps, *x.shape)), jnp.broadcast_to(y, (steps, *y.shape)))
     net = torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.ReLU(), torch.nn.Linear(20, 1))
-    ref = torch_per_s(torch, net, batches, torch.nn.functional.mse_loss,
-                      lambda p: torch.optim.Adam(p, lr=0.01), 1, args.repeats)
-    return fnlearn_rows("regression", state, batches, mse, 1, args.repeats, ref)
+    ref = torch_steps(torch, net, batches, torch.nn.functional.mse_loss, lambda p: torch.optim.Adam(p, lr=0.01))
+    return fnlearn_rows("regression", state, batches, mse, args.repeats, ref)
 
 
 def simple_net(torch, args, steps=200, batch=64):
@@ -188,9 +211,9 @@ def simple_net(torch, args, steps=200, batch=64):
     state = TrainState.create(apply_fn=model.apply, variables=model.init(jax.random.key(0), batches[0][0]),
                               tx=make_optimizer("momentum", 0.01))
     net = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    ref = torch_per_s(torch, net, batches, torch.nn.functional.cross_entropy,
-                      lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), 1, args.repeats)
-    return fnlearn_rows("simple_net", state, batches, cross_entropy, 1, args.repeats, ref)
+    ref = torch_steps(torch, net, batches, torch.nn.functional.cross_entropy,
+                      lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
+    return fnlearn_rows("simple_net", state, batches, cross_entropy, args.repeats, ref)
 
 
 def torch_net(torch, net_cls, state_dict):
@@ -205,41 +228,43 @@ def torch_images(torch, x):
     return torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
-def torch_best(make_step, steps, items_per_step, repeats):
-    """PyTorch's faster mode on a workload, and its items per second.
+def torch_best(make_step):
+    """PyTorch's faster mode on a workload: `(step(), the TORCH_MODES name)`.
 
     Each of `TORCH_MODES` is warmed up and timed over one step; only the faster is
-    then measured as `steps_per_s` does, so the slower one costs two steps, not a
-    whole measurement (on this CPU bf16 autocast is 3x slower for one net and faster
-    for another, so neither can be assumed).
+    then measured, so the slower one costs two steps, not a whole measurement (on
+    this CPU bf16 autocast is 3x slower for one net and faster for another, so
+    neither can be assumed).
 
     Args:
       make_step: `make_step(bf16) -> step()` on a fresh model.
-    Returns:
-      (items per second, the `TORCH_MODES` name of the faster mode).
     """
     probes = {}
     for mode, bf16 in TORCH_MODES.items():
         step = make_step(bf16)
         step()  # warm-up: oneDNN builds its kernels on the first call
-        probes[mode] = best_time(step, 1), step
+        probes[mode] = elapsed(step), step
     best = min(probes, key=lambda mode: probes[mode][0])
-    return items_per_step * steps_per_s(probes[best][1], steps, repeats, warmup_steps=0), best
+    return probes[best][1], best
 
 
-def precision_rows(name, mode, items_per_step, steps, repeats, torch_ref, build):
-    """fnlearn rows in float32 and bfloat16 against the PyTorch reference `(items/s, mode)`.
+def precision_rows(name, mode, items_per_step, steps, repeats, make_torch_step, build):
+    """PyTorch's best mode against fnlearn in float32 and bfloat16, timed in turn; returns rows.
 
     Args:
+      make_torch_step: for `torch_best`.
       build: `build(precision, dtype) -> (step(), compile seconds)`.
-      steps, repeats: as `steps_per_s` (repeats=1: timed once).
+      steps, repeats: steps per timed run, and rounds of runs (the best counts).
     """
-    rows = []
+    torch_step, torch_mode = torch_best(make_torch_step)
+    runs, compile_s = [(timed_run(torch_step, steps, warmup_steps=0), steps * items_per_step)], []
     for precision, dtype in PRECISIONS.items():
-        step, compile_s = build(precision, dtype)
-        per_s = items_per_step * steps_per_s(step, steps, repeats)
-        rows.append(row(name, mode, precision, "images/s", *torch_ref, per_s, compile_s))
-    return rows
+        step, seconds = build(precision, dtype)
+        runs.append((timed_run(step, steps), steps * items_per_step))
+        compile_s.append(seconds)
+    torch_per_s, *rates = best_rates(runs, repeats)
+    return [row(name, mode, precision, "images/s", torch_per_s, torch_mode, per_s, seconds)
+            for precision, per_s, seconds in zip(PRECISIONS, rates, compile_s)]
 
 
 def random_batch(batch, size):
@@ -284,8 +309,7 @@ def train_steps(torch, model_name, net_cls, batch, size=32, to_torch=None):
 def train_rows(torch, args, name, model_name, net_cls, batch, steps, size=32, to_torch=None):
     """A conv net's train step (see `train_steps`) timed on both sides; returns rows."""
     torch_step, fnlearn_step = train_steps(torch, model_name, net_cls, batch, size, to_torch)
-    ref = torch_best(torch_step, steps, batch, args.repeats)
-    return precision_rows(name, "jit_step", batch, steps, args.repeats, ref, fnlearn_step)
+    return precision_rows(name, "jit_step", batch, steps, args.repeats, torch_step, fnlearn_step)
 
 
 def cnn(torch, args):
@@ -329,8 +353,7 @@ def resnet18_infer(torch, args, batch=256, steps=2):
         predict, compile_s = compile_timed(partial(model.apply, train=False), variables, x, donate=False)
         return partial(predict, variables, x), compile_s
 
-    ref = torch_best(torch_step, steps, batch, args.repeats)
-    return precision_rows("resnet18_infer", "jit_apply", batch, steps, args.repeats, ref, fnlearn_step)
+    return precision_rows("resnet18_infer", "jit_apply", batch, steps, args.repeats, torch_step, fnlearn_step)
 
 
 def fastnet_epoch(torch, args, n_images=50_000, batch=1024):
@@ -386,8 +409,7 @@ def fastnet_epoch(torch, args, n_images=50_000, batch=1024):
         step_c, compile_s = compile_timed(lambda s, b: train(s, *b), state, batches[0])
         return carried(step_c, state, batches), compile_s
 
-    ref = torch_best(torch_step, steps, batch, 1)
-    return precision_rows("fastnet_epoch", "recipe_epoch", batch, steps, 1, ref, fnlearn_step)
+    return precision_rows("fastnet_epoch", "recipe_epoch", batch, steps, 1, torch_step, fnlearn_step)
 
 
 WORKLOADS = {"regression": regression, "simple_net": simple_net, "cnn": cnn, "fastnet_train": fastnet_train,
