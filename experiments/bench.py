@@ -19,10 +19,10 @@ Workloads (same shapes and random data on both sides; the conv nets start from t
 How it times: each side is warmed up first (compilation for fnlearn, kernel
 selection for PyTorch), then the best of `--repeats` runs of a few steps counts
 (basics: PyTorch's whole run, and fnlearn's steps or compiled runs for about
-0.1 s; cnn: 20 steps; the big nets: 2 steps, each of which takes seconds on a CPU). The runs of a workload's sides take turns (PyTorch,
-fnlearn, PyTorch, ...), so a slow spell of a shared machine hits both sides, not
-one. The epoch fraction is timed once, after a warm-up step: it is several steps
-already. Compile time is reported apart and never counted.
+0.1 s; cnn: 20 steps; the big nets: 2 steps, each of which takes seconds on a
+CPU; fastnet_epoch: the epoch fraction). The runs of a workload's sides take
+turns (PyTorch, fnlearn, PyTorch, ...), so a slow spell of a shared machine hits
+both sides, not one. Compile time is reported apart and never counted.
 
 PyTorch runs eagerly in its best CPU mode: the basics in float32; the conv
 workloads in float32 channels_last or in bf16 autocast (channels_last), whichever
@@ -409,7 +409,7 @@ def fastnet_epoch(torch, args, n_images=50_000, batch=1024):
         step_c, compile_s = compile_timed(lambda s, b: train(s, *b), state, batches[0])
         return carried(step_c, state, batches), compile_s
 
-    return precision_rows("fastnet_epoch", "recipe_epoch", batch, steps, 1, torch_step, fnlearn_step)
+    return precision_rows("fastnet_epoch", "recipe_epoch", batch, steps, args.repeats, torch_step, fnlearn_step)
 
 
 WORKLOADS = {"regression": regression, "simple_net": simple_net, "cnn": cnn, "fastnet_train": fastnet_train,
