@@ -248,19 +248,20 @@ def torch_best(make_step):
     return probes[best][1], best
 
 
-def precision_rows(name, mode, items_per_step, steps, repeats, make_torch_step, build):
+def precision_rows(name, mode, items_per_step, steps, repeats, make_torch_step, build, steps_per_call=1):
     """PyTorch's best mode against fnlearn in float32 and bfloat16, timed in turn; returns rows.
 
     Args:
       make_torch_step: for `torch_best`.
-      build: `build(precision, dtype) -> (step(), compile seconds)`.
+      build: `build(precision, dtype) -> (step(), compile seconds)`; one call of
+        fnlearn's `step()` makes `steps_per_call` steps, and `steps` must be a multiple of it.
       steps, repeats: steps per timed run, and rounds of runs (the best counts).
     """
     torch_step, torch_mode = torch_best(make_torch_step)
     runs, compile_s = [(timed_run(torch_step, steps, warmup_steps=0), steps * items_per_step)], []
     for precision, dtype in PRECISIONS.items():
         step, seconds = build(precision, dtype)
-        runs.append((timed_run(step, steps), steps * items_per_step))
+        runs.append((timed_run(step, steps // steps_per_call), steps * items_per_step))
         compile_s.append(seconds)
     torch_per_s, *rates = best_rates(runs, repeats)
     return [row(name, mode, precision, "images/s", torch_per_s, torch_mode, per_s, seconds)
@@ -372,8 +373,8 @@ def fastnet_epoch(torch, args, n_images=50_000, batch=1024):
     labels = rng.integers(0, 10, n_images).astype(np.int32)
     dataset = Dataset(images, labels, images[:0], labels[:0], tuple(map(str, range(10))), "random")
     cfg = CifarConfig(batch_size=batch)
-    steps_per_epoch = n_images // batch
-    steps = max(1, round(args.epoch_fraction * steps_per_epoch))
+    steps_per_epoch, k = n_images // batch, cfg.steps_per_execution
+    steps = k * max(1, round(args.epoch_fraction * steps_per_epoch / k))  # a whole number of the recipe's calls
     order = rng.permutation(n_images)[: steps_per_epoch * batch].reshape(steps_per_epoch, batch)
     _, variables = build_state(cfg, dataset, jax.random.key(0))
 
@@ -405,11 +406,13 @@ def fastnet_epoch(torch, args, n_images=50_000, batch=1024):
         state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
         state = state.replace(ema_params=jax.tree.map(jnp.copy, state.variables))
         train = make_train_fn(run_cfg, device_images, device_labels, steps_per_epoch)
-        batches = [(jnp.asarray(idx, jnp.int32), jnp.int32(0)) for idx in order]  # (indices, epoch)
+        # (indices of k steps, epoch), as the recipe calls it
+        batches = [(jnp.asarray(order[i:i + k], jnp.int32), jnp.int32(0)) for i in range(0, steps_per_epoch - k + 1, k)]
         step_c, compile_s = compile_timed(lambda s, b: train(s, *b), state, batches[0])
         return carried(step_c, state, batches), compile_s
 
-    return precision_rows("fastnet_epoch", "recipe_epoch", batch, steps, args.repeats, torch_step, fnlearn_step)
+    return precision_rows("fastnet_epoch", "recipe_epoch", batch, steps, args.repeats, torch_step, fnlearn_step,
+                          steps_per_call=k)
 
 
 WORKLOADS = {"regression": regression, "simple_net": simple_net, "cnn": cnn, "fastnet_train": fastnet_train,

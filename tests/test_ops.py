@@ -104,12 +104,41 @@ def test_other_backends_get_the_native_conv():
     assert "stablehlo.dot_general" in cpu_text and "stablehlo.convolution" not in cpu_text
 
 
-def test_pointwise_conv_supports_forward_mode():
-    ours, ref, x, w = conv_pair("1x1")
-    dx = normal(3, x.shape)
-    got = jax.jvp(lambda x: ours(x, w), (x,), (dx,))[1]
-    want = jax.jvp(lambda x: ref(x, w), (x,), (dx,))[1]
+@pytest.mark.parametrize("case", ["1x1", "3x3_same", "3x3_stride2"])
+def test_conv_supports_forward_mode(case):
+    ours, ref, x, w = conv_pair(case)
+    dx, dw = normal(3, x.shape), normal(4, w.shape)
+    got = jax.jvp(ours, (x, w), (dx, dw))[1]
+    want = jax.jvp(ref, (x, w), (dx, dw))[1]
     assert max_relative_error(got, want) < 1e-4
+    # Forward over reverse: a Hessian-vector product in the kernel.
+    hvp = lambda conv: jax.jvp(jax.grad(lambda w: jnp.sum(jnp.tanh(conv(x, w)))), (w,), (dw,))[1]  # noqa: E731
+    assert max_relative_error(hvp(ours), hvp(ref)) < 1e-4
+
+
+EIGEN_LAYOUT = "dim_labels=b01f_01io->b01f"  # NHWC input, HWIO kernel, NHWC output
+
+
+@pytest.mark.parametrize("case", ["3x3_same", "3x3_stride2"])
+def test_gradient_convs_in_a_loop_are_in_eigen_layouts(case):
+    # XLA:CPU moves convolutions into the layouts its Eigen kernels take only at a
+    # program's top level; inside a loop body, lax's own kernel gradient stays
+    # f01b_i01o->01bf and runs as a loop nest, 30-60x slower.
+    ours, ref, x, w = conv_pair(case)
+
+    def grads_in_a_loop(conv):
+        def body(i, acc):
+            gx, gw = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))(x + i, w)
+            return acc[0] + gx, acc[1] + gw
+        return lambda x, w: lax.fori_loop(0, 2, body, (jnp.zeros_like(x), jnp.zeros_like(w)))
+
+    convs = [line for line in compiled_text(grads_in_a_loop(ours), x, w).splitlines() if " convolution(" in line]
+    assert len(convs) == 3  # forward, input grad, kernel grad
+    assert all(EIGEN_LAYOUT in line for line in convs), convs
+    native = compiled_text(grads_in_a_loop(ref), x, w)
+    assert any(" convolution(" in line and EIGEN_LAYOUT not in line for line in native.splitlines())
+    for got, want in zip(jax.jit(grads_in_a_loop(ours))(x, w), jax.jit(grads_in_a_loop(ref))(x, w)):
+        assert max_relative_error(got, want) < 1e-4
 
 
 @pytest.mark.parametrize("kernel_size, strides", [((3, 3), 1), ((1, 1), 2)])

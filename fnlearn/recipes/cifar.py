@@ -54,6 +54,11 @@ class CifarConfig:
     train_subset: int = 0  # train on a fixed random subset of this many images (0: all)
     test_subset: int = 0  # evaluate on the first this-many test images (0: all)
     eval_batch_size: int = 1000
+    # Train steps per compiled call, run as one `lax.scan` (Keras's `steps_per_execution`):
+    # XLA then reuses one step's scratch memory for the next, where a call per step maps
+    # fresh pages every time (FastNet, batch 512: 9% faster at 4). The progress bar
+    # moves this many steps at a time.
+    steps_per_execution: int = 4
 
     @property
     def compute_dtype(self):
@@ -66,8 +71,8 @@ class CifarConfig:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, not {value!r}")
-        if self.epochs <= 0 or self.batch_size <= 0 or self.runs <= 0:
-            raise ValueError("--epochs, --batch-size and --runs must be positive")
+        if self.epochs <= 0 or self.batch_size <= 0 or self.runs <= 0 or self.steps_per_execution <= 0:
+            raise ValueError("--epochs, --batch-size, --runs and --steps-per-execution must be positive")
         if self.model not in models.names():
             raise ValueError(f"unknown --model {self.model!r}; choose from {', '.join(models.names())}")
 
@@ -143,18 +148,25 @@ def augment_batch(cfg, key, images, indices, epoch, dtype):
 
 
 def make_train_fn(cfg, images, labels, total_steps):
-    """`train(state, indices, epoch) -> (state, metrics)`: gather, augment, step, lookahead."""
+    """`train(state, indices, epoch) -> (state, metrics)`: for each row of `indices`
+    (steps, batch), gather, augment, step and lookahead, all in one `lax.scan`.
+
+    The metrics hold one value per step.
+    """
     dtype = cfg.compute_dtype
     # The recipe reports loss and accuracy only, so it skips the grad-norm pass.
     step = make_train_step(partial(cross_entropy, label_smoothing=cfg.label_smoothing), grad_norm=False)
 
-    def train(state, indices, epoch):
+    def one_step(state, indices, epoch):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed + 1), epoch), state.step)
         x = augment_batch(cfg, key, images[indices], indices, epoch, dtype)
         state, metrics = step(state, (x, labels[indices]))
         if cfg.lookahead_every:
             state = lookahead(state, total_steps, cfg.lookahead_every)
         return state, metrics
+
+    def train(state, indices, epoch):
+        return jax.lax.scan(lambda state, idx: one_step(state, idx, epoch), state, indices)
 
     return train
 
@@ -191,6 +203,11 @@ def build_state(cfg, dataset, key):
         normed = augment.normalize(jnp.asarray(sample), augment.CIFAR10_MEAN, augment.CIFAR10_STD)
         variables = models.with_whitening(variables, normed)
     return model, variables
+
+
+def _chunks(steps, size):
+    """`steps` (a range) cut into consecutive ranges of `size` (the last may be shorter)."""
+    return [steps[i:i + size] for i in range(0, len(steps), size)]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -232,6 +249,9 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     total_steps = math.ceil(steps_per_epoch * cfg.epochs)
     n_epochs = math.ceil(total_steps / steps_per_epoch)
 
+    def epoch_steps(epoch):
+        return min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+
     init_key, shuffle_key = jax.random.split(jax.random.key(cfg.seed))
     model, variables = build_state(cfg, dataset, init_key)
     tx = make_cifar_optimizer(cfg, variables["params"], total_steps, steps_per_epoch)
@@ -255,8 +275,11 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     test_images = jnp.asarray(test_x)
     t0 = time.perf_counter()
     train_fn = jax.jit(make_train_fn(cfg, images, labels, total_steps), donate_argnums=0)
-    index_spec = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32)
-    train_fn = train_fn.lower(state, index_spec, 0).compile()
+    chunk = partial(_chunks, size=cfg.steps_per_execution)
+    # One program per chunk length an epoch uses (a shorter last chunk gets its own).
+    lengths = {len(c) for epoch in range(start_epoch, n_epochs) for c in chunk(range(epoch_steps(epoch)))}
+    train_fns = {n: train_fn.lower(state, jax.ShapeDtypeStruct((n, cfg.batch_size), jnp.int32), 0).compile()
+                 for n in lengths}
     eval_fns = {tta: jax.jit(make_predict_fn(cfg, model.apply, tta)) for tta in {False, cfg.tta}}
     eval_shape = jax.ShapeDtypeStruct((cfg.eval_batch_size, *test_images.shape[1:]), test_images.dtype)
     eval_fns = {tta: f.lower(state.variables, eval_shape).compile() for tta, f in eval_fns.items()}
@@ -271,16 +294,17 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     if start_epoch == 0:
         log(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'test acc':>8} {'seconds':>8}")
     for epoch in range(start_epoch, n_epochs):
-        steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        steps = epoch_steps(epoch)
         order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), len(train_x))
         order = order[: steps_per_epoch * cfg.batch_size].reshape(steps_per_epoch, cfg.batch_size)
         t_epoch = time.perf_counter()
         metrics = []
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{n_epochs}", leave=False, disable=not progress)
-        for i in bar:
-            state, m = train_fn(state, order[i], epoch)
-            metrics.append(m)
-        metrics = jax.device_get(jax.tree.map(lambda *v: jnp.stack(v).mean(), *metrics))
+        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{n_epochs}", leave=False, disable=not progress) as bar:
+            for c in chunk(range(steps)):
+                state, m = train_fns[len(c)](state, order[c.start:c.stop], epoch)
+                metrics.append(m)
+                bar.update(len(c))
+        metrics = jax.device_get(jax.tree.map(lambda *v: jnp.concatenate(v).mean(), *metrics))
         seconds = time.perf_counter() - t_epoch
         train_seconds += seconds
         if not np.isfinite(metrics["loss"]):
