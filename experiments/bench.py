@@ -28,8 +28,9 @@ PyTorch runs eagerly in its best CPU mode: the basics in float32; the conv
 workloads in float32 channels_last or in bf16 autocast (channels_last), whichever
 is faster on a one-step probe (`torch_mode`). fnlearn runs the conv workloads in
 float32 and in bfloat16 (the model built with dtype=bfloat16, params float32),
-each row against that one PyTorch number, and the basics as a jitted step and as
-one compiled run (`lax.scan` over every step). ratio = fnlearn_per_s / torch_per_s.
+each row against that one PyTorch number. fnlearn's train steps run as jitted
+steps, one a call, and as a compiled run (`lax.scan` over the basics' every step,
+or over the conv nets' timed steps, as the CIFAR recipe's `steps_per_execution`). ratio = fnlearn_per_s / torch_per_s.
 Both sides do a tutorial loop's work: forward, loss, gradients, update. fnlearn's
 train step leaves out its grad-norm metric (`make_train_step(grad_norm=False)`),
 which PyTorch's loop does not compute either; it keeps its accuracy metric.
@@ -297,20 +298,29 @@ def train_steps(torch, model_name, net_cls, batch, size=32, to_torch=None):
         batches = itertools.repeat((torch_images(torch, x), torch.from_numpy(np.array(y)).long()))
         return torch_train_step(torch, net, opt, torch.nn.functional.cross_entropy, batches.__next__, bf16)
 
-    def fnlearn_step(precision, dtype):
+    def fnlearn_step(precision, dtype, steps_per_call=1):
+        """One jitted step per call, or `steps_per_call` steps in one `lax.scan` (a compiled run)."""
         model = models.get(model_name, dtype=dtype)
         state = TrainState.create(apply_fn=model.apply, variables=jax.tree.map(jnp.copy, variables),
                                   tx=make_optimizer("nesterov", 0.01, momentum=0.9))
-        step_c, compile_s = compile_timed(make_train_step(grad_norm=False), state, (x, y))
-        return carried(step_c, state, [(x, y)]), compile_s
+        train_step = make_train_step(grad_norm=False)
+        if steps_per_call == 1:
+            step_c, compile_s = compile_timed(train_step, state, (x, y))
+            return carried(step_c, state, [(x, y)]), compile_s
+        batches = jax.tree.map(lambda a: jnp.stack([a] * steps_per_call), (x, y))
+        scan_c, compile_s = compile_timed(lambda s, bs: lax.scan(train_step, s, bs), state, batches)
+        return carried(scan_c, state, [batches]), compile_s
 
     return torch_step, fnlearn_step
 
 
 def train_rows(torch, args, name, model_name, net_cls, batch, steps, size=32, to_torch=None):
-    """A conv net's train step (see `train_steps`) timed on both sides; returns rows."""
+    """A conv net's train step (see `train_steps`) timed on both sides, as jitted steps and as
+    a compiled run of `steps` steps in one `lax.scan`; returns rows."""
     torch_step, fnlearn_step = train_steps(torch, model_name, net_cls, batch, size, to_torch)
-    return precision_rows(name, "jit_step", batch, steps, args.repeats, torch_step, fnlearn_step)
+    return [r for mode, k in (("jit_step", 1), ("compiled_run", steps))
+            for r in precision_rows(name, mode, batch, steps, args.repeats, torch_step,
+                                    partial(fnlearn_step, steps_per_call=k), steps_per_call=k)]
 
 
 def cnn(torch, args):

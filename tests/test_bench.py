@@ -17,7 +17,8 @@ def test_rows_in_the_json(torch, tmp_path):
     assert rows == returned
     assert [(r["workload"], r["mode"], r["precision"]) for r in rows] == [
         ("regression", "jit_step", "fp32"), ("regression", "compiled_run", "fp32"),
-        ("cnn", "jit_step", "fp32"), ("cnn", "jit_step", "bf16")]
+        ("cnn", "jit_step", "fp32"), ("cnn", "jit_step", "bf16"),
+        ("cnn", "compiled_run", "fp32"), ("cnn", "compiled_run", "bf16")]
     for r in rows:
         assert set(r) == FIELDS
         assert r["torch_per_s"] > 0 and r["fnlearn_per_s"] > 0 and r["compile_s"] > 0

@@ -12,7 +12,8 @@ class Conv(nn.Conv):
     """`nn.Conv` whose convolution is `fnlearn.ops.conv_general_dilated`.
 
     Same attributes, parameters and results as `nn.Conv`; on CPU, 1x1 convs run as
-    dots, and every other case (and every other backend) is lax's convolution.
+    dots and other plain convs have gradients spelt in XLA:CPU's fast layouts (see
+    `fnlearn.ops.conv`); every other backend gets lax's convolution.
     """
     conv_general_dilated: Any = conv_general_dilated
 
