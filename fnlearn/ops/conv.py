@@ -99,12 +99,12 @@ def spatial_conv(x, kernel, strides, padding, precision=None, preferred_element_
 
 
 def _conv_spelt(x, kernel, x_order, kernel_order, out_order, strides, padding, precision, out_type):
-    """`spatial_conv`'s value with x, kernel and output in the given axis orders.
+    """`spatial_conv(x, kernel)`, computed by a convolution on other axis orders.
 
-    Each order names where the logical axes (batch or in-feature, feature, spatial...)
-    lie, as a transposed array: x is `x.transpose(x_order)`, and so on. The value is
-    the same as `spatial_conv(x, kernel)`; only the layouts of the convolution JAX
-    derives for its transpose change.
+    The convolution takes `x.transpose(x_order)` and `kernel.transpose(kernel_order)`
+    and makes the result transposed by `out_order`, which is then transposed back.
+    The value is the same; what changes is the layouts of the convolutions JAX derives
+    when it transposes this one for a gradient.
     """
     n = x.ndim - 2
     canonical = _channels_last_numbers(n)
