@@ -29,8 +29,9 @@ workloads in float32 channels_last or in bf16 autocast (channels_last), whicheve
 is faster on a one-step probe (`torch_mode`). fnlearn runs the conv workloads in
 float32 and in bfloat16 (the model built with dtype=bfloat16, params float32),
 each row against that one PyTorch number. fnlearn's train steps run as jitted
-steps, one a call, and as a compiled run (`lax.scan` over the basics' every step,
-or over the conv nets' timed steps, as the CIFAR recipe's `steps_per_execution`). ratio = fnlearn_per_s / torch_per_s.
+steps, one a call, and as a compiled run: `lax.scan` over every step of the
+basics, or over the conv nets' timed steps, as the CIFAR recipe's
+`steps_per_execution` does. ratio = fnlearn_per_s / torch_per_s.
 Both sides do a tutorial loop's work: forward, loss, gradients, update. fnlearn's
 train step leaves out its grad-norm metric (`make_train_step(grad_norm=False)`),
 which PyTorch's loop does not compute either; it keeps its accuracy metric.
@@ -417,7 +418,8 @@ def fastnet_epoch(torch, args, n_images=50_000, batch=1024):
         state = state.replace(ema_params=jax.tree.map(jnp.copy, state.variables))
         train = make_train_fn(run_cfg, device_images, device_labels, steps_per_epoch)
         # (indices of k steps, epoch), as the recipe calls it
-        batches = [(jnp.asarray(order[i:i + k], jnp.int32), jnp.int32(0)) for i in range(0, steps_per_epoch - k + 1, k)]
+        batches = [(jnp.asarray(order[i:i + k], jnp.int32), jnp.int32(0))
+                   for i in range(0, steps_per_epoch - k + 1, k)]
         step_c, compile_s = compile_timed(lambda s, b: train(s, *b), state, batches[0])
         return carried(step_c, state, batches), compile_s
 
