@@ -250,24 +250,27 @@ def torch_best(make_step):
     return probes[best][1], best
 
 
-def precision_rows(name, mode, items_per_step, steps, repeats, make_torch_step, build, steps_per_call=1):
-    """PyTorch's best mode against fnlearn in float32 and bfloat16, timed in turn; returns rows.
+def precision_rows(name, items_per_step, steps, repeats, make_torch_step, builds):
+    """PyTorch's best mode against each fnlearn mode in float32 and bfloat16, timed in turn; returns rows.
 
     Args:
       make_torch_step: for `torch_best`.
-      build: `build(precision, dtype) -> (step(), compile seconds)`; one call of
-        fnlearn's `step()` makes `steps_per_call` steps, and `steps` must be a multiple of it.
+      builds: `(mode, steps_per_call, build)` per fnlearn mode, where `build(precision,
+        dtype) -> (step(), compile seconds)` and one call of `step()` makes
+        `steps_per_call` steps (`steps` must be a multiple of it). Every row is
+        against the one PyTorch measurement.
       steps, repeats: steps per timed run, and rounds of runs (the best counts).
     """
     torch_step, torch_mode = torch_best(make_torch_step)
-    runs, compile_s = [(timed_run(torch_step, steps, warmup_steps=0), steps * items_per_step)], []
-    for precision, dtype in PRECISIONS.items():
-        step, seconds = build(precision, dtype)
-        runs.append((timed_run(step, steps // steps_per_call), steps * items_per_step))
-        compile_s.append(seconds)
+    runs, labels = [(timed_run(torch_step, steps, warmup_steps=0), steps * items_per_step)], []
+    for mode, steps_per_call, build in builds:
+        for precision, dtype in PRECISIONS.items():
+            step, seconds = build(precision, dtype)
+            runs.append((timed_run(step, steps // steps_per_call), steps * items_per_step))
+            labels.append((mode, precision, seconds))
     torch_per_s, *rates = best_rates(runs, repeats)
     return [row(name, mode, precision, "images/s", torch_per_s, torch_mode, per_s, seconds)
-            for precision, per_s, seconds in zip(PRECISIONS, rates, compile_s)]
+            for (mode, precision, seconds), per_s in zip(labels, rates)]
 
 
 def random_batch(batch, size):
@@ -319,9 +322,9 @@ def train_rows(torch, args, name, model_name, net_cls, batch, steps, size=32, to
     """A conv net's train step (see `train_steps`) timed on both sides, as jitted steps and as
     a compiled run of `steps` steps in one `lax.scan`; returns rows."""
     torch_step, fnlearn_step = train_steps(torch, model_name, net_cls, batch, size, to_torch)
-    return [r for mode, k in (("jit_step", 1), ("compiled_run", steps))
-            for r in precision_rows(name, mode, batch, steps, args.repeats, torch_step,
-                                    partial(fnlearn_step, steps_per_call=k), steps_per_call=k)]
+    builds = [(mode, k, partial(fnlearn_step, steps_per_call=k))
+              for mode, k in (("jit_step", 1), ("compiled_run", steps))]
+    return precision_rows(name, batch, steps, args.repeats, torch_step, builds)
 
 
 def cnn(torch, args):
@@ -365,7 +368,8 @@ def resnet18_infer(torch, args, batch=256, steps=2):
         predict, compile_s = compile_timed(partial(model.apply, train=False), variables, x, donate=False)
         return partial(predict, variables, x), compile_s
 
-    return precision_rows("resnet18_infer", "jit_apply", batch, steps, args.repeats, torch_step, fnlearn_step)
+    return precision_rows("resnet18_infer", batch, steps, args.repeats, torch_step,
+                          [("jit_apply", 1, fnlearn_step)])
 
 
 def fastnet_epoch(torch, args, n_images=50_000, batch=1024):
@@ -423,8 +427,8 @@ def fastnet_epoch(torch, args, n_images=50_000, batch=1024):
         step_c, compile_s = compile_timed(lambda s, b: train(s, *b), state, batches[0])
         return carried(step_c, state, batches), compile_s
 
-    return precision_rows("fastnet_epoch", "recipe_epoch", batch, steps, args.repeats, torch_step, fnlearn_step,
-                          steps_per_call=k)
+    return precision_rows("fastnet_epoch", batch, steps, args.repeats, torch_step,
+                          [("recipe_epoch", k, fnlearn_step)])
 
 
 WORKLOADS = {"regression": regression, "simple_net": simple_net, "cnn": cnn, "fastnet_train": fastnet_train,
