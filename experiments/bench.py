@@ -38,7 +38,7 @@ which PyTorch's loop does not compute either; it keeps its accuracy metric.
 
 Run it on an idle machine: anything else heavy running skews the ratio (PyTorch's
 threads suffer most: simple_net's PyTorch rate swung 20x on a busy machine).
-`basics` takes about a minute on a 2-core CPU; the whole bench took 551 s there, idle.
+`basics` takes about a minute on a 2-core CPU; the whole bench took 503 s there, idle.
 `python -m experiments.profile` splits the conv train steps by kind of work.
 """
 import argparse
