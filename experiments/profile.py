@@ -2,6 +2,7 @@
 
     python -m experiments.profile fastnet            # airbench94's net, batch 512
     python -m experiments.profile resnet18 --top 20  # ResNet-18 (CIFAR stem), batch 128
+    python -m experiments.profile fastnet --steps-per-call 2  # the compiled run's steps
 
 Runs the same train step as `experiments.bench` (same weights, batch, optimizer;
 PyTorch in fp32 channels_last) a few times under each framework's own profiler,
@@ -13,6 +14,9 @@ add up to more than the step; "all ops" counts such overlaps once. PyTorch's are
 the profiler's self CPU time per op (its ops run one after another; under the
 profiler they add up to as much as 50% more than the unprofiled step). Takes about a
 minute per net on a 2-core CPU; run it on an idle machine, as the bench.
+`--steps-per-call K` profiles fnlearn's compiled run instead: K steps in one
+`lax.scan` per call, as the bench's compiled run and the CIFAR recipe run them; the
+times are still per step.
 
 Kinds: conv forward / conv backward (XLA convolutions, and 1x1 convs run as dots;
 PyTorch's mkldnn convolutions), layout copies (the transposes XLA:CPU inserts
@@ -40,7 +44,8 @@ def hlo_ops(hlo_text):
     """{instruction name: (opcode, op_name metadata)} of a compiled module's text."""
     ops = {}
     for line in hlo_text.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+ ([\w-]+)\(", line)
+        # The result type is one word, or a tuple "(f32[2]{0}, s32[])" (multi-output fusions, loops).
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (?:\(.*?\)|\S+) ([\w-]+)\(", line)
         if m:
             op_name = re.search(r'op_name="([^"]*)"', line)
             ops[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
@@ -128,6 +133,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, help="batch size (default: the bench's, 512 or 128)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up)")
     parser.add_argument("--top", type=int, default=12, help="fnlearn ops to list")
+    parser.add_argument("--steps-per-call", type=int, default=1,
+                        help="fnlearn steps per compiled call, in one lax.scan (the bench's compiled run)")
     args = parser.parse_args(argv)
     import torch
 
@@ -136,22 +143,26 @@ def main(argv=None):
     net_cls, batch, model = NETS[args.net]
     batch = args.batch or batch
     torch_step, fnlearn_step = bench.train_steps(torch, args.net, getattr(torch_models, net_cls), batch)
-    step, _ = fnlearn_step("fp32", jnp.float32)
+    step, _ = fnlearn_step("fp32", jnp.float32, args.steps_per_call)
     ops = hlo_ops(step.compiled.as_text())
-    jax_iv = {name: iv for name, iv in jax_profile(step, args.steps).items() if name in ops}
-    jax_ms = {name: union_ms(iv) / args.steps for name, iv in jax_iv.items()}
+    # A `while` (the scan) or `call` spans the ops it runs: only the ops inside count.
+    jax_iv = {name: iv for name, iv in jax_profile(step, args.steps).items()
+              if name in ops and ops[name][0] not in ("while", "conditional", "call")}
+    fnlearn_steps = args.steps * args.steps_per_call
+    jax_ms = {name: union_ms(iv) / fnlearn_steps for name, iv in jax_iv.items()}
     torch_ms = torch_profile(torch, torch_step(False), args.steps)
 
-    print(f"{args.net} train step, batch {batch}, fp32; ms per step (wall-clock per op)")
+    calls = f", fnlearn {args.steps_per_call} steps a call" if args.steps_per_call > 1 else ""
+    print(f"{args.net} train step, batch {batch}, fp32{calls}; ms per step (wall-clock per op)")
     print(f"{'kind':<18}{'PyTorch':>10}{'fnlearn':>10}")
     table = {}
     for kind in KINDS:
         t = sum(ms for op, ms in torch_ms.items() if torch_kind(op) == kind)
         j = union_ms([i for name, iv in jax_iv.items() if jax_kind(name, *ops[name], model) == kind
-                      for i in iv]) / args.steps
+                      for i in iv]) / fnlearn_steps
         table[kind] = (t, j)
         print(f"{kind:<18}{t:>10.1f}{j:>10.1f}")
-    every = union_ms([i for iv in jax_iv.values() for i in iv]) / args.steps
+    every = union_ms([i for iv in jax_iv.values() for i in iv]) / fnlearn_steps
     print(f"{'all ops':<18}{sum(torch_ms.values()):>10.1f}{every:>10.1f}\n")
     print(f"fnlearn's top {args.top} ops")
     for name, ms in sorted(jax_ms.items(), key=lambda kv: -kv[1])[:args.top]:

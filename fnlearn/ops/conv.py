@@ -26,10 +26,12 @@ alternatives interleaved in one process; the flag is in `fnlearn.ops.flags`):
   second on the FastNet and ResNet-18 layers. Every dot-based rewrite measured lost
   to it in every direction: im2col + one dot (1.5-5x slower: XLA:CPU builds the
   9-tap patch matrix at 1-3 GB/s), per-tap 1x1 dots (2-4x), dot-then-shift-add (3-10x),
-  and a one-conv kernel grad over a tall image (1.2-1.4x). bfloat16 operands with
-  float32 accumulation gain nothing here: this XLA build has no AVX512-BF16 dot kernel
-  (bf16 dots ran at 0.6-0.9x the float32 speed), and XLA already runs a bf16
-  convolution in float32.
+  and a one-conv kernel grad over a tall image (1.2-1.4x). Winograd F(2x2,3x3) and
+  F(4x4,3x3) forward took 0.9-2.9x its time on ResNet-18's layers (its dots are fast,
+  but XLA:CPU writes the transformed input at 1-1.6 GB/s), so it is not used either.
+  bfloat16 operands with float32 accumulation gain nothing here: this XLA build has
+  no AVX512-BF16 dot kernel (bf16 dots ran at 0.6-0.9x the float32 speed), and XLA
+  already runs a bf16 convolution in float32.
 - 1 x 1 convolutions (ResNet shortcuts and bottlenecks): one 2-D dot on the strided
   input. Its kernel grad is then a dot contracting the leading axis of both operands,
   which Eigen reads transposed in place, where the native kernel grad first copies
