@@ -11,9 +11,9 @@ TensorBoard events, curves.png, confusion.png and a checkpoint per epoch
 (`--resume` continues a killed run).
 
 Measured on the shared JPEG CIFAR-10, idle 2-core Xeon CPU: the default recipe takes
-about 180 s of training per epoch, 1789 s in all (33 min with evaluation), and reached
-90.62% with TTA (seed 0; the previous build's seeds 0-2: mean 90.56%); `--preset smoke`
-takes about a minute and reached 55.75% (shared CPU). The README has the figures in full.
+about 180 s of training per epoch, 1759-1800 s in all (33 min with evaluation), and
+reached 90.63% with TTA, the mean of seeds 0-2; `--preset smoke` takes about a minute
+and reached 55.75% (shared CPU). The README has the figures in full.
 """
 import argparse
 import dataclasses
