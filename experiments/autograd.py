@@ -8,12 +8,11 @@ d(x³+5x)/dx = 3x²+5 (17 at x = 2); z = x²+y³+5 at (2, 3) has grads (4, 27); 
 accumulated backward passes of sum(ones(2)) give [3, 3]; the custom-VJP ReLU's grads
 equal those of jnp.maximum(x, 0) away from 0; stop_gradient gives a zero gradient.
 """
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from fnlearn.ops import relu
 from fnlearn.train import accumulate_gradients
 
@@ -55,8 +54,8 @@ def main(argv=None):
       dict name -> computed value (a list of floats, or a float for scalars): quadratic,
       cubic, two_inputs, accumulated, custom_relu, stop_gradient.
     """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--x", type=float, default=2.0, help="point at which to differentiate x³ + 5x")
+    parser = cli.make_parser("autograd", __doc__)
+    parser.add_argument("--x", type=cli.finite_float, default=2.0, help="point at which to differentiate x³ + 5x")
     args = parser.parse_args(argv)
 
     results = {}

@@ -41,7 +41,6 @@ threads suffer most: simple_net's PyTorch rate swung 20x on a busy machine).
 `basics` takes about a minute on a 2-core CPU; the whole bench took 503 s there, idle.
 `python -m experiments.profile` splits the conv train steps by kind of work.
 """
-import argparse
 import contextlib
 import dataclasses
 import itertools
@@ -49,12 +48,14 @@ import json
 import math
 import time
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from experiments import cli
 from fnlearn import models
 from fnlearn.models import RegressionNet, SimpleNet
 from fnlearn.train import TrainState, cross_entropy, make_optimizer, make_train_step, mse
@@ -448,13 +449,19 @@ def print_table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"workloads or groups: {', '.join([*WORKLOADS, *GROUPS])}")
-    parser.add_argument("--json", help="write the rows to this JSON file")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts")
-    parser.add_argument("--epoch-fraction", type=float, default=0.08,
-                        help="fraction of fastnet_epoch's 48 steps to time (at least one step)")
+    parser = cli.make_parser("bench", __doc__)
+    parser.add_argument("names", nargs="*", metavar="name", help="workloads or groups: "
+                        f"{', '.join([*WORKLOADS, *GROUPS])}; none given: every workload")
+    parser.add_argument("--json", help="also write the rows to this JSON file (if left out: only the table)")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3,
+                        help="timed runs per measurement; the best counts")
+    parser.add_argument("--epoch-fraction", type=cli.fraction, default=0.08,
+                        help="fraction in (0, 1] of fastnet_epoch's 48 steps to time, "
+                             "rounded to whole recipe calls, at least one")
     args = parser.parse_args(argv)
+    # Checked now, not after a run of minutes: the rows are written at the very end.
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
+        parser.error(f"--json {args.json}: pass a file path in an existing folder")
     names = []
     for n in args.names or list(WORKLOADS):
         if n not in WORKLOADS and n not in GROUPS:

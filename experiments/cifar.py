@@ -10,14 +10,14 @@ overridden after the preset (`--epochs 4`). Writes to `--workdir`: summary.json,
 TensorBoard events, curves.png, confusion.png and a checkpoint per epoch
 (`--resume` continues a killed run).
 
-Measured on the shared JPEG CIFAR-10, idle 2-core Xeon CPU: the default recipe takes
-about 180 s of training per epoch, 1759-1800 s in all (33 min with evaluation), and
-reached 90.63% with TTA, the mean of seeds 0-2; `--preset smoke` takes about a minute
-and reached 55.75% (shared CPU). The README has the figures in full.
+On a 2-core CPU the default recipe takes about half an hour and reaches about 90.6% with
+TTA; `--preset smoke` takes under a minute and reaches about 55% on a class-balanced test
+subset. The README has the measured figures.
 """
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -30,39 +30,63 @@ import jaxlib
 import numpy as np
 import optax
 
+from experiments import cli
+from fnlearn.checkpoint import CheckpointError
 from fnlearn.data import DataError, load_dataset
-from fnlearn.recipes.cifar import PRESETS, CifarConfig, train_and_evaluate
-from fnlearn.report import plot_confusion, plot_curves
+from fnlearn.recipes.cifar import (CHOICES, PRESETS, CifarConfig, ConfigError, TrainingDiverged, check_resume,
+                                   train_and_evaluate)
+from fnlearn.report import TensorBoardScalars, plot_confusion, plot_curves
+
+
+def _help(field):
+    """A field's help with its choices and default, and where a preset sets it otherwise."""
+    notes = [f"one of {', '.join(CHOICES[field.name])}"] if field.name in CHOICES else []
+    if field.default is not None:
+        others = [f"{name}: {getattr(preset, field.name)}" for name, preset in PRESETS.items()
+                  if getattr(preset, field.name) != field.default]
+        notes.append(f"default: {field.default}" + (f"; {', '.join(others)}" if others else ""))
+    help = field.metadata["help"] + (f" ({'; '.join(notes)})" if notes else "")
+    return help.replace("%", "%%")
 
 
 def parse_config(argv):
-    """A CifarConfig from `--preset` plus any field given as `--field-name value`."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.cifar", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="airbench94")
-    parser.add_argument("--workdir", type=Path, default=Path("runs/cifar"))
-    parser.add_argument("--resume", action="store_true", help="continue from the workdir's last checkpoint")
+    """`(cfg, args, parser)`: a CifarConfig from `--preset` plus any field given as `--field-name value`."""
+    parser = cli.make_parser("cifar", __doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="airbench94",
+                        help="the recipe to start from; flags after it override its fields")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/cifar"),
+                        help="where summary.json, plots, TensorBoard events and checkpoints go")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --workdir")
     hints = typing.get_type_hints(CifarConfig)
     for field in dataclasses.fields(CifarConfig):
         flag = "--" + field.name.replace("_", "-")
         if hints[field.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=_help(field))
         else:
             kind = {int: int, float: float}.get(hints[field.name], str)
-            parser.add_argument(flag, type=kind, default=None)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=CHOICES.get(field.name),
+                                metavar=field.name.upper() if field.name in CHOICES else None,
+                                help=_help(field))
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(CifarConfig)
-                 if getattr(args, f.name) is not None}
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(CifarConfig) if hasattr(args, f.name)}
     try:
         cfg = dataclasses.replace(PRESETS[args.preset], **overrides)
     except ValueError as e:
         parser.error(str(e))
-    return cfg, args
+    cli.check_workdir(parser, args.workdir)
+    return cfg, args, parser
 
 
-def write_outputs(workdir, cfg, results, class_names):
-    """summary.json, TensorBoard scalars and PNGs for the runs in `results`."""
-    from tensorboardX import SummaryWriter
+def write_json(path, obj):
+    """Writes JSON through a temporary file, so a killed run never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
+
+def write_outputs(workdir, cfg, results, dataset):
+    """summary.json and the PNGs for the runs in `results`."""
     accuracies = [r["test_accuracy"] for r in results]
     summary = {
         "test_accuracy": float(np.mean(accuracies)),
@@ -78,6 +102,10 @@ def write_outputs(workdir, cfg, results, class_names):
         "steps": results[0]["steps"],
         "model": cfg.model,
         "precision": cfg.precision,
+        "class_names": list(dataset.class_names),
+        # The first run's final evaluation: row = true class, column = predicted.
+        "confusion": results[0]["confusion"],
+        "skipped_files": list(dataset.skipped),
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
@@ -85,52 +113,78 @@ def write_outputs(workdir, cfg, results, class_names):
         "config": dataclasses.asdict(cfg),
         "history": [r["history"] for r in results],
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    for i, r in enumerate(results):
-        with SummaryWriter(str(workdir / "tensorboard" / f"run{i}")) as writer:
-            for name, values in r["history"].items():
-                for epoch, value in enumerate(values, 1):
-                    writer.add_scalar(name, value, epoch)
-            writer.add_scalar("final/test_accuracy", r["test_accuracy"], len(r["history"]["train_loss"]))
+    write_json(workdir / "summary.json", summary)
     plot_curves(results[0]["history"], workdir / "curves.png")
-    plot_confusion(np.array(results[0]["confusion"]), class_names, workdir / "confusion.png")
+    plot_confusion(np.array(results[0]["confusion"]), dataset.class_names, workdir / "confusion.png")
     return summary
 
 
-def main(argv=None):
-    cfg, args = parse_config(argv)
+def _count(n, noun):
+    return f"{n:g} {noun}" + ("" if n == 1 else "s")
+
+
+def _banner(cfg, dataset):
+    sizes = []
+    for n, total, split in ((cfg.train_subset, len(dataset.train_images), "train"),
+                            (cfg.test_subset, len(dataset.test_images), "test")):
+        sizes.append(f"{n} of {total} {split}" if n else f"{total} {split}")
+    subsets = " (class-balanced subsets)" if cfg.train_subset or cfg.test_subset else ""
+    return (f"{cfg.model} on {dataset.source}: {' / '.join(sizes)} images{subsets}; {_count(cfg.epochs, 'epoch')}, "
+            f"batch {cfg.batch_size}, {cfg.precision}, on {jax.devices()[0]}")
+
+
+def run_one(cfg, dataset, workdir, run, resume):
+    """One run, its TensorBoard scalars written as each epoch ends (a killed run keeps its history)."""
+    scalars = TensorBoardScalars(workdir / "tensorboard" / f"run{run}")
     try:
+        result = train_and_evaluate(cfg, dataset, run=run, resume=resume, on_epoch=scalars,
+                                    checkpoint_dir=workdir / "checkpoints" / f"run{run}")
+        scalars(len(result["history"]["train_loss"]), {"final/test_accuracy": result["test_accuracy"]})
+    finally:
+        scalars.close()
+    return result
+
+
+def main(argv=None):
+    cfg, args, parser = parse_config(argv)
+    workdir = args.workdir
+    try:
+        # Refuse a changed config or a clash with saved checkpoints before loading any data.
+        for run in range(cfg.runs):
+            check_resume(dataclasses.replace(cfg, seed=cfg.seed + run), workdir / "checkpoints" / f"run{run}",
+                         args.resume)
         dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, skip_corrupt=cfg.skip_corrupt)
-    except DataError as e:
+    except (ConfigError, CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    if dataset.skipped:
-        print(f"skipped {dataset.skipped} unreadable images (--skip-corrupt)")
-    print(f"{cfg.model} on {dataset.source}: {len(dataset.train_images)} train / {len(dataset.test_images)} "
-          f"test images; {cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.precision}, on {jax.devices()[0]}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(_banner(cfg, dataset))
     results = []
     for run in range(cfg.runs):
         if cfg.runs > 1:
             print(f"run {run + 1}/{cfg.runs} (seed {cfg.seed + run})")
         t0 = time.perf_counter()
         try:
-            result = train_and_evaluate(cfg, dataset, run=run, resume=args.resume,
-                                        checkpoint_dir=args.workdir / "checkpoints" / f"run{run}")
-        except FileExistsError as e:
+            result = run_one(cfg, dataset, workdir, run, args.resume)
+        except (ConfigError, CheckpointError, TrainingDiverged) as e:
             sys.exit(f"error: {e}")
         except KeyboardInterrupt:
-            sys.exit(f"\ninterrupted; checkpoints in {args.workdir / 'checkpoints'} are intact: "
-                     f"rerun with --resume to continue")
-        print(f"test accuracy {result['test_accuracy']:.4f}{' with TTA' if cfg.tta else ''} "
-              f"({result['test_accuracy_plain']:.4f} without); training {result['train_seconds']:.1f} s, "
-              f"compile {result['compile_seconds']:.1f} s, evaluation {result['eval_seconds']:.1f} s "
-              f"(the final{' TTA' if cfg.tta else ''} pass {result['final_eval_seconds']:.1f} s), "
-              f"total {time.perf_counter() - t0:.1f} s")
+            print(f"\ninterrupted; the checkpoints in {workdir / 'checkpoints'} are intact: "
+                  f"rerun with --resume to continue", file=sys.stderr, flush=True)
+            # A normal exit would wait for the steps already queued on the device (a call or
+            # two, up to tens of seconds); the checkpoints and TensorBoard events are complete.
+            sys.stdout.flush()
+            os._exit(130)
+        accuracy = f"test accuracy {result['test_accuracy']:.4f}"
+        if cfg.tta:
+            accuracy += f" with TTA ({result['test_accuracy_plain']:.4f} without)"
+        print(f"{accuracy}; training {result['train_seconds']:.1f} s, compile {result['compile_seconds']:.1f} s, "
+              f"evaluation {result['eval_seconds']:.1f} s (the final{' TTA' if cfg.tta else ''} pass "
+              f"{result['final_eval_seconds']:.1f} s), total {time.perf_counter() - t0:.1f} s")
         results.append(result)
-    summary = write_outputs(args.workdir, cfg, results, dataset.class_names)
+    summary = write_outputs(workdir, cfg, results, dataset)
     if cfg.runs > 1:
         print(f"mean over {cfg.runs} runs: {summary['test_accuracy']:.4f} ± {summary['test_accuracy_std']:.4f}")
-    print(f"wrote {args.workdir}/summary.json, curves.png, confusion.png, tensorboard/")
+    print(f"wrote {workdir}/summary.json, curves.png, confusion.png, tensorboard/")
     return summary
 
 

@@ -12,13 +12,14 @@ traced value compile once and give the same outputs. RecurrentNet's n_steps sets
 output shape, so every value needs its own program either way; but `lax.scan` holds
 one copy of the cell (1 tanh in the program) where a Python loop unrolls n_steps copies.
 """
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from fnlearn.models import DynamicNet, RecurrentNet, VariableDepthMLP
+
+SEQUENCE_LENGTH = 10  # RecurrentNet's input sequence: n_steps can be at most this
 
 
 def jit_counting_traces(fn, **jit_kwargs):
@@ -68,7 +69,7 @@ def trace_counts(depths, n_steps_values, batch=4, seed=0):
 
     Args:
       depths: VariableDepthMLP depths to call, in order.
-      n_steps_values: RecurrentNet n_steps to call, in order (each <= 10, the sequence length).
+      n_steps_values: RecurrentNet n_steps to call, in order (each <= SEQUENCE_LENGTH).
       batch: examples per call.
       seed: PRNG seed for params and inputs.
     Returns:
@@ -100,7 +101,7 @@ def trace_counts(depths, n_steps_values, batch=4, seed=0):
     _check_equal("VariableDepthMLP", loop_out, python_out)
 
     rnn = RecurrentNet(hidden_size=8)
-    seq = rng.standard_normal((batch, 10, 5), dtype=np.float32)
+    seq = rng.standard_normal((batch, SEQUENCE_LENGTH, 5), dtype=np.float32)
     variables = jax.jit(rnn.init)(key_init, seq)
     longest = max(n_steps_values)
     scan_fn, traces = jit_counting_traces(rnn.apply, static_argnums=2)
@@ -123,9 +124,12 @@ def main(argv=None):
     Returns:
       the `trace_counts` rows.
     """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument("--n-steps", type=int, nargs="+", default=[3, 5, 7], help="each in 1..10")
+    parser = cli.make_parser("dynamic", __doc__)
+    parser.add_argument("--depths", type=cli.positive_int, nargs="+", default=[1, 2, 3, 4],
+                        help="VariableDepthMLP hidden-layer counts to call, in order, each >= 1")
+    parser.add_argument("--n-steps", type=cli.int_between(1, SEQUENCE_LENGTH), nargs="+", default=[3, 5, 7],
+                        help=f"RecurrentNet steps to run, in order, each in 1..{SEQUENCE_LENGTH} (the sequence "
+                             "length)")
     args = parser.parse_args(argv)
 
     rows = trace_counts(args.depths, args.n_steps)

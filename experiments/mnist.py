@@ -8,7 +8,6 @@ Adam 1e-3, batch 64, 5 epochs; the whole data set sits on the device and each
 epoch is one jitted step per batch. Writes `summary.json` (with `test_accuracy`)
 to the workdir. Target with TFDS MNIST: >= 97.5% for SimpleNet in 5 epochs.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from experiments import cli
 from fnlearn import models
 from fnlearn.data import DataError, load_dataset
 from fnlearn.train import TrainState, fit, make_optimizer
@@ -29,21 +29,30 @@ def standardize(train, test):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.make_parser("mnist", __doc__)
     parser.add_argument("--data", default="mnist", help="'mnist' (TFDS) or an image-folder tree / .tar.gz")
-    parser.add_argument("--data-dir", help="TFDS data dir for the prepared array_record files")
-    parser.add_argument("--model", default="simple_net", choices=("simple_net", "net", "cnn"))
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", help="TFDS data dir for the prepared array_record files "
+                                           "(if left out: TFDS's own, ~/tensorflow_datasets)")
+    parser.add_argument("--model", default="simple_net", choices=("simple_net", "net", "cnn"),
+                        help="which model to train: %(choices)s")
+    parser.add_argument("--epochs", type=cli.positive_int, default=5, help="passes over the training set")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=64,
+                        help="examples per step; at most the training set's size")
+    parser.add_argument("--lr", type=cli.positive_float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="PRNG seed for init and shuffling")
     parser.add_argument("--compiled", action="store_true", help="run all epochs as one compiled program")
-    parser.add_argument("--workdir", type=Path, default=Path("runs/mnist"))
+    parser.add_argument("--workdir", type=Path, default=Path("runs/mnist"),
+                        help="folder for summary.json, created if missing")
     args = parser.parse_args(argv)
+    cli.check_workdir(parser, args.workdir)
     try:
         dataset = load_dataset(args.data, data_dir=args.data_dir)
     except DataError as e:
         sys.exit(f"error: {e}")
+    n_train = len(dataset.train_images)
+    if args.batch_size > n_train:  # fit would refuse it too, but without naming the flag
+        sys.exit(f"error: --batch-size {args.batch_size} is larger than the {n_train} training images "
+                 f"of {dataset.source}: pass at most {n_train}")
     x, x_test = standardize(dataset.train_images, dataset.test_images)
     y, y_test = jnp.asarray(dataset.train_labels), jnp.asarray(dataset.test_labels)
     print(f"{args.model} on {dataset.source}: {len(x)} train / {len(x_test)} test images {x.shape[1:]}")

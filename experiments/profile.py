@@ -24,7 +24,6 @@ around a convolution, mostly for kernel gradients; PyTorch's copies), batch norm
 other model ops (activations, pooling, loss), optimizer (the update, outside the
 model).
 """
-import argparse
 import collections
 import glob
 import re
@@ -33,7 +32,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from experiments import bench
+from experiments import bench, cli
 
 # name -> (PyTorch twin in experiments.torch_models, the bench's batch, the Flax module in op names)
 NETS = {"fastnet": ("TorchFastNet", 512, "FastNet"), "resnet18": ("TorchResNet", 128, "ResNet")}
@@ -128,12 +127,14 @@ def torch_kind(op):
 
 def main(argv=None):
     """Prints the profile; returns {kind: (PyTorch ms, fnlearn ms)} per step."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.profile", description=__doc__.splitlines()[0])
-    parser.add_argument("net", choices=list(NETS))
-    parser.add_argument("--batch", type=int, help="batch size (default: the bench's, 512 or 128)")
-    parser.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up)")
-    parser.add_argument("--top", type=int, default=12, help="fnlearn ops to list")
-    parser.add_argument("--steps-per-call", type=int, default=1,
+    parser = cli.make_parser("profile", __doc__)
+    parser.add_argument("net", choices=list(NETS), help="the net to profile: %(choices)s")
+    parser.add_argument("--batch", type=cli.positive_int,
+                        help="batch size (if left out: the bench's, " + ", ".join(
+                            f"{b} for {name}" for name, (_, b, _) in NETS.items()) + ")")
+    parser.add_argument("--steps", type=cli.positive_int, default=3, help="profiled steps (after one warm-up)")
+    parser.add_argument("--top", type=cli.non_negative_int, default=12, help="fnlearn ops to list")
+    parser.add_argument("--steps-per-call", type=cli.positive_int, default=1,
                         help="fnlearn steps per compiled call, in one lax.scan (the bench's compiled run)")
     args = parser.parse_args(argv)
     import torch

@@ -7,7 +7,6 @@ the MSE is about 0.05 on the noisy targets (the noise floor is 0.2² = 0.04); th
 line's w and b come back within 0.01. Writes `summary.json` and `regression.png`
 (loss curve and fit) to the workdir.
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from fnlearn.models import LinearRegression, RegressionNet  # noqa: E402
 from fnlearn.train import TrainState, fit, make_optimizer, mse  # noqa: E402
 
@@ -50,13 +50,15 @@ def plot(path, history, x, y, prediction):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/regression", type=Path)
-    parser.add_argument("--epochs", type=int, default=100)
+    parser = cli.make_parser("regression", __doc__)
+    parser.add_argument("--workdir", default="runs/regression", type=Path,
+                        help="folder for summary.json and regression.png, created if missing")
+    parser.add_argument("--epochs", type=cli.positive_int, default=100, help="full-batch epochs of RegressionNet")
     parser.add_argument("--mode", choices=("compiled", "step"), default="compiled",
                         help="compiled: the whole run is one jitted lax.scan; step: a jitted step per epoch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli.seed, default=0, help="PRNG seed for data, init and shuffling")
     args = parser.parse_args(argv)
+    cli.check_workdir(parser, args.workdir)
     args.workdir.mkdir(parents=True, exist_ok=True)
     compiled = args.mode == "compiled"
     data_key, net_key, line_key, line_noise = jax.random.split(jax.random.key(args.seed), 4)

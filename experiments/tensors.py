@@ -13,12 +13,13 @@ float32 accumulation (`preferred_element_type`). Measured at N = 2048 on the 2-c
 NumPy and JAX f32 about 260 GFLOP/s when the machine is idle (60-135 when busy); bf16
 reaches 0.5-0.8x of JAX f32 here, with a max relative error of 2e-3 against f32.
 """
-import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments import cli
 
 
 def creation_and_math():
@@ -145,9 +146,9 @@ def main(argv=None):
       dict with 'arrays' (name -> shape), 'shared' (conversion -> zero-copy?),
       'placement' (device -> result devices) and 'matmul' (benchmark rows).
     """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=2048, help="N of the N x N matmul")
-    parser.add_argument("--repeats", type=int, default=5, help="timed matmuls per measurement")
+    parser = cli.make_parser("tensors", __doc__)
+    parser.add_argument("--size", type=cli.positive_int, default=2048, help="N of the N x N matmul")
+    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed matmuls per measurement")
     args = parser.parse_args(argv)
 
     print("== creation, math, broadcasting")

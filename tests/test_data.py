@@ -2,6 +2,7 @@
 import contextlib
 import gzip
 import io
+import logging
 import os
 import pathlib
 import struct
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from tensorflow_datasets.core.download import downloader
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from fnlearn.data import DataError, ImageFolderBuilder, load_dataset, load_image_folder
 from fnlearn.data import folder, online
@@ -61,7 +63,7 @@ def test_folder_loads_exact_pixels_and_is_prepared_once(tmp_path, count_generate
     ds = load_image_folder(tmp_path / "src", data_dir=data_dir)
     assert ds.class_names == ("cat", "dog")
     assert ds.train_images.shape == (5, 8, 6, 3) and ds.train_images.dtype == np.uint8
-    assert ds.train_labels.dtype == np.int32 and ds.skipped == 0
+    assert ds.train_labels.dtype == np.int32 and ds.skipped == ()
     for split in ("train", "test"):
         np.testing.assert_array_equal(getattr(ds, f"{split}_images"), arrays[split][0])
         np.testing.assert_array_equal(getattr(ds, f"{split}_labels"), arrays[split][1])
@@ -74,6 +76,23 @@ def test_folder_loads_exact_pixels_and_is_prepared_once(tmp_path, count_generate
     assert count_generate == [5, 3]  # nothing decoded or written the second time
     assert [f.stat().st_mtime_ns for f in prepared_files(data_dir)] == mtimes
     np.testing.assert_array_equal(again.train_images, ds.train_images)
+
+
+def test_preparing_prints_one_line_and_reading_prints_nothing(tmp_path, capfd, caplog):
+    write_folder(tmp_path / "src")
+    tfds_state = (logging.getLogger("absl").level, tqdm_utils._active)
+    load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds")
+    (variant,) = (tmp_path / "tfds" / ImageFolderBuilder.name).glob("*/1.0.0")
+    # Not TFDS's "Downloading and preparing dataset Unknown size ...", its config
+    # dump (an absl warning) or its progress bars (stderr is not a terminal here).
+    assert capfd.readouterr() == (
+        "", f"preparing {tmp_path / 'src'} once as array_record files in {variant} (later runs read them back)\n"
+    )
+    assert [r.getMessage()[:60] for r in caplog.records if r.name == "absl"] == []
+    load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds")
+    assert capfd.readouterr() == ("", "")
+    assert [r.getMessage()[:60] for r in caplog.records if r.name == "absl"] == []
+    assert (logging.getLogger("absl").level, tqdm_utils._active) == tfds_state  # restored
 
 
 def test_grayscale_single_subfolder_and_distinct_sources(tmp_path, count_generate):
@@ -108,7 +127,7 @@ def make_tar(path, members):
                 tar.addfile(info, io.BytesIO(data))
 
 
-def test_tar_gz_is_extracted_once_into_data_dir(tmp_path, count_generate):
+def test_tar_gz_is_extracted_once_into_data_dir(tmp_path, count_generate, capfd):
     arrays = write_folder(tmp_path / "src" / "tiny")
     archive = tmp_path / "tiny.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
@@ -118,7 +137,14 @@ def test_tar_gz_is_extracted_once_into_data_dir(tmp_path, count_generate):
     np.testing.assert_array_equal(ds.test_images, arrays["test"][0])
     extracted = list((data_dir / folder.EXTRACT_DIR).iterdir())
     assert len(extracted) == 1 and extracted[0].name.startswith("tiny-")
+    out, err = capfd.readouterr()
+    assert out == "" and err.splitlines() == [
+        f"extracting {archive} once into {extracted[0]}",
+        f"preparing {archive} once as array_record files in {next(data_dir.glob('fnlearn_image_folder/*/1.0.0'))} "
+        "(later runs read them back)",
+    ]
     load_dataset(str(archive), data_dir=data_dir)
+    assert capfd.readouterr() == ("", "")
     assert list((data_dir / folder.EXTRACT_DIR).iterdir()) == extracted and len(count_generate) == 2
     os.utime(archive, ns=(0, 0))  # a fresh copy of the same bytes: nothing is extracted or prepared again
     load_dataset(str(archive), data_dir=data_dir)
@@ -162,9 +188,22 @@ def test_corrupt_and_truncated_images(tmp_path):
     good = (tmp_path / "src" / "test" / "cat" / "00.png").read_bytes()
     (tmp_path / "src" / "test" / "cat" / "01.png").write_bytes(good[: len(good) // 2])  # truncated
     ds = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds", skip_corrupt=True)
-    assert ds.skipped == 2 and len(ds.train_images) == 5 and len(ds.test_images) == 3
-    # The count is stored with the prepared data, so a reload still reports it.
-    assert load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds", skip_corrupt=True).skipped == 2
+    assert ds.skipped == ("train/dog/zz.jpg", "test/cat/01.png")
+    assert len(ds.skipped) == 2 and len(ds.train_images) == 5 and len(ds.test_images) == 3
+    # The names are stored with the prepared data, so a reload still reports them.
+    again = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds", skip_corrupt=True)
+    assert again.skipped == ds.skipped and prepared_files(tmp_path / "tfds")  # read back, not prepared again
+
+
+def test_skipped_files_are_named_in_the_warning(tmp_path, caplog):
+    write_folder(tmp_path / "src")
+    for i in range(7):
+        (tmp_path / "src" / "train" / "cat" / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+    ds = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds", skip_corrupt=True)
+    assert ds.skipped == tuple(f"train/cat/bad{i}.jpg" for i in range(7))
+    (message,) = [r.getMessage() for r in caplog.records if r.name == folder.__name__]
+    assert message.startswith("left out 7 corrupt images of ")
+    assert message.endswith(": " + ", ".join(ds.skipped[:5]) + " and 2 more")
 
 
 def test_mixed_image_sizes_name_the_file(tmp_path):
@@ -194,6 +233,30 @@ def test_wrong_layout_names_the_folder(tmp_path, breakage, named):
 def test_missing_source_is_named(tmp_path):
     with pytest.raises(DataError, match="nowhere"):
         load_dataset(str(tmp_path / "nowhere"), data_dir=tmp_path / "tfds")
+
+
+@pytest.mark.parametrize("source", ["folder", "cifar10"])
+def test_data_dir_that_is_not_a_folder_is_named_before_any_work(tmp_path, monkeypatch, source):
+    write_folder(tmp_path / "src")
+    source = str(tmp_path / "src") if source == "folder" else source
+    # Were the data dir not checked first, this would be the download that fails.
+    monkeypatch.setattr(online.Cifar10Builder, "URLS", {"archive": "https://fnlearn-test.invalid/cifar.tar.gz"})
+    file = tmp_path / "file"
+    file.write_text("")
+    for data_dir, where in [(file, "is not a folder"), (file / "tfds", f"is under {file}, which is not a folder")]:
+        with pytest.raises(DataError, match=f"^data dir {data_dir} {where}: pass --data-dir"):
+            load_dataset(source, data_dir=data_dir)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(file))  # TFDS's default, when no data_dir is given
+    with pytest.raises(DataError, match=f"^data dir {file} is not a folder"):
+        load_dataset(source)
+
+
+def test_default_data_dir_is_tfds_data_dir_read_at_each_load(tmp_path, monkeypatch):
+    # conftest.py relies on this to keep the whole session out of ~/tensorflow_datasets.
+    write_folder(tmp_path / "src")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "default"))
+    load_image_folder(tmp_path / "src")
+    assert len(prepared_files(tmp_path / "default")) == 2
 
 
 def test_interrupted_preparation_is_never_taken_as_complete(tmp_path, monkeypatch):
@@ -275,13 +338,17 @@ def serve_files(monkeypatch):
     return served
 
 
-def test_cifar10_builder_end_to_end(tmp_path, monkeypatch, serve_files):
+def test_cifar10_builder_end_to_end(tmp_path, monkeypatch, serve_files, capfd):
     batches = {f"data_batch_{i}.bin": cifar_batch(2, seed=i) for i in range(1, 6)}
     batches["test_batch.bin"] = cifar_batch(3, seed=9)
     archive = tmp_path / "cifar.tar.gz"
     make_tar(archive, {f"cifar-10-batches-bin/{name}": b[0] for name, b in batches.items()})
     serve_files[use_test_urls(monkeypatch, online.Cifar10Builder)["archive"]] = archive.read_bytes()
     ds = load_dataset("cifar10", data_dir=tmp_path / "tfds")
+    assert capfd.readouterr() == ("", (
+        f"preparing cifar10 downloaded from fnlearn-test.invalid once as array_record files in "
+        f"{tmp_path / 'tfds' / 'fnlearn_cifar10' / '1.0.0'} (later runs read them back)\n"
+    ))
     train = [batches[f"data_batch_{i}.bin"] for i in range(1, 6)]
     np.testing.assert_array_equal(ds.train_images, np.concatenate([b[1] for b in train]))
     np.testing.assert_array_equal(ds.train_labels, np.concatenate([b[2] for b in train]))

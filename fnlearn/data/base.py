@@ -1,12 +1,16 @@
 """What every loader returns, its error type, and the TFDS prepare-then-read step they share."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorflow_datasets.core.utils import tqdm_utils
 
 # Examples deserialized per `__getitems__` call: large enough that array_record
 # reads in bulk, small enough that the per-chunk list of dicts stays a few MB.
@@ -27,7 +31,8 @@ class Dataset(NamedTuple):
       test_labels: (M,) int32.
       class_names: class names in label order (sorted folder names for folders).
       source: the folder, archive or dataset name it was loaded from.
-      skipped: corrupt images left out when preparing with `skip_corrupt=True`.
+      skipped: corrupt images left out when preparing with `skip_corrupt=True`,
+        as paths relative to the data set root (`train/cat/0003.jpg`); empty otherwise.
     """
 
     train_images: np.ndarray
@@ -36,7 +41,7 @@ class Dataset(NamedTuple):
     test_labels: np.ndarray
     class_names: tuple[str, ...]
     source: str
-    skipped: int = 0
+    skipped: tuple[str, ...] = ()
 
 
 def image_features(shape: tuple[int, int, int], class_names) -> tfds.features.FeaturesDict:
@@ -72,40 +77,98 @@ class LocalInfo(tfds.core.DatasetInfo):
         return None
 
 
+@contextlib.contextmanager
+def quiet_tfds():
+    """Hides TFDS's log records below ERROR, and its progress bars unless stderr is a terminal.
+
+    TFDS logs (through absl's logger) a warning that dumps a custom builder
+    config whole, at every construction; its bars leave carriage-return litter
+    in logs and captured output, while on a terminal they show work done and
+    erase themselves. Both settings are restored on exit.
+    """
+    absl_logger = logging.getLogger("absl")
+    # TFDS has a setter for its bar switch but no getter.
+    level, bars = absl_logger.level, tqdm_utils._active
+    absl_logger.setLevel(logging.ERROR)
+    tfds.display_progress_bar(bars and sys.stderr.isatty())
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+        tfds.display_progress_bar(bars)
+
+
 class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base of fnlearn's image builders: fixes how TFDS finds their source file."""
+    """Base of fnlearn's image builders: fixes how TFDS finds their source file, and quiets TFDS."""
 
     # TFDS's own lookup of the defining file imports `importlib_resources`, which
     # TFDS does not install; the folder (where a checksums.tsv would go) is known.
     code_path = epath.Path(__file__)
 
+    def __init__(self, **kwargs):
+        # Constructing a builder with a custom config (the folder builder) logs its dump.
+        with quiet_tfds():
+            super().__init__(**kwargs)
+
+    # TFDS prints (with termcolor, to stdout) a size estimate before preparing, "Unknown
+    # size" for a local folder, and a line when done; `prepare` prints one line instead.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
 
 def default_data_dir(data_dir: str | os.PathLike | None) -> str:
     """The TFDS data dir to use: `data_dir`, else TFDS's default (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+
+    Every loader calls this first, so a data dir that can never be created fails
+    before any extraction or preparation, not deep inside TFDS.
 
     Args:
       data_dir: a directory, or None for TFDS's default.
 
     Returns:
-      An absolute path.
+      An absolute path (the folder may not exist yet).
+
+    Raises:
+      DataError: when the path, or the nearest of its parents that exists, is not a folder.
     """
     chosen = data_dir if data_dir is not None else tfds.core.constants.get_default_data_dir()
-    return os.path.abspath(os.path.expanduser(os.fspath(chosen)))
+    path = os.path.abspath(os.path.expanduser(os.fspath(chosen)))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is not a folder" if existing == path else f"is under {existing}, which is not a folder"
+        raise DataError(
+            f"data dir {path} {where}: pass --data-dir (data_dir=) a folder; it is created if missing"
+        )
+    return path
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> None:
+def prepare(builder: ImageBuilder, source: str) -> None:
     """Writes the builder's array_record files unless a complete copy already exists.
 
     TFDS writes into a `*.incomplete*` temp dir and renames it on success, so an
     interrupted run leaves nothing that a later run mistakes for a finished one.
+    Preparing prints one line to stderr, with the progress bars, so that stdout
+    keeps only what the program reports; reading a prepared copy prints nothing.
 
     Args:
       builder: a builder constructed with `file_format='array_record'`.
+      source: what is prepared, for the line printed.
     """
+    if not builder.data_path.exists():  # TFDS's own test for "already prepared"
+        print(
+            f"preparing {source} once as array_record files in {builder.data_dir} (later runs read them back)",
+            file=sys.stderr,
+        )
     # The GCS lookup would be a network round trip (minutes of retries offline)
     # for data sets that Google never hosts.
     config = tfds.download.DownloadConfig(try_download_gcs=False)
-    builder.download_and_prepare(download_config=config)
+    with quiet_tfds():
+        builder.download_and_prepare(download_config=config)
 
 
 def _read_split(source, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -130,13 +193,15 @@ def read_prepared(builder: tfds.core.DatasetBuilder, source: str) -> Dataset:
       source: what to record as `Dataset.source`.
 
     Returns:
-      The `Dataset`, with `skipped` taken from the stored metadata (0 if absent).
+      The `Dataset`, with `skipped` taken from the stored metadata (empty if absent).
     """
     sources = builder.as_data_source()
     shape = tuple(builder.info.features["image"].shape)
     train_images, train_labels = _read_split(sources["train"], shape)
     test_images, test_labels = _read_split(sources["test"], shape)
-    metadata = builder.info.metadata or {}
+    skipped = (builder.info.metadata or {}).get("skipped") or ()
+    if isinstance(skipped, int):  # prepared by an fnlearn that stored only the count
+        skipped = ("(name not recorded)",) * skipped
     return Dataset(
         train_images=train_images,
         train_labels=train_labels,
@@ -144,5 +209,5 @@ def read_prepared(builder: tfds.core.DatasetBuilder, source: str) -> Dataset:
         test_labels=test_labels,
         class_names=tuple(builder.info.features["label"].names),
         source=source,
-        skipped=int(metadata.get("skipped", 0)),
+        skipped=tuple(skipped),
     )

@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import tarfile
 import uuid
 
@@ -36,6 +37,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "test")
 # Where extracted archives live, under the TFDS data dir.
 EXTRACT_DIR = "fnlearn_extracted"
+# Skipped files named in the warning; all of them are in `Dataset.skipped`.
+_SHOWN_SKIPPED = 5
 _LAYOUT = "expected <root>/{train,test}/<class>/*.{jpg,jpeg,png}"
 
 
@@ -168,6 +171,7 @@ def extract_archive(archive: pathlib.Path, data_dir: str) -> pathlib.Path:
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    print(f"extracting {archive} once into {final}", file=sys.stderr)
     tmp = final.with_name(f"{final.name}.incomplete-{uuid.uuid4().hex}")
     try:
         # One streaming pass: checking all members first would decompress twice.
@@ -248,8 +252,9 @@ class ImageFolderBuilder(ImageBuilder):
             supervised_keys=("image", "label"),
             # Keep sorted folder order: reproducible, and training shuffles anyway.
             disable_shuffling=True,
-            # "skipped" is written next to the data, so later loads report it too.
-            metadata=tfds.core.MetadataDict(skipped=0),
+            # The skipped files (relative paths) are written next to the data, so
+            # later loads name them too.
+            metadata=tfds.core.MetadataDict(skipped=[]),
         )
 
     def _split_generators(self, dl_manager):
@@ -267,7 +272,7 @@ class ImageFolderBuilder(ImageBuilder):
             except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying corrupt/truncated
                 if not config.skip_corrupt:
                     raise DataError(f"corrupt or truncated image {path}: {err}") from None
-                self.info.metadata["skipped"] += 1
+                self.info.metadata["skipped"].append(pathlib.Path(path).relative_to(config.root).as_posix())
                 continue
             if pixels.shape[:2] != (height, width):
                 raise DataError(
@@ -306,8 +311,8 @@ def load_image_folder(
       source: a folder or `.tar.gz`; `<root>` is the folder itself or its single subfolder.
       data_dir: TFDS data dir for prepared files and extracted archives
         (default: TFDS's, `~/tensorflow_datasets`).
-      skip_corrupt: leave out images that fail to decode (counted in
-        `Dataset.skipped`) instead of failing on the first.
+      skip_corrupt: leave out images that fail to decode (listed in
+        `Dataset.skipped` and a logged warning) instead of failing on the first.
 
     Returns:
       A `Dataset`: images (N, H, W, C) uint8 with C=1 for grayscale sources
@@ -322,11 +327,16 @@ def load_image_folder(
         config=folder_config(root, skip_corrupt), data_dir=data_dir, file_format="array_record"
     )
     try:
-        prepare(builder)
+        prepare(builder, source=str(source))
     except DataError as err:
         # Raised inside TFDS's writer: a fresh exception spares the user its frames.
         raise DataError(str(err)) from None
     dataset = read_prepared(builder, source=str(source))
     if dataset.skipped:
-        log.warning("left out %d corrupt images of %s (skip_corrupt=True)", dataset.skipped, source)
+        shown = ", ".join(dataset.skipped[:_SHOWN_SKIPPED])
+        more = len(dataset.skipped) - _SHOWN_SKIPPED
+        log.warning(
+            "left out %d corrupt images of %s (skip_corrupt=True): %s%s",
+            len(dataset.skipped), source, shown, f" and {more} more" if more > 0 else "",
+        )
     return dataset

@@ -254,8 +254,9 @@ def load_online(name: str, *, data_dir: str | os.PathLike | None = None) -> Data
     if name not in ONLINE_BUILDERS:
         raise DataError(f"unknown data set {name!r}: known are {', '.join(ONLINE_BUILDERS)}")
     builder = ONLINE_BUILDERS[name](data_dir=default_data_dir(data_dir), file_format="array_record")
+    hosts = sorted({urllib.parse.urlsplit(url).hostname for url in builder.URLS.values()})
     try:
-        prepare(builder)
+        prepare(builder, source=f"{name} downloaded from {', '.join(hosts)}")
     except _DownloadFailed as err:
         # A fresh exception: the chain through TFDS's internals tells the user nothing.
         raise DataError(f"{name}: {err}. {_OFFLINE_HINT}") from None

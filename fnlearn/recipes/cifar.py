@@ -15,13 +15,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from fnlearn import models
 from fnlearn.checkpoint import Checkpoints
 from fnlearn.data import augment
+from fnlearn.data.subset import stratified_subset
 from fnlearn.report import confusion_matrix
 from fnlearn.train import TrainState, cross_entropy, make_schedule, make_train_step
+from fnlearn.train.progress import StepProgress
+
+
+def _field(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,34 +36,38 @@ class CifarConfig:
     `lr` and `weight_decay` are per 1024 examples of a *summed* loss, with the weight
     decay decoupled from the learning rate's size (see `make_cifar_optimizer` for the
     conversion to a mean loss); so the recipe keeps its meaning when the batch changes.
+    Each field's help is its `--flag`'s help in `python -m experiments.cifar`.
     """
-    data: str = "cifar10"  # a TFDS name ("cifar10"), or a folder / .tar.gz of <root>/{train,test}/<class>/*
-    data_dir: str | None = None  # where TFDS keeps prepared array_record files (default ~/tensorflow_datasets)
-    skip_corrupt: bool = False  # skip unreadable images (and report how many) instead of failing
-    model: str = "fastnet"
-    epochs: float = 9.9  # airbench94: the tenth epoch is cut at 90%
-    batch_size: int = 1024
-    lr: float = 11.5
-    momentum: float = 0.85
-    weight_decay: float = 0.0153
-    bias_lr_scale: float = 64.0  # BatchNorm biases learn 64x faster; their decay is not scaled up
-    label_smoothing: float = 0.2
-    whiten_bias_epochs: int = 3  # the whitening stem's bias trains this many epochs, then freezes
-    lookahead_every: int = 5  # steps between lookahead syncs to the weight average; 0 = off
-    translate: int = 2  # random shift in pixels, reflect-padded
-    flip: str = "alternating"  # "alternating": each epoch flips what the last did not; "random"; "none"
-    tta: bool = True  # test-time augmentation: mirror and 1-pixel translations
-    precision: str = "fp32"  # "bf16": bfloat16 compute, float32 params
-    seed: int = 0
-    runs: int = 1
-    train_subset: int = 0  # train on a fixed random subset of this many images (0: all)
-    test_subset: int = 0  # evaluate on the first this-many test images (0: all)
-    eval_batch_size: int = 1000
-    # Train steps per compiled call, run as one `lax.scan` (Keras's `steps_per_execution`):
-    # XLA then reuses one step's scratch memory for the next, where a call per step maps
-    # fresh pages every time (FastNet, batch 512: 9% faster at 4). The progress bar
-    # moves this many steps at a time.
-    steps_per_execution: int = 4
+    data: str = _field("cifar10", "a TFDS name (cifar10, downloaded), or a folder or .tar.gz of "
+                                  "<root>/{train,test}/<class>/*.jpg")
+    data_dir: str | None = _field(None, "where prepared array_record files and extracted archives are kept "
+                                        "(default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    skip_corrupt: bool = _field(False, "leave out unreadable images (listed in summary.json) instead of failing")
+    model: str = _field("fastnet", "the network to train")
+    epochs: float = _field(9.9, "passes over the training set; a fraction cuts the last one short "
+                                "(airbench94: the tenth epoch is cut at 90%)")
+    batch_size: int = _field(1024, "training examples per step")
+    lr: float = _field(11.5, "peak learning rate, per 1024 examples of a summed loss (airbench's unit)")
+    momentum: float = _field(0.85, "Nesterov momentum, in [0, 1)")
+    weight_decay: float = _field(0.0153, "weight decay, in airbench's units (see --lr)")
+    bias_lr_scale: float = _field(64.0, "BatchNorm biases learn this many times faster; their decay is not "
+                                        "scaled up")
+    label_smoothing: float = _field(0.2, "label smoothing, in [0, 1)")
+    whiten_bias_epochs: int = _field(3, "the whitening stem's bias trains this many epochs, then freezes")
+    lookahead_every: int = _field(5, "steps between lookahead syncs to the weight average (0: off)")
+    translate: int = _field(2, "random shift in pixels, reflect-padded (0: off)")
+    flip: str = _field("alternating", "alternating: each epoch flips the images the last one did not")
+    tta: bool = _field(True, "test-time augmentation for the final evaluation: mirror and 1-pixel shifts")
+    precision: str = _field("fp32", "bf16: bfloat16 compute with float32 params")
+    seed: int = _field(0, "seed of the first run; run i uses seed + i")
+    runs: int = _field(1, "independent runs, reported with their mean and spread")
+    train_subset: int = _field(0, "train on a class-balanced sample of this many images (0: all)")
+    test_subset: int = _field(0, "evaluate on a class-balanced sample of this many test images (0: all)")
+    eval_batch_size: int = _field(1000, "test images per evaluation call")
+    # XLA reuses one step's scratch memory for the next inside a scan, where a call
+    # per step maps fresh pages every time.
+    steps_per_execution: int = _field(4, "train steps per compiled call, run as one lax.scan (Keras's name); "
+                                         "the same run, faster")
 
     @property
     def compute_dtype(self):
@@ -66,15 +75,31 @@ class CifarConfig:
         return jnp.bfloat16 if self.precision == "bf16" else jnp.float32
 
     def __post_init__(self):
-        checks = {"precision": (self.precision, ("fp32", "bf16")),
-                  "flip": (self.flip, ("alternating", "random", "none"))}
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, not {value!r}")
-        if self.epochs <= 0 or self.batch_size <= 0 or self.runs <= 0 or self.steps_per_execution <= 0:
-            raise ValueError("--epochs, --batch-size, --runs and --steps-per-execution must be positive")
-        if self.model not in models.names():
-            raise ValueError(f"unknown --model {self.model!r}; choose from {', '.join(models.names())}")
+        for name, value in dataclasses.asdict(self).items():
+            flag = "--" + name.replace("_", "-")
+            if name in CHOICES and value not in CHOICES[name]:
+                raise ValueError(f"unknown {flag} {value!r}: choose from {', '.join(CHOICES[name])}")
+            if name in _RULES and not _RULES[name][0](value):
+                raise ValueError(f"{flag} {value!r}: must be {_RULES[name][1]}")
+
+
+CHOICES = {"precision": ("fp32", "bf16"), "flip": ("alternating", "random", "none"),
+           "model": tuple(models.names(task="image_classifier"))}
+
+
+_POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")  # NaN fails every comparison
+_NON_NEGATIVE = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
+_UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
+# The valid values of every numeric field (and CHOICES'), checked when a config is made: a bad
+# one fails before any work.
+_RULES = {
+    **{name: _POSITIVE for name in ("epochs", "batch_size", "lr", "bias_lr_scale", "runs", "eval_batch_size",
+                                    "steps_per_execution")},
+    **{name: _NON_NEGATIVE for name in ("weight_decay", "whiten_bias_epochs", "lookahead_every", "translate",
+                                        "train_subset", "test_subset")},
+    "momentum": _UNIT, "label_smoothing": _UNIT,
+    "seed": (lambda v: 0 <= v < 2**32, "a whole number in 0..2**32-1"),
+}
 
 
 PRESETS = {
@@ -84,8 +109,8 @@ PRESETS = {
     "resnet18": CifarConfig(model="resnet18", epochs=40, batch_size=512, lr=4.4, momentum=0.9,
                             weight_decay=0.0022, bias_lr_scale=1.0, label_smoothing=0.1,
                             whiten_bias_epochs=0, lookahead_every=0, translate=4, flip="random"),
-    # One short epoch on a subset with a narrow net: a quick end-to-end check.
-    "smoke": CifarConfig(model="fastnet_small", epochs=1, batch_size=256, train_subset=10000,
+    # One short epoch on class-balanced subsets with a narrow net: a quick end-to-end check.
+    "smoke": CifarConfig(model="fastnet_small", epochs=1, batch_size=256, train_subset=20000,
                          test_subset=2000, whiten_bias_epochs=1),
 }
 
@@ -214,38 +239,105 @@ class TrainingDiverged(FloatingPointError):
     """The training loss became NaN or Inf; the message names the epoch and the last checkpoint."""
 
 
-def _subset(dataset, cfg):
-    """The train subset (a fixed random sample, the same for every seed) and test subset."""
-    train_x, train_y = dataset.train_images, dataset.train_labels
-    if cfg.train_subset and cfg.train_subset < len(train_x):
-        keep = np.random.default_rng(0).permutation(len(train_x))[: cfg.train_subset]
-        train_x, train_y = train_x[keep], train_y[keep]
-    n_test = cfg.test_subset or len(dataset.test_images)
-    return train_x, train_y, dataset.test_images[:n_test], dataset.test_labels[:n_test]
+class ConfigError(ValueError):
+    """The config does not fit the data or the run saved in the checkpoint folder; the message names the flags."""
+
+
+# Fields a resumed run may change: where the data comes from, how fast it runs, the final
+# evaluation. Any other change would make the resumed run a different run.
+RESUMABLE_CHANGES = frozenset({"data", "data_dir", "skip_corrupt", "runs", "tta", "eval_batch_size",
+                               "steps_per_execution"})
+
+
+def check_resume(cfg, checkpoint_dir, resume):
+    """The last epoch saved in `checkpoint_dir` to resume from (None: start afresh).
+
+    Raises ConfigError if the folder holds checkpoints and `resume` is false, or if
+    `cfg` (with its run's seed) differs from the saved run's config in a field
+    outside `RESUMABLE_CHANGES`, naming each such field and both values.
+    """
+    checkpoints = Checkpoints(checkpoint_dir, create=False)
+    latest = checkpoints.latest_epoch()
+    if latest is None:
+        return None
+    if not resume:
+        raise ConfigError(f"{checkpoints.directory} already holds checkpoints (last epoch {latest}): pass "
+                          f"--resume to continue that run, or choose another --workdir")
+    saved = checkpoints.meta(latest).get("config", {})
+    changed = [f"--{name.replace('_', '-')} {saved[name]!r} (saved) != {value!r}"
+               for name, value in dataclasses.asdict(cfg).items()
+               if name not in RESUMABLE_CHANGES and name in saved and saved[name] != value]
+    if changed:
+        raise ConfigError(f"--resume with a config that differs from the run saved in {checkpoints.directory}: "
+                          f"{'; '.join(changed)}. Pass the saved values, or choose another --workdir")
+    return latest
+
+
+def _subsets(dataset, cfg):
+    """Train and test arrays, each a fixed class-balanced sample where the config asks for one.
+
+    The samples depend on the data only (not on the seed), so every run sees the same images.
+    """
+    out = []
+    for images, labels, n, flag in ((dataset.train_images, dataset.train_labels, cfg.train_subset, "train"),
+                                    (dataset.test_images, dataset.test_labels, cfg.test_subset, "test")):
+        if n > len(images):
+            raise ConfigError(f"--{flag}-subset {n} is larger than the {len(images)} {flag} images: "
+                              f"pass at most {len(images)}, or 0 for all")
+        if n:
+            keep = stratified_subset(labels, n)
+            images, labels = images[keep], labels[keep]
+        out += [images, labels]
+    if len(out[0]) < cfg.batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(out[0])} training images: "
+                          f"pass at most {len(out[0])}")
+    return out
+
+
+def _chance_warning(num_classes, accuracy, loss=None):
+    """A warning if `accuracy` (and the training `loss`, if given) are what a network that learnt nothing gets.
+
+    Predicting every class alike costs ln(C) in cross-entropy, with or without label smoothing.
+    """
+    near_chance = accuracy < 1.25 / num_classes
+    if loss is None:
+        return f"the final test accuracy {accuracy:.4f} is chance level (1/{num_classes})" if near_chance else None
+    if near_chance and abs(loss - math.log(num_classes)) < 0.05 * math.log(num_classes):
+        return (f"the training loss {loss:.4f} is stuck at ln({num_classes}) and the accuracy {accuracy:.4f} at "
+                f"chance: the network predicts every class alike")
+    return None
 
 
 def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False, log=print,
-                       progress=True):
+                       progress=True, on_epoch=None):
     """Trains one run of `cfg` on `dataset` and evaluates it; returns a result dict.
 
     Args:
       cfg: a `CifarConfig`.
       dataset: a `fnlearn.data.Dataset` (uint8 images in memory).
       run: run index; the run's seed is `cfg.seed + run`.
-      checkpoint_dir: where to save a checkpoint after every epoch (None: no checkpoints).
-      resume: continue from the last checkpoint in `checkpoint_dir`, if there is one.
-      log: where the per-epoch table goes.
+      checkpoint_dir: where to save a checkpoint, with the config, after every epoch
+        (None: no checkpoints).
+      resume: continue from the last checkpoint in `checkpoint_dir`, if there is one
+        (see `check_resume`).
+      log: where the per-epoch table and warnings go.
+      on_epoch: called as `on_epoch(epoch, record)` after each epoch trained in this
+        call (1-based epoch; `record` maps each history name to the epoch's value).
     Returns:
       dict with `test_accuracy` (with TTA if `cfg.tta`), `test_accuracy_plain`,
       `train_seconds` (training only: no compilation, no evaluation), `compile_seconds`,
       `eval_seconds` (every evaluation), `final_eval_seconds` (the last one, with TTA if
-      `cfg.tta`), `history` (per epoch), `confusion` (10x10 list), `state`.
+      `cfg.tta`), `history` (per epoch), `confusion` (list of rows, row = true class),
+      `state`.
+    Raises:
+      ConfigError: the config does not fit the data or the saved run.
+      TrainingDiverged: the training loss became NaN or Inf.
     """
     cfg = dataclasses.replace(cfg, seed=cfg.seed + run)
-    train_x, train_y, test_x, test_y = _subset(dataset, cfg)
+    train_x, train_y, test_x, test_y = _subsets(dataset, cfg)
+    latest = check_resume(cfg, checkpoint_dir, resume) if checkpoint_dir else None
+    num_classes = len(dataset.class_names)
     steps_per_epoch = len(train_x) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_x)} training images")
     total_steps = math.ceil(steps_per_epoch * cfg.epochs)
     n_epochs = math.ceil(total_steps / steps_per_epoch)
 
@@ -262,10 +354,6 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     history = {"train_loss": [], "train_accuracy": [], "test_accuracy": [], "epoch_seconds": []}
     start_epoch, train_seconds = 0, 0.0
     checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
-    latest = checkpoints.latest_epoch() if checkpoints else None
-    if latest is not None and not resume:
-        raise FileExistsError(f"{checkpoints.directory} already holds checkpoints (last epoch "
-                              f"{latest}): pass --resume to continue that run, or choose another --workdir")
     if latest is not None:
         state, meta = checkpoints.restore(state, latest)
         start_epoch, train_seconds, history = meta["epoch"], meta["train_seconds"], meta["history"]
@@ -290,7 +378,7 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         predictions = np.asarray(jnp.argmax(logits, -1))
         return float(np.mean(predictions == test_y)), predictions
 
-    eval_seconds = 0.0
+    eval_seconds, warned = 0.0, None
     if start_epoch == 0:
         log(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'test acc':>8} {'seconds':>8}")
     for epoch in range(start_epoch, n_epochs):
@@ -299,11 +387,11 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         order = order[: steps_per_epoch * cfg.batch_size].reshape(steps_per_epoch, cfg.batch_size)
         t_epoch = time.perf_counter()
         metrics = []
-        with tqdm(total=steps, desc=f"epoch {epoch + 1}/{n_epochs}", leave=False, disable=not progress) as bar:
+        with StepProgress(steps, f"epoch {epoch + 1}/{n_epochs}", cfg.batch_size, disable=not progress) as bar:
             for c in chunk(range(steps)):
                 state, m = train_fns[len(c)](state, order[c.start:c.stop], epoch)
                 metrics.append(m)
-                bar.update(len(c))
+                bar.dispatched(len(c), m["loss"])
         metrics = jax.device_get(jax.tree.map(lambda *v: jnp.concatenate(v).mean(), *metrics))
         seconds = time.perf_counter() - t_epoch
         train_seconds += seconds
@@ -312,15 +400,22 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
                      if checkpoints and epoch else "no checkpoint was written")
             raise TrainingDiverged(f"training loss became {metrics['loss']} in epoch {epoch + 1}; {where}. "
                                    f"Try a lower --lr.")
+        if epoch and not warned:  # a first epoch may well end near chance
+            warned = _chance_warning(num_classes, float(metrics["accuracy"]), float(metrics["loss"]))
+            if warned:
+                log(f"warning: after epoch {epoch + 1}, {warned}. Check the labels, or try a lower --lr")
         t_eval = time.perf_counter()
         test_accuracy, _ = evaluate(False)
         eval_seconds += time.perf_counter() - t_eval
-        for name, value in (("train_loss", metrics["loss"]), ("train_accuracy", metrics["accuracy"]),
-                            ("test_accuracy", test_accuracy), ("epoch_seconds", seconds)):
-            history[name].append(float(value))
+        record = {"train_loss": float(metrics["loss"]), "train_accuracy": float(metrics["accuracy"]),
+                  "test_accuracy": test_accuracy, "epoch_seconds": seconds}
+        for name, value in record.items():
+            history[name].append(value)
         if checkpoints:
             checkpoints.save(epoch + 1, state, {"epoch": epoch + 1, "train_seconds": train_seconds,
-                                                "history": history})
+                                                "history": history, "config": dataclasses.asdict(cfg)})
+        if on_epoch:
+            on_epoch(epoch + 1, record)
         log(f"{epoch + 1:>5} {metrics['loss']:>10.4f} {metrics['accuracy']:>9.4f} "
             f"{test_accuracy:>8.4f} {seconds:>8.1f}")
     if checkpoints:
@@ -330,7 +425,9 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     final_accuracy, predictions = evaluate(cfg.tta)
     final_eval_seconds = time.perf_counter() - t_eval
     eval_seconds += final_eval_seconds
-    confusion = confusion_matrix(test_y, predictions, len(dataset.class_names))
+    confusion = confusion_matrix(test_y, predictions, num_classes)
+    if warning := _chance_warning(num_classes, final_accuracy):
+        log(f"warning: {warning}. Check the labels, or try a lower --lr")
     return {"test_accuracy": final_accuracy, "test_accuracy_plain": history["test_accuracy"][-1],
             "train_seconds": train_seconds, "compile_seconds": compile_seconds,
             "eval_seconds": eval_seconds, "final_eval_seconds": final_eval_seconds, "history": history,

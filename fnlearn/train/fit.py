@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from tqdm.auto import tqdm
 
 from fnlearn.train.losses import cross_entropy
+from fnlearn.train.progress import StepProgress
 from fnlearn.train.steps import NonFiniteError, first_nonfinite, make_eval_step, make_train_step
 
 
@@ -95,12 +95,12 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
 
     history = {}
 
-    def record(epoch, metrics, seconds):
+    def record(epoch, metrics, seconds, write=log):
         for k, v in metrics.items():
             history.setdefault(k, []).append(float(v))
         history.setdefault("seconds", []).append(seconds)
         if log_every and (epoch + 1) % log_every == 0:
-            log(f"epoch {epoch + 1:4d}  " + "  ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
+            write(f"epoch {epoch + 1:4d}  " + "  ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
 
     def summarize(m):
         return {k: v.mean() for k, v in m.items() if k not in ("finite", "all_finite")}
@@ -144,18 +144,20 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
     step_fn = jax.jit(train_step, donate_argnums=0)
     batches_fn = jax.jit(epoch_batches, static_argnums=(4, 5))
     eval_fn = jax.jit(epoch_eval)
-    for e in tqdm(range(epochs), desc="fit", disable=not progress, leave=False):
-        t0 = time.perf_counter()
-        xb, yb = batches_fn(x, y, key, e, batch_size, shuffle)
-        ms = []
-        for i in range(steps_per_epoch):
-            state, m = step_fn(state, (xb[i], yb[i]))
-            if check_finite and not bool(m["all_finite"]):
-                # The step was not applied, so `state` is the last finite state.
-                _check(jax.tree.map(lambda v: v[None], m), e * steps_per_epoch + i, state)
-            ms.append(m)
-        stacked = jax.tree.map(lambda *v: jnp.stack(v), *ms)
-        metrics = {**summarize(stacked), **eval_fn(state)}
-        jax.block_until_ready(metrics)
-        record(e, metrics, time.perf_counter() - t0)
+    with StepProgress(epochs * steps_per_epoch, "fit", batch_size, unit="ex", disable=not progress) as bar:
+        for e in range(epochs):
+            t0 = time.perf_counter()
+            xb, yb = batches_fn(x, y, key, e, batch_size, shuffle)
+            ms = []
+            for i in range(steps_per_epoch):
+                state, m = step_fn(state, (xb[i], yb[i]))
+                if check_finite and not bool(m["all_finite"]):
+                    # The step was not applied, so `state` is the last finite state.
+                    _check(jax.tree.map(lambda v: v[None], m), e * steps_per_epoch + i, state)
+                ms.append(m)
+                bar.dispatched(1, m["loss"])
+            stacked = jax.tree.map(lambda *v: jnp.stack(v), *ms)
+            metrics = {**summarize(stacked), **eval_fn(state)}
+            jax.block_until_ready(metrics)
+            record(e, metrics, time.perf_counter() - t0, write=partial(bar.write, log=log))
     return state, history
