@@ -2,7 +2,7 @@
 
     python -m experiments.autograd [--x 2.0]
 
-Takes 2-3 s on the 2-core CPU (start-up and a few tiny compilations). Prints and
+Takes a few seconds on a 2-core CPU (start-up and a few tiny compilations). Prints and
 checks, raising ValueError on any mismatch: d(x²+3x+1)/dx at [2, 3] = [7, 9];
 d(x³+5x)/dx = 3x²+5 (17 at x = 2); z = x²+y³+5 at (2, 3) has grads (4, 27); three
 accumulated backward passes of sum(ones(2)) give [3, 3]; the custom-VJP ReLU's grads

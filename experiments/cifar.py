@@ -87,35 +87,35 @@ def write_json(path, obj):
 
 def write_outputs(workdir, cfg, results, dataset):
     """summary.json and the PNGs for the runs in `results`."""
-    accuracies = [r["test_accuracy"] for r in results]
+    accuracies = [r.test_accuracy for r in results]
     summary = {
         "test_accuracy": float(np.mean(accuracies)),
         "test_accuracy_std": float(np.std(accuracies)),
         "test_accuracy_runs": accuracies,
-        "test_accuracy_no_tta": float(np.mean([r["test_accuracy_plain"] for r in results])),
-        "train_seconds": float(np.mean([r["train_seconds"] for r in results])),
-        "train_seconds_runs": [r["train_seconds"] for r in results],
-        "compile_seconds": float(np.mean([r["compile_seconds"] for r in results])),
-        "eval_seconds": float(np.mean([r["eval_seconds"] for r in results])),
-        "final_eval_seconds": float(np.mean([r["final_eval_seconds"] for r in results])),
+        "test_accuracy_no_tta": float(np.mean([r.test_accuracy_plain for r in results])),
+        "train_seconds": float(np.mean([r.train_seconds for r in results])),
+        "train_seconds_runs": [r.train_seconds for r in results],
+        "compile_seconds": float(np.mean([r.compile_seconds for r in results])),
+        "eval_seconds": float(np.mean([r.eval_seconds for r in results])),
+        "final_eval_seconds": float(np.mean([r.final_eval_seconds for r in results])),
         "epochs": cfg.epochs,
-        "steps": results[0]["steps"],
+        "steps": results[0].steps,
         "model": cfg.model,
         "precision": cfg.precision,
         "class_names": list(dataset.class_names),
         # The first run's final evaluation: row = true class, column = predicted.
-        "confusion": results[0]["confusion"],
+        "confusion": results[0].confusion,
         "skipped_files": list(dataset.skipped),
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__},
         "config": dataclasses.asdict(cfg),
-        "history": [r["history"] for r in results],
+        "history": [r.history for r in results],
     }
     write_json(workdir / "summary.json", summary)
-    plot_curves(results[0]["history"], workdir / "curves.png")
-    plot_confusion(np.array(results[0]["confusion"]), dataset.class_names, workdir / "confusion.png")
+    plot_curves(results[0].history, workdir / "curves.png")
+    plot_confusion(np.array(results[0].confusion), dataset.class_names, workdir / "confusion.png")
     return summary
 
 
@@ -139,7 +139,7 @@ def run_one(cfg, dataset, workdir, run, resume):
     try:
         result = train_and_evaluate(cfg, dataset, run=run, resume=resume, on_epoch=scalars,
                                     checkpoint_dir=workdir / "checkpoints" / f"run{run}")
-        scalars(len(result["history"]["train_loss"]), {"final/test_accuracy": result["test_accuracy"]})
+        scalars(result.history.epochs, {"final/test_accuracy": result.test_accuracy})
     finally:
         scalars.close()
     return result
@@ -174,12 +174,12 @@ def main(argv=None):
             # two, up to tens of seconds); the checkpoints and TensorBoard events are complete.
             sys.stdout.flush()
             os._exit(130)
-        accuracy = f"test accuracy {result['test_accuracy']:.4f}"
+        accuracy = f"test accuracy {result.test_accuracy:.4f}"
         if cfg.tta:
-            accuracy += f" with TTA ({result['test_accuracy_plain']:.4f} without)"
-        print(f"{accuracy}; training {result['train_seconds']:.1f} s, compile {result['compile_seconds']:.1f} s, "
-              f"evaluation {result['eval_seconds']:.1f} s (the final{' TTA' if cfg.tta else ''} pass "
-              f"{result['final_eval_seconds']:.1f} s), total {time.perf_counter() - t0:.1f} s")
+            accuracy += f" with TTA ({result.test_accuracy_plain:.4f} without)"
+        print(f"{accuracy}; training {result.train_seconds:.1f} s, compile {result.compile_seconds:.1f} s, "
+              f"evaluation {result.eval_seconds:.1f} s (the final{' TTA' if cfg.tta else ''} pass "
+              f"{result.final_eval_seconds:.1f} s), total {time.perf_counter() - t0:.1f} s")
         results.append(result)
     summary = write_outputs(workdir, cfg, results, dataset)
     if cfg.runs > 1:

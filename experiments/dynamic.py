@@ -2,15 +2,15 @@
 
     python -m experiments.dynamic [--depths 1 2 3 4] [--n-steps 3 5 7]
 
-Takes about 8 s on the 2-core CPU (mostly XLA compiling ~20 small programs; shared
-with other jobs when measured). Runs DynamicNet (shortcut or not), VariableDepthMLP
-(depths 1..4) and RecurrentNet (several n_steps) under `jax.jit`, counting traces with
-a Python side effect inside the jitted function (it runs only while JAX traces) and
-compiled programs with `_cache_size()`. A Python bool or int retraces once per value
-(2 traces for the shortcut flag, 4 for 4 depths); `lax.cond` and `fori_loop` on a
-traced value compile once and give the same outputs. RecurrentNet's n_steps sets the
-output shape, so every value needs its own program either way; but `lax.scan` holds
-one copy of the cell (1 tanh in the program) where a Python loop unrolls n_steps copies.
+Takes seconds on a 2-core CPU, mostly XLA compiling about 20 small programs. Runs
+DynamicNet (shortcut or not), VariableDepthMLP (depths 1..4) and RecurrentNet (several
+n_steps) under `jax.jit`, counting traces with a Python side effect inside the jitted
+function (it runs only while JAX traces) and compiled programs with `_cache_size()`.
+A Python bool or int retraces once per value (2 traces for the shortcut flag, 4 for 4
+depths); `lax.cond` and `fori_loop` on a traced value compile once and give the same
+outputs. RecurrentNet's n_steps sets the output shape, so every value needs its own
+program either way; but `lax.scan` holds one copy of the cell (1 tanh in the program)
+where a Python loop unrolls n_steps copies.
 """
 import jax
 import jax.numpy as jnp

@@ -64,7 +64,7 @@ def main(argv=None):
     state, history = fit(state, (x, y), epochs=args.epochs, batch_size=args.batch_size, key=shuffle_key,
                          eval_data=(x_test, y_test), compiled=args.compiled, log_every=1)
     summary = {"test_accuracy": history["eval_accuracy"][-1], "model": args.model, "epochs": args.epochs,
-               "seconds": sum(history["seconds"]), "history": history}
+               "seconds": sum(history["epoch_seconds"]), "history": history}
     args.workdir.mkdir(parents=True, exist_ok=True)
     (args.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"test accuracy {summary['test_accuracy']:.4f}; wrote {args.workdir}/summary.json")

@@ -2,7 +2,7 @@
 
     python -m experiments.regression [--workdir runs/regression] [--mode compiled|step]
 
-Takes about 7 s on a 2-core CPU, mostly start-up and compilation. After 100 epochs
+Takes seconds on a 2-core CPU, mostly start-up and compilation. After 100 epochs
 the MSE is about 0.05 on the noisy targets (the noise floor is 0.2² = 0.04); the
 line's w and b come back within 0.01. Writes `summary.json` and `regression.png`
 (loss curve and fit) to the workdir.
@@ -38,7 +38,7 @@ def train(model, x, y, optimizer, epochs, key, compiled, log_every):
 
 def plot(path, history, x, y, prediction):
     fig, (ax_loss, ax_fit) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(range(1, len(history["loss"]) + 1), history["loss"])
+    ax_loss.plot(range(1, len(history["train_loss"]) + 1), history["train_loss"])
     ax_loss.set(xlabel="epoch", ylabel="MSE", yscale="log", title="training loss")
     ax_fit.scatter(x[:, 0], y[:, 0], s=8, label="data")
     ax_fit.plot(x[:, 0], prediction[:, 0], color="C1", label="RegressionNet")
@@ -78,7 +78,7 @@ def main(argv=None):
     b = float(line.params["Linear_0"]["bias"][0])
     print(f"LinearRegression, SGD lr 0.01, 2000 epochs: w = {w:.3f} (true {true_w}), b = {b:.3f} (true {true_b})")
 
-    summary = {"final_loss": history["loss"][-1], "final_grad_norm": history["grad_norm"][-1],
+    summary = {"final_loss": history["train_loss"][-1], "final_grad_norm": history["train_grad_norm"][-1],
                "epochs": args.epochs, "mode": args.mode, "compile_seconds": history.get("compile_seconds"),
                "line_w": w, "line_b": b}
     (args.workdir / "summary.json").write_text(json.dumps(summary, indent=2))

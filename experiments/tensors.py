@@ -2,16 +2,16 @@
 
     python -m experiments.tensors [--size 2048] [--repeats 5]
 
-Takes 7-12 s on the 2-core CPU (it was shared with other jobs when measured): start-up,
-then each matmul timed after a warm-up, compile time reported apart. Shows, by comparing
-buffer addresses, which NumPy <-> JAX conversions share memory on the CPU: `np.asarray`
-and `np.from_dlpack` of a JAX array do (the NumPy view is read-only); `jnp.asarray` of a
-NumPy array copies; `jax.device_put` and `jax.dlpack.from_dlpack` of a NumPy array share
-it when its data is 64-byte aligned, so a later NumPy write shows through. Prints GFLOP/s
-of an N x N matmul for NumPy and for JAX on each device, in float32 and in bfloat16 with
-float32 accumulation (`preferred_element_type`). Measured at N = 2048 on the 2-core CPU:
-NumPy and JAX f32 about 260 GFLOP/s when the machine is idle (60-135 when busy); bf16
-reaches 0.5-0.8x of JAX f32 here, with a max relative error of 2e-3 against f32.
+Takes about ten seconds on a 2-core CPU: start-up, then each matmul timed after a
+warm-up, compile time reported apart. Shows, by comparing buffer addresses, which
+NumPy <-> JAX conversions share memory on the CPU: `np.asarray` and `np.from_dlpack` of
+a JAX array do (the NumPy view is read-only); `jnp.asarray` of a NumPy array copies;
+`jax.device_put` and `jax.dlpack.from_dlpack` of a NumPy array share it when its data is
+64-byte aligned, so a later NumPy write shows through. Prints GFLOP/s of an N x N matmul
+for NumPy and for JAX on each device, in float32 and in bfloat16 with float32
+accumulation (`preferred_element_type`), and bfloat16's error against float32. On the
+CPU, NumPy and JAX float32 run at about the same speed and bfloat16 is slower; the
+measured figures are in docs/performance.md.
 """
 import time
 

@@ -4,10 +4,8 @@ import time
 import uuid
 
 import numpy as np
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display is needed or assumed
-import matplotlib.pyplot as plt  # noqa: E402
+# The object API draws to files without pyplot's global state or a display backend.
+from matplotlib.figure import Figure
 
 
 def confusion_matrix(labels, predictions, num_classes):
@@ -46,26 +44,27 @@ class TensorBoardScalars:
 def plot_curves(history, path):
     """Loss and accuracy per epoch: train and, where present, test."""
     epochs = np.arange(1, len(history["train_loss"]) + 1)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, history["train_loss"], marker="o", label="train")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.plot(epochs, history["train_accuracy"], marker="o", label="train")
-    if history.get("test_accuracy"):
-        ax_acc.plot(epochs, history["test_accuracy"], marker="o", label="test")
+    if history.get("eval_accuracy"):
+        ax_acc.plot(epochs, history["eval_accuracy"], marker="o", label="test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_confusion(matrix, class_names, path):
     """The confusion matrix as a heat map with counts, rows normalised for the colours."""
     rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(1 + 0.7 * n, 1 + 0.6 * n))
+    fig = Figure(figsize=(1 + 0.7 * n, 1 + 0.6 * n))
+    ax = fig.subplots()
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
@@ -76,4 +75,3 @@ def plot_confusion(matrix, class_names, path):
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,9 +1,11 @@
 """The benchmark's table and the PyTorch references it times fnlearn against (values, never speed)."""
+import dataclasses
 import json
 
 import pytest
 
-from experiments import bench
+from benchmarks import timing, workloads
+from benchmarks.__main__ import main as bench_main
 from fnlearn.data.augment import CIFAR10_MEAN, CIFAR10_STD
 
 FIELDS = {"workload", "mode", "precision", "unit", "torch_per_s", "torch_mode", "fnlearn_per_s", "ratio",
@@ -12,7 +14,7 @@ FIELDS = {"workload", "mode", "precision", "unit", "torch_per_s", "torch_mode", 
 
 def test_rows_in_the_json(torch, tmp_path):
     path = tmp_path / "bench.json"
-    returned = bench.main(["regression", "cnn", "--repeats", "1", "--json", str(path)])  # ~15 s
+    returned = bench_main(["regression", "cnn", "--repeats", "1", "--json", str(path)])  # ~15 s
     rows = json.loads(path.read_text())
     assert rows == returned
     assert [(r["workload"], r["mode"], r["precision"]) for r in rows] == [
@@ -24,20 +26,57 @@ def test_rows_in_the_json(torch, tmp_path):
         assert r["torch_per_s"] > 0 and r["fnlearn_per_s"] > 0 and r["compile_s"] > 0
         assert r["ratio"] == pytest.approx(r["fnlearn_per_s"] / r["torch_per_s"], rel=1e-12)
     assert {r["unit"] for r in rows[:2]} == {"steps/s"} and {r["unit"] for r in rows[2:]} == {"images/s"}
-    assert rows[0]["torch_mode"] == "fp32_eager" and rows[2]["torch_mode"] in bench.TORCH_MODES
+    assert rows[0]["torch_mode"] == "fp32_eager" and rows[2]["torch_mode"] in timing.TORCH_MODES
     # Both fnlearn precisions and modes of a workload are measured against one PyTorch number.
     assert len({r["torch_per_s"] for r in rows[2:]}) == 1
 
 
 def test_unknown_workload_exits_naming_it(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["regression", "resnet19_train"])
+        bench_main(["regression", "resnet19_train"])
     assert exit_info.value.code != 0
     assert "resnet19_train" in capsys.readouterr().err
 
 
+def test_measure_yields_a_row_per_fnlearn_mode_against_one_torch_number(torch):
+    small = dataclasses.replace(workloads.basic("simple_net", workloads.simple_net_start, batch=8, steps=4),
+                                min_seconds=0.0)
+    rows = list(timing.measure(small, torch, repeats=1))
+    assert [(r["workload"], r["mode"], r["precision"], r["unit"], r["torch_mode"]) for r in rows] == [
+        ("simple_net", "jit_step", "fp32", "steps/s", "fp32_eager"),
+        ("simple_net", "compiled_run", "fp32", "steps/s", "fp32_eager")]
+    for r in rows:
+        assert set(r) == FIELDS
+        assert r["ratio"] == pytest.approx(r["fnlearn_per_s"] / r["torch_per_s"], rel=1e-12)
+    assert rows[0]["torch_per_s"] == rows[1]["torch_per_s"]
+
+
+def test_timed_run_counts_the_items_it_makes():
+    def step():
+        return None
+
+    cnn = workloads.WORKLOADS["cnn"]  # 20 steps of 64 images a run
+    assert timing.timed_run(cnn, step, 1)[1] == 20 * 64
+    assert timing.timed_run(cnn, step, 20)[1] == 20 * 64  # one compiled run of 20 steps
+    basic = workloads.basic("simple_net", workloads.simple_net_start, batch=64, steps=4)  # runs last >= 0.1 s
+    assert timing.timed_run(basic, step, 1, seconds_per_call=0.5)[1] == 4  # lasts 0.1 s already
+    assert timing.timed_run(basic, step, 1, seconds_per_call=0.01)[1] == 10  # 10 calls to last 0.1 s
+    assert timing.timed_run(basic, step, 4, seconds_per_call=0.04)[1] == 3 * 4  # 3 calls of 4 steps
+
+
+def test_workload_table():
+    for w in workloads.WORKLOADS.values():
+        assert set(w.precisions) <= set(timing.PRECISIONS) and set(w.torch_modes) <= set(timing.TORCH_BF16)
+    with pytest.raises(ValueError, match="simple_net: 4 steps"):  # its compiled run makes 200 a call
+        dataclasses.replace(workloads.WORKLOADS["simple_net"], steps=4)
+    assert all(name in workloads.WORKLOADS for group in workloads.GROUPS.values() for name in group)
+    # fastnet_epoch times whole recipe calls (4 steps each) of its 50,000 // 1024 = 48 steps, at least one.
+    assert workloads.WORKLOADS["fastnet_epoch"].modes == (("recipe_epoch", 4),)
+    assert [workloads.fastnet_epoch(f).steps for f in (0.001, 0.08, 0.5, 1.0)] == [4, 4, 24, 48]
+
+
 def test_airbench_batch_normalises_flips_and_translates(torch):
-    from experiments.torch_models import airbench_batch
+    from benchmarks.torch_models import airbench_batch
 
     images = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
     indices = torch.tensor([4, 1, 2])
@@ -64,7 +103,7 @@ def test_airbench_batch_normalises_flips_and_translates(torch):
 
 
 def test_lookahead_pulls_the_average_and_resets_the_weights(torch):
-    from experiments.torch_models import lookahead_
+    from benchmarks.torch_models import lookahead_
 
     net = torch.nn.BatchNorm1d(2)  # params and running statistics, as lookahead averages both
     with torch.no_grad():
@@ -81,7 +120,7 @@ def test_lookahead_pulls_the_average_and_resets_the_weights(torch):
 
 @pytest.mark.parametrize("steps_per_call", [1, 2])
 def test_profile_splits_both_steps_by_kind(torch, steps_per_call):
-    from experiments import profile
+    from benchmarks import profile
 
     table = profile.main(["fastnet", "--batch", "4", "--steps", "1", "--steps-per-call", str(steps_per_call)])
     assert set(table) == set(profile.KINDS)
@@ -94,7 +133,7 @@ def test_profile_splits_both_steps_by_kind(torch, steps_per_call):
 
 
 def test_profile_kinds_and_interval_union():
-    from experiments import profile
+    from benchmarks import profile
 
     assert profile.union_ms([(0, 2_000_000), (1_000_000, 3_000_000), (5_000_000, 6_000_000)]) == 4.0
     hlo = """

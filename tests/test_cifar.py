@@ -15,14 +15,13 @@ from PIL import Image
 
 from experiments import cifar as cifar_experiment
 from experiments import mnist as mnist_experiment
-from fnlearn import models
 from fnlearn.checkpoint import CheckpointError
 from fnlearn.data import load_dataset, online
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import TensorBoardScalars
-from fnlearn.recipes.cifar import (CifarConfig, ConfigError, TrainingDiverged, build_state, check_resume,
-                                   make_cifar_optimizer, make_train_fn, train_and_evaluate)
-from fnlearn.train import TrainState
+from fnlearn.recipes.cifar import (CifarConfig, ConfigError, check_resume, create_state, make_train_fn,
+                                   train_and_evaluate)
+from fnlearn.train import TrainingDiverged
 
 COLORS = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [200, 200, 40]])
 SHARED_CIFAR = pathlib.Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
@@ -53,14 +52,9 @@ TINY = CifarConfig(data="unused", model="fastnet_tiny", epochs=2, batch_size=16,
 
 
 def test_one_step_lowers_the_loss(tiny_dataset):
-    model = models.get("fastnet_tiny")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    cfg = TINY
-    state = TrainState.create(apply_fn=model.apply, variables=variables,
-                              tx=make_cifar_optimizer(cfg, variables["params"], total_steps=10, steps_per_epoch=5))
-    state = state.replace(ema_params=state.variables)
+    plain = dataclasses.replace(TINY, translate=0, flip="none", lookahead_every=0)
+    state = create_state(plain, jax.random.key(0), tiny_dataset.train_images, 4, total_steps=10, steps_per_epoch=5)
     images, labels = jnp.asarray(tiny_dataset.train_images), jnp.asarray(tiny_dataset.train_labels)
-    plain = dataclasses.replace(cfg, translate=0, flip="none", lookahead_every=0)
     train = jax.jit(make_train_fn(plain, images, labels, total_steps=10))
     batch = jnp.arange(16)[None]  # one step
     state, first = train(state, batch, 0)
@@ -72,19 +66,20 @@ def test_steps_per_execution_changes_the_speed_not_the_run(tiny_dataset):
     # 6 steps an epoch: in one call each, or in calls of 4 and 2 steps.
     runs = [train_and_evaluate(dataclasses.replace(TINY, steps_per_execution=k), tiny_dataset, progress=False,
                                log=lambda _: None) for k in (1, 4)]
-    for a, b in zip(*(jax.tree.leaves(r["state"].variables) for r in runs)):
+    for a, b in zip(*(jax.tree.leaves(r.state.variables) for r in runs)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(runs[0]["history"]["train_loss"], runs[1]["history"]["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(runs[0].history["train_loss"], runs[1].history["train_loss"], rtol=1e-5)
     with pytest.raises(ValueError, match="--steps-per-execution"):
         dataclasses.replace(TINY, steps_per_execution=0)
 
 
 def test_whitening_kernel_is_frozen_and_its_bias_stops_after_its_epochs(tiny_dataset):
     result = train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None)
-    params = result["state"].params
-    _, fresh = build_state(TINY, tiny_dataset, jax.random.split(jax.random.key(TINY.seed))[0])
-    np.testing.assert_array_equal(params["whiten"]["kernel"], fresh["params"]["whiten"]["kernel"])
-    assert not np.allclose(params["block1"]["conv1"]["kernel"], fresh["params"]["block1"]["conv1"]["kernel"])
+    params = result.state.params
+    fresh = create_state(TINY, jax.random.split(jax.random.key(TINY.seed))[0], tiny_dataset.train_images, 4,
+                         total_steps=12, steps_per_epoch=6).params
+    np.testing.assert_array_equal(params["whiten"]["kernel"], fresh["whiten"]["kernel"])
+    assert not np.allclose(params["block1"]["conv1"]["kernel"], fresh["block1"]["conv1"]["kernel"])
 
 
 def test_experiment_end_to_end_writes_everything(tiny_dataset, tmp_path):
@@ -130,9 +125,9 @@ def test_resume_gives_the_same_params_as_an_uninterrupted_run(tiny_dataset, tmp_
         train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None, checkpoint_dir=tmp_path / "b")
     resumed = train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None,
                                  checkpoint_dir=tmp_path / "b", resume=True)
-    for a, b in zip(jax.tree.leaves(straight["state"].variables), jax.tree.leaves(resumed["state"].variables)):
+    for a, b in zip(jax.tree.leaves(straight.state.variables), jax.tree.leaves(resumed.state.variables)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert resumed["history"]["train_loss"] == straight["history"]["train_loss"]
+    assert resumed.history["train_loss"] == straight.history["train_loss"]
 
 
 def test_a_corrupt_checkpoint_is_named_in_one_line(tiny_dataset, tmp_path, capfd):
@@ -160,8 +155,8 @@ def test_divergence_is_reported_with_the_epoch(tiny_dataset):
 def test_bf16_policy_trains_with_float32_params(tiny_dataset):
     result = train_and_evaluate(dataclasses.replace(TINY, precision="bf16", epochs=1),
                                 tiny_dataset, progress=False, log=lambda _: None)
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(result["state"].params))
-    assert np.isfinite(result["history"]["train_loss"][0])
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(result.state.params))
+    assert np.isfinite(result.history["train_loss"][0])
 
 
 def test_bad_arguments_are_named():
@@ -221,8 +216,8 @@ def test_the_recipe_evaluates_a_class_balanced_test_subset(tiny_dataset):
     # The tiny test split is in class order (8 of each class): its first 8 images are one class.
     result = train_and_evaluate(dataclasses.replace(TINY, epochs=1, test_subset=8, train_subset=48),
                                 tiny_dataset, progress=False, log=lambda _: None)
-    assert np.array(result["confusion"]).sum(1).tolist() == [2, 2, 2, 2]
-    assert result["steps"] == 3  # 48 training images, 12 of each class, in batches of 16
+    assert np.array(result.confusion).sum(1).tolist() == [2, 2, 2, 2]
+    assert result.steps == 3  # 48 training images, 12 of each class, in batches of 16
 
 
 def test_resume_with_a_changed_config_is_refused_naming_the_fields(tiny_dataset, tmp_path):

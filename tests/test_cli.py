@@ -9,23 +9,30 @@ import pytest
 from experiments import cli
 from fnlearn.data import Dataset
 
-NAMES = ("regression", "autograd", "tensors", "dynamic", "mnist", "bench", "profile")
+NAMES = ("regression", "autograd", "tensors", "dynamic", "mnist")
+# The benchmarks' command lines: module -> what a user types.
+BENCHMARKS = {"benchmarks.__main__": "python -m benchmarks", "benchmarks.profile": "python -m benchmarks.profile"}
+
+
+def module_of(name):
+    return importlib.import_module(name if name in BENCHMARKS else f"experiments.{name}")
 
 
 def main_of(name):
-    return importlib.import_module(f"experiments.{name}").main
+    return module_of(name).main
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + tuple(BENCHMARKS))
 def test_help_shows_prog_usage_examples_and_defaults(name, capsys):
-    module = importlib.import_module(f"experiments.{name}")
+    module = module_of(name)
+    prog = BENCHMARKS.get(name, f"python -m experiments.{name}")
     example = next(line.strip() for line in module.__doc__.splitlines()
-                   if line.strip().startswith(f"python -m experiments.{name}"))
+                   if line.strip().startswith(prog))
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert f"usage: python -m experiments.{name}" in out
+    assert f"usage: {prog}" in out
     assert example in out
     assert "default" in out
     assert "(default: None)" not in out
@@ -50,13 +57,13 @@ FILE = object()  # stands for the path of an existing file
     ("mnist", ["--lr", "0"], "--lr"),
     ("mnist", ["--batch-size", "-1"], "--batch-size"),
     ("mnist", ["--workdir", FILE], "--workdir"),
-    ("bench", ["--repeats", "0"], "--repeats"),
-    ("bench", ["--epoch-fraction", "1.5"], "--epoch-fraction"),
-    ("bench", ["no_such_workload"], "no_such_workload"),
-    ("bench", ["--json", "no/such/folder/rows.json"], "--json"),
-    ("profile", ["fastnet", "--steps", "0"], "--steps"),
-    ("profile", ["resnet18", "--batch", "-8"], "--batch"),
-    ("profile", [], "net"),
+    ("benchmarks.__main__", ["--repeats", "0"], "--repeats"),
+    ("benchmarks.__main__", ["--epoch-fraction", "1.5"], "--epoch-fraction"),
+    ("benchmarks.__main__", ["no_such_workload"], "no_such_workload"),
+    ("benchmarks.__main__", ["--json", "no/such/folder/rows.json"], "--json"),
+    ("benchmarks.profile", ["fastnet", "--steps", "0"], "--steps"),
+    ("benchmarks.profile", ["resnet18", "--batch", "-8"], "--batch"),
+    ("benchmarks.profile", [], "net"),
 ])
 def test_bad_argument_is_two_lines_naming_it(name, argv, named, tmp_path, capsys):
     a_file = tmp_path / "a_file"

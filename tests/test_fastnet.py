@@ -4,8 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fnlearn.models
 from fnlearn.models.fastnet import (FastNet, FastNetTiny, dirac_init, image_patches, init_fastnet,
-                                    param_labels, whitening_kernel)
+                                    whitening_kernel, with_whitening)
+from fnlearn.recipes.cifar import param_labels  # the recipe's optimizer groups, on FastNet's params
 
 
 def correlated_images(n=16, size=12, seed=0):
@@ -74,6 +76,24 @@ def test_init_fastnet_sets_the_stem(tiny):
     np.testing.assert_allclose(stem.T @ stem / stem.shape[0], np.eye(12), atol=1e-2)
 
 
+def test_registry_data_init_sets_the_whitening_kernel(tiny):
+    model, images, _ = tiny
+    variables = model.init(jax.random.key(0), images[:1])
+    snapshot = jax.tree.map(np.array, variables)
+    new = fnlearn.models.data_init("fastnet_tiny")(variables, images)
+    old_kernel, kernel = variables["params"]["whiten"]["kernel"], new["params"]["whiten"]["kernel"]
+    assert not np.allclose(kernel, old_kernel)  # the random init was replaced
+    np.testing.assert_array_equal(kernel, with_whitening(variables, images)["params"]["whiten"]["kernel"])
+    np.testing.assert_allclose(kernel, whitening_kernel(images), rtol=1e-6)
+
+    def without_kernel(v):
+        return {**v, "params": {**v["params"], "whiten": {"bias": v["params"]["whiten"]["bias"]}}}
+
+    # The input variables are left as they were, and nothing but the kernel changes.
+    jax.tree.map(np.testing.assert_array_equal, variables, snapshot)
+    jax.tree.map(np.testing.assert_array_equal, without_kernel(new), without_kernel(snapshot))
+
+
 @pytest.mark.parametrize("c_in, c_out", [(4, 6), (6, 4)])
 def test_dirac_init(c_in, c_out):
     kernel = dirac_init(jax.random.key(0), (3, 3, c_in, c_out))
@@ -134,7 +154,7 @@ def test_bf16_forward_with_float32_params(tiny):
 
 
 def test_matches_airbench_in_torch(torch, tiny):
-    from experiments.torch_models import TorchFastNet, torch_state_dict  # imports torch: after the fixture
+    from benchmarks.torch_models import TorchFastNet, torch_state_dict  # imports torch: after the fixture
 
     model, x, variables = tiny
     # Non-zero biases, so the parity also covers the whitening and BatchNorm biases.

@@ -1,5 +1,7 @@
-"""The basic models: output shapes, parameter counts, dynamic control flow, the registry."""
+"""The basic models: output shapes, parameter counts, dynamic control flow, shared inits, the registry."""
+import ast
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,8 @@ import pytest
 
 import fnlearn.models
 from fnlearn.models import (CNN, ActivatedLinear, CustomLinear, DynamicNet, Linear, LinearRegression, Net,
-                            RecurrentNet, RegressionNet, SimpleNet, VariableDepthMLP)
+                            RecurrentNet, RegressionNet, SimpleNet, VariableDepthMLP, layers)
+from fnlearn.models.basics import ACTIVATIONS
 
 KEY = jax.random.key(0)
 RNG = np.random.default_rng(0)  # NumPy inputs: no PRNG program to compile per shape
@@ -60,6 +63,22 @@ def test_torch_default_init_bounds():
     assert float(jnp.abs(kernel).max()) > 0.9 * bound  # the full range is used, not a narrower init
 
 
+@pytest.mark.parametrize("init, shape", [
+    (layers.torch_uniform_init(576), (576, 256)),  # fan-in given
+    (layers.torch_kernel_init, (576, 256)),        # dense kernel (in, out): fan-in 576
+    (layers.torch_kernel_init, (3, 3, 64, 256)),   # conv kernel: fan-in 3*3*64 = 576
+])
+def test_shared_torch_inits_are_uniform_over_one_over_sqrt_fan_in(init, shape):
+    w = np.asarray(jax.jit(init, static_argnums=1)(KEY, shape))
+    bound = 1 / np.sqrt(576)  # PyTorch's U(±1/sqrt(fan_in))
+    assert w.dtype == np.float32 and w.shape == shape
+    # 147,456 draws: the extremes reach the bound, and U(-b, b) has std b/sqrt(3).
+    assert np.abs(w).max() <= bound * (1 + 1e-6)
+    assert np.abs(w).max() > 0.999 * bound
+    np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.01)
+    assert abs(w.mean()) < 0.01 * bound
+
+
 def test_custom_linear_is_x_w_transpose_plus_b():
     model = CustomLinear(3, 2)
     x = RNG.standard_normal((4, 3), dtype=np.float32)
@@ -80,7 +99,6 @@ def activated_linear_params():
     ("sigmoid", lambda y: 1 / (1 + np.exp(-y))),
     ("tanh", np.tanh),
     ("leaky_relu", lambda y: np.where(y > 0, y, 0.1 * y)),
-    ("no_such_activation", lambda y: y),
 ])
 def test_activated_linear(activated_linear_params, name, reference):
     x = RNG.standard_normal((8, 3), dtype=np.float32)
@@ -89,6 +107,14 @@ def test_activated_linear(activated_linear_params, name, reference):
     assert (pre < 0).any() and (pre > 0).any()  # both sides of zero are exercised
     out = ActivatedLinear(3, 6, name).apply(activated_linear_params, x)
     np.testing.assert_allclose(out, reference(pre), rtol=1e-5, atol=1e-6)
+
+
+def test_activated_linear_unknown_activation_raises_listing_known_ones():
+    # Raised when the module is built, before any init or apply.
+    with pytest.raises(ValueError, match="'relu_'") as info:
+        ActivatedLinear(3, 6, "relu_")
+    for name in ACTIVATIONS:
+        assert name in str(info.value)
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +238,30 @@ def test_registry_unknown_name_lists_known_names():
     for name in fnlearn.models.names():
         assert name in message
 
+
+def test_registry_data_init_is_declared_per_family():
+    # What applying FastNet's does is checked in test_fastnet.py.
+    assert fnlearn.models.data_init("fastnet") is fnlearn.models.with_whitening
+    for name in ("resnet18", "resnet_tiny", "simple_net"):
+        assert fnlearn.models.data_init(name) is None, name
+    assert {n for n in fnlearn.models.names() if fnlearn.models.data_init(n)} == {
+        "fastnet", "fastnet_small", "fastnet_tiny"}
+    with pytest.raises(KeyError, match="no_such_model"):
+        fnlearn.models.data_init("no_such_model")
+
+
+def test_model_families_import_only_shared_layers():
+    # Shared pieces live in models/layers.py; a family module never imports a sibling family.
+    models_dir = pathlib.Path(fnlearn.models.__file__).parent
+    families = {"basics", "resnet", "fastnet"}
+    for family in families:
+        tree = ast.parse((models_dir / f"{family}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        siblings = {f"fnlearn.models.{f}" for f in families - {family}}
+        assert not imported & siblings, (family, imported & siblings)

@@ -118,7 +118,7 @@ def test_cnn_forward_and_grads(torch):
 
     (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
-    from experiments.torch_models import TorchCNN, cnn_state_dict  # imports torch: after the fixture
+    from benchmarks.torch_models import TorchCNN, cnn_state_dict  # imports torch: after the fixture
 
     net = TorchCNN()
     net.load_state_dict(cnn_state_dict({"params": params}))  # strict: every tensor is set

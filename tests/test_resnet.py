@@ -109,10 +109,10 @@ def randomised_norms(variables, key):
 @pytest.mark.parametrize("model, stage_sizes, width, stem, size", [
     (ResNetTiny(), (1, 1), 8, "cifar", 8),  # stride 2 on an even size: torch pads (1, 1)
     (ResNetTiny(stem="imagenet"), (1, 1), 8, "imagenet", 30),  # odd size after the stem conv
-    pytest.param(ResNet18(), (2, 2, 2, 2), 64, "cifar", 32, marks=pytest.mark.slow),  # ~10-25 s
+    pytest.param(ResNet18(), (2, 2, 2, 2), 64, "cifar", 32, marks=pytest.mark.slow),  # the full-size net
 ])
 def test_eval_logits_match_torch(torch, model, stage_sizes, width, stem, size):
-    from experiments.torch_models import TorchResNet, torch_state_dict  # imports torch: after the fixture
+    from benchmarks.torch_models import TorchResNet, torch_state_dict  # imports torch: after the fixture
 
     x = np.random.default_rng(0).standard_normal((2, size, size, 3), dtype=np.float32)
     variables = randomised_norms(model.init(jax.random.key(0), x), jax.random.key(1))
@@ -129,7 +129,7 @@ def test_eval_logits_match_torch(torch, model, stage_sizes, width, stem, size):
 
 
 def test_train_mode_matches_torch(torch, tiny):
-    from experiments.torch_models import TorchResNet, torch_state_dict  # imports torch: after the fixture
+    from benchmarks.torch_models import TorchResNet, torch_state_dict  # imports torch: after the fixture
 
     model, x, variables = tiny
     x = np.array(x)  # writable, as torch.from_numpy wants

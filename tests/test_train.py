@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fnlearn.models import DynamicNet, SimpleNet
-from fnlearn.train import (NonFiniteError, TrainState, cross_entropy, decay_mask, fit, make_optimizer,
+from fnlearn.train import (TrainingDiverged, TrainState, cross_entropy, decay_mask, fit, make_optimizer,
                            make_schedule, make_train_step)
 from fnlearn.train.steps import first_nonfinite
 
@@ -28,9 +28,9 @@ def test_fit_lowers_loss_with_every_optimizer(name):
     lr = 0.01 if name.startswith("adam") else 0.05
     state = new_state(SimpleNet(), x, make_optimizer(name, lr, weight_decay=1e-4))
     _, history = fit(state, (x, y), epochs=5, batch_size=32, key=jax.random.key(1), progress=False)
-    assert history["loss"][-1] < 0.5 * history["loss"][0]
-    assert history["accuracy"][-1] > 0.9
-    assert len(history["grad_norm"]) == 5
+    assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
+    assert history["train_accuracy"][-1] > 0.9
+    assert len(history["train_grad_norm"]) == 5
 
 
 def test_compiled_run_matches_step_loop():
@@ -42,7 +42,7 @@ def test_compiled_run_matches_step_loop():
                 eval_data=(x[:100], y[:100]), compiled=True)
     for pa, pb in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(pa, pb, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
+    np.testing.assert_allclose(ha["train_loss"], hb["train_loss"], rtol=1e-5)
     np.testing.assert_allclose(ha["eval_accuracy"], hb["eval_accuracy"])
     assert int(b.step) == 3 * (256 // 64)
     assert hb["compile_seconds"] > 0
@@ -79,7 +79,7 @@ def test_nonfinite_check_names_step_and_leaf(compiled):
     params = state.params
     poisoned = params["Linear_1"]["kernel"].at[0, 0].set(jnp.nan)
     state = state.replace(params={**params, "Linear_1": {**params["Linear_1"], "kernel": poisoned}})
-    with pytest.raises(NonFiniteError, match=r"step 0: first in params/Linear_0/bias") as err:
+    with pytest.raises(TrainingDiverged, match=r"step 0: first in params/Linear_0/bias") as err:
         fit(state, (x, y), epochs=2, batch_size=32, key=jax.random.key(1), check_finite=True,
             compiled=compiled, progress=False)
     # The state handed back is the one before the bad step.
@@ -97,7 +97,7 @@ def test_nonfinite_check_fires_mid_run():
     x, y = blobs(jax.random.key(0), n=64)
     x_bad = x.at[40, 0].set(jnp.inf)  # in the second batch of 32 (no shuffling)
     state = new_state(SimpleNet(), x, make_optimizer("sgd", 0.01))
-    with pytest.raises(NonFiniteError) as err:
+    with pytest.raises(TrainingDiverged) as err:
         fit(state, (x_bad, y), epochs=1, batch_size=32, key=jax.random.key(1), shuffle=False,
             check_finite=True, progress=False)
     assert err.value.step == 1

@@ -146,9 +146,9 @@ def extract_archive(archive: pathlib.Path, data_dir: str) -> pathlib.Path:
 
     Extraction goes to a temp folder renamed into place at the end, so a killed
     run never leaves a half-extracted folder that a later run would trust. The
-    hash is of the archive's bytes (0.02 s for CIFAR-10's 20 MB here): a changed
-    archive is extracted afresh, and a fresh copy of the same archive (a new
-    mtime) reuses the extraction and the prepared files.
+    key is a hash of the archive's bytes (one quick read of the file): a
+    changed archive is extracted afresh, and a fresh copy of the same archive (a
+    new mtime) reuses the extraction and the prepared files.
 
     Args:
       archive: path of a gzip-compressed tar file.

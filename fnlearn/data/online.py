@@ -133,8 +133,8 @@ def check_reachable(urls, timeout: float = 10.0) -> None:
     """Fails at once when a URL's host cannot be reached.
 
     TFDS's downloader retries a dead connection 10 times with exponential
-    backoff, about 200 s offline; one plain connection attempt answers in
-    milliseconds when there is no network (name resolution fails).
+    backoff, minutes offline; one plain connection attempt fails at once when
+    there is no network (name resolution fails).
 
     Args:
       urls: the URLs about to be downloaded.

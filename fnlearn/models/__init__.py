@@ -2,6 +2,7 @@
 
     from fnlearn.models import ResNet18
     model = fnlearn.models.get("simple_net")
+    init_from_data = fnlearn.models.data_init("fastnet")  # None for most models
 """
 from fnlearn.models.basics import ActivatedLinear
 from fnlearn.models.basics import CNN
@@ -18,9 +19,9 @@ from fnlearn.models.fastnet import FastNet
 from fnlearn.models.fastnet import FastNetSmall
 from fnlearn.models.fastnet import FastNetTiny
 from fnlearn.models.fastnet import init_fastnet
-from fnlearn.models.fastnet import param_labels
 from fnlearn.models.fastnet import whitening_kernel
 from fnlearn.models.fastnet import with_whitening
+from fnlearn.models.registry import data_init
 from fnlearn.models.registry import get
 from fnlearn.models.registry import names
 from fnlearn.models.registry import register
@@ -50,6 +51,6 @@ register("resnet18_imagenet", ResNet18ImageNet, task="image_classifier")
 register("resnet34_imagenet", ResNet34ImageNet, task="image_classifier")
 register("resnet50_imagenet", ResNet50ImageNet, task="image_classifier")
 register("resnet_tiny", ResNetTiny, task="image_classifier")
-register("fastnet", FastNet, task="image_classifier")
-register("fastnet_small", FastNetSmall, task="image_classifier")
-register("fastnet_tiny", FastNetTiny, task="image_classifier")
+register("fastnet", FastNet, task="image_classifier", data_init=with_whitening)
+register("fastnet_small", FastNetSmall, task="image_classifier", data_init=with_whitening)
+register("fastnet_tiny", FastNetTiny, task="image_classifier", data_init=with_whitening)

@@ -3,21 +3,14 @@
 Every model is a Flax Linen module used through `apply(variables, x)`. Inputs are
 NHWC for images (PyTorch uses NCHW); dense layers store kernels as (in, out).
 """
-import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from fnlearn.models.layers import Conv
-
-
-def torch_init(fan_in):
-    """PyTorch's default init for Linear, Conv and RNN weights and biases: U(±1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+from fnlearn.models.layers import torch_uniform_init
 
 
 class Linear(nn.Module):
@@ -30,11 +23,12 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x):
         fan_in = x.shape[-1]
-        kernel = self.param("kernel", torch_init(fan_in), (fan_in, self.features), self.param_dtype)
+        init = torch_uniform_init(fan_in)  # kernel and bias alike, as torch.nn.Linear
+        kernel = self.param("kernel", init, (fan_in, self.features), self.param_dtype)
         dtype = self.dtype or x.dtype
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
         if self.use_bias:
-            bias = self.param("bias", torch_init(fan_in), (self.features,), self.param_dtype)
+            bias = self.param("bias", init, (self.features,), self.param_dtype)
             y = y + bias.astype(dtype)
         return y
 
@@ -46,8 +40,9 @@ class CustomLinear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        weight = self.param("weight", torch_init(self.in_features), (self.out_features, self.in_features))
-        bias = self.param("bias", torch_init(self.in_features), (self.out_features,))
+        init = torch_uniform_init(self.in_features)
+        weight = self.param("weight", init, (self.out_features, self.in_features))
+        bias = self.param("bias", init, (self.out_features,))
         return x @ weight.T + bias
 
 
@@ -60,17 +55,26 @@ ACTIVATIONS = {
 
 
 class ActivatedLinear(nn.Module):
-    """A linear layer followed by an activation chosen by name; unknown names mean identity."""
+    """A linear layer followed by an activation chosen by name from `ACTIVATIONS`.
+
+    An unknown name raises when the module is built: read as identity, a typo would
+    quietly train a linear model.
+    """
     in_features: int
     out_features: int
     activation: str = "relu"
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; "
+                             f"known activations: {', '.join(sorted(ACTIVATIONS))}")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"ActivatedLinear expects {self.in_features} input features, got {x.shape[-1]}")
-        y = Linear(self.out_features)(x)
-        return ACTIVATIONS.get(self.activation, lambda v: v)(y)
+        return ACTIVATIONS[self.activation](Linear(self.out_features)(x))
 
 
 class LinearRegression(nn.Module):
@@ -116,7 +120,7 @@ class CNN(nn.Module):
     def __call__(self, x):  # (B, 16, 16, 3)
         fan_in = 3 * 3 * x.shape[-1]
         x = Conv(16, (3, 3), padding="VALID", dtype=self.dtype,
-                 kernel_init=torch_init(fan_in), bias_init=torch_init(fan_in))(x)
+                 kernel_init=torch_uniform_init(fan_in), bias_init=torch_uniform_init(fan_in))(x)
         x = nn.relu(x)  # (B, 14, 14, 16)
         return Linear(10, dtype=self.dtype)(x.reshape(x.shape[0], -1))
 
@@ -154,7 +158,7 @@ class VariableDepthMLP(nn.Module):
     @nn.compact
     def __call__(self, x, depth):
         h = nn.relu(Linear(self.hidden, name="input")(x))
-        init = torch_init(self.hidden)
+        init = torch_uniform_init(self.hidden)
         kernels = self.param("hidden_kernels", init, (self.max_depth, self.hidden, self.hidden))
         biases = self.param("hidden_biases", init, (self.max_depth, self.hidden))
         h = lax.fori_loop(0, jnp.minimum(depth, self.max_depth),
@@ -177,7 +181,7 @@ class RecurrentNet(nn.Module):
         if not 0 < n_steps <= length:
             raise ValueError(f"n_steps={n_steps} must be in 1..{length} (the sequence length)")
         h_size = self.hidden_size
-        init = torch_init(h_size)  # torch.nn.RNNCell: every weight and bias U(±1/sqrt(hidden))
+        init = torch_uniform_init(h_size)  # torch.nn.RNNCell: every weight and bias U(±1/sqrt(hidden))
         w_ih = self.param("weight_ih", init, (h_size, features))
         w_hh = self.param("weight_hh", init, (h_size, h_size))
         b_ih = self.param("bias_ih", init, (h_size,))

@@ -1,13 +1,13 @@
 """The fast CIFAR-10 net behind airbench94 (Keller Jordan, 2024), in Flax Linen.
 
-airbench94 reaches 94.01% CIFAR-10 test accuracy in 3.09 s on one A100. The net:
-a frozen 2x2 patch-whitening conv (24 channels) + GELU, three blocks of
+A frozen 2x2 patch-whitening conv (24 channels) + GELU, three blocks of
 conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU (widths 64, 256, 256)
 with identity-initialised convs and scale-free BatchNorm, a global max-pool, a
 bias-free Dense to 10 classes, and logits times 1/9. NHWC throughout.
 
-Parameter paths, for the optimizer's groups (see `param_labels`):
-  whiten/kernel            the whitening filters: set by `with_whitening`, never trained
+Parameter paths, for the optimizer's groups (the CIFAR recipe's `param_labels`):
+  whiten/kernel            the whitening filters: set from training images by `with_whitening`
+                           (the registry's `data_init` for this family), never trained
   whiten/bias              trained for the first epochs only in airbench
   block{1,2,3}/bn{1,2}/bias  BatchNorm biases: airbench gives them 64x the learning rate
   block{1,2,3}/conv{1,2}/kernel, fc/kernel   everything else
@@ -16,15 +16,10 @@ from functools import partial
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from fnlearn import ops
 from fnlearn.models import layers
-from fnlearn.models.resnet import BatchNorm
-
-# torch.nn.Conv2d / Linear default weight init: kaiming_uniform_(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
-torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def dirac_init(key, shape, dtype=jnp.float32):
@@ -42,7 +37,7 @@ def dirac_init(key, shape, dtype=jnp.float32):
       (kh, kw, C_in, C_out) kernel.
     """
     kh, kw, c_in, c_out = shape
-    kernel = torch_default_init(key, shape, dtype)
+    kernel = layers.torch_kernel_init(key, shape, dtype)
     n = min(c_in, c_out)
     identity = jnp.zeros((kh, kw, c_in, n), dtype).at[kh // 2, kw // 2].set(jnp.eye(c_in, n, dtype=dtype))
     return kernel.at[..., :n].set(identity)
@@ -119,25 +114,6 @@ def init_fastnet(model, key, images, eps=5e-4):
     return with_whitening(model.init(key, images[:1]), images, eps)
 
 
-def param_labels(params):
-    """Labels each parameter with its optimizer group, for `optax.multi_transform`.
-
-    Args:
-      params: FastNet params.
-    Returns:
-      a pytree like `params` of "whiten_kernel", "whiten_bias", "bn_bias" or "other".
-    """
-    def label(path, _):
-        names = [k.key for k in path]
-        if names[0] == "whiten":
-            return f"whiten_{names[-1]}"
-        if any("bn" in n or "BatchNorm" in n for n in names) and names[-1] == "bias":
-            return "bn_bias"
-        return "other"
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
 class ConvGroup(nn.Module):
     """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU.
 
@@ -163,7 +139,7 @@ class ConvGroup(nn.Module):
         conv = partial(layers.Conv, self.features, (3, 3), padding="SAME", use_bias=False,
                        kernel_init=dirac_init, dtype=self.dtype, param_dtype=self.param_dtype)
         # Scale-free BN (a following conv can absorb any scale), with airbench's eps 1e-12.
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+        norm = partial(layers.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=1e-12, use_scale=False, dtype=self.dtype, param_dtype=self.param_dtype)
         x = conv(name="conv1")(x)
         x = layers.max_pool(x, (2, 2), strides=(2, 2))  # pool before BN: 4x less to normalise
@@ -209,18 +185,17 @@ class FastNet(nn.Module):
         # Any kernel init does here: `with_whitening` replaces it. The bias starts at 0
         # (flax's default), as in airbench.
         x = layers.Conv(2 * p * p * x.shape[-1], (p, p), padding="VALID", use_bias=True,
-                        kernel_init=torch_default_init, dtype=self.dtype,
+                        kernel_init=layers.torch_kernel_init, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="whiten")(x)  # (B, 31, 31, 24)
         x = ops.gelu(x)  # exact (erf) GELU, torch.nn.GELU's default
         for i, width in enumerate(self.widths):
             x = ConvGroup(width, self.bn_momentum, self.dtype, self.param_dtype,
                           name=f"block{i + 1}")(x, train)
         x = jnp.max(x, axis=(1, 2))  # global max-pool: (B, C)
-        x = nn.Dense(self.num_classes, use_bias=False, kernel_init=torch_default_init,
+        x = nn.Dense(self.num_classes, use_bias=False, kernel_init=layers.torch_kernel_init,
                      dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
         return x * self.logit_scale
 
 
-# For tests: same structure, a few channels.
-FastNetTiny = partial(FastNet, widths=(8, 16, 16))  # for tests
-FastNetSmall = partial(FastNet, widths=(32, 64, 64))  # about 1/10 the compute: quick checks
+FastNetTiny = partial(FastNet, widths=(8, 16, 16))  # for tests: same structure, a few channels
+FastNetSmall = partial(FastNet, widths=(32, 64, 64))  # narrower, a fraction of the compute: quick checks

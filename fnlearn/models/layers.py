@@ -1,11 +1,41 @@
-"""Layers the zoo builds on. The conv and pool here are the ones every model uses,
-so a faster lowering (chosen by backend in `fnlearn.ops`) reaches the whole zoo."""
+"""Layers and initialisers the zoo builds on, so every model family shares one copy.
+
+The conv and pool here are the ones every model uses, so a faster lowering (chosen by
+backend in `fnlearn.ops`) reaches the whole zoo.
+"""
+import math
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from fnlearn.ops.conv import conv_general_dilated
 from fnlearn.ops.pool import max_pool
+
+# PyTorch's default weight init for Linear and Conv, kaiming_uniform_(a=sqrt(5)), is
+# U(±1/sqrt(fan_in)); this reads fan_in from the kernel's shape (receptive field * C_in).
+# Same distribution as `torch_uniform_init`, other numbers for the same key.
+torch_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_uniform_init(fan_in):
+    """U(±1/sqrt(fan_in)): PyTorch's default for Linear, Conv and RNN weights and biases.
+
+    For params whose shape does not give the fan-in (biases, (out, in) weights, stacked
+    layers); `torch_kernel_init` draws the same distribution from a kernel's shape.
+
+    Args:
+      fan_in: number of inputs of the layer (in_features, or kh * kw * C_in).
+    Returns:
+      an initializer `(key, shape, dtype=float32) -> array`.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 class Conv(nn.Conv):
@@ -18,4 +48,19 @@ class Conv(nn.Conv):
     conv_general_dilated: Any = conv_general_dilated
 
 
-__all__ = ["Conv", "max_pool"]
+class BatchNorm(nn.BatchNorm):
+    """`nn.BatchNorm` that also runs under strict dtype promotion.
+
+    With a bfloat16 input, flax's BatchNorm computes its statistics in float32 and mixes
+    them with the input by implicit promotion, which `jax.numpy_dtype_promotion("strict")`
+    rejects. That promotion is intended (statistics in float32, as airbench keeps its
+    BatchNorms in float32), so it is allowed here and only here.
+    """
+
+    def __call__(self, x, *args, **kwargs):
+        """Normalises x, (..., C), over all axes but the last; returns (..., C) in `dtype`."""
+        with jax.numpy_dtype_promotion("standard"):
+            return super().__call__(x, *args, **kwargs)
+
+
+__all__ = ["BatchNorm", "Conv", "max_pool", "torch_kernel_init", "torch_uniform_init"]

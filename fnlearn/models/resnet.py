@@ -7,7 +7,6 @@ from functools import partial
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from fnlearn.models import layers
@@ -15,39 +14,6 @@ from fnlearn.models import layers
 # torchvision's conv init: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an
 # untruncated normal (jax's `kaiming_normal` is truncated, hence variance_scaling).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# torch.nn.Linear's default weight init: kaiming_uniform_(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
-dense_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
-
-def uniform_bias_init(fan_in):
-    """torch.nn.Linear's default bias init, U(+-1/sqrt(fan_in)), which needs the fan-in.
-
-    Args:
-      fan_in: number of inputs of the layer.
-    Returns:
-      an initializer `(key, shape, dtype) -> array`.
-    """
-    bound = fan_in ** -0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-class BatchNorm(nn.BatchNorm):
-    """`nn.BatchNorm` that also runs under strict dtype promotion.
-
-    With a bfloat16 input, flax's BatchNorm computes its statistics in float32 and mixes
-    them with the input by implicit promotion, which `jax.numpy_dtype_promotion("strict")`
-    rejects. That promotion is intended (statistics in float32, as airbench keeps its
-    BatchNorms in float32), so it is allowed here and only here.
-    """
-
-    def __call__(self, x, *args, **kwargs):
-        """Normalises x, (..., C), over all axes but the last; returns (..., C) in `dtype`."""
-        with jax.numpy_dtype_promotion("standard"):
-            return super().__call__(x, *args, **kwargs)
 
 
 def batch_norm(train, dtype, param_dtype, name):
@@ -62,10 +28,10 @@ def batch_norm(train, dtype, param_dtype, name):
       dtype, param_dtype: compute and storage dtypes.
       name: the module's name (torchvision's, e.g. "bn1").
     Returns:
-      a `BatchNorm` over the last (channel) axis.
+      a `layers.BatchNorm` over the last (channel) axis.
     """
-    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=dtype, param_dtype=param_dtype, name=name)
+    return layers.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def shortcut(x, features, strides, conv, norm):
@@ -201,8 +167,9 @@ class ResNet(nn.Module):
                                    dtype=self.dtype, param_dtype=self.param_dtype,
                                    name=f"layer{i + 1}_{j}")(x, train)
         x = jnp.mean(x, axis=(1, 2))  # global average pool: (B, C)
-        return nn.Dense(self.num_classes, kernel_init=dense_init,
-                        bias_init=uniform_bias_init(x.shape[-1]),
+        # torch.nn.Linear's default init: kernel and bias U(+-1/sqrt(fan_in)).
+        return nn.Dense(self.num_classes, kernel_init=layers.torch_kernel_init,
+                        bias_init=layers.torch_uniform_init(x.shape[-1]),
                         dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
 
 

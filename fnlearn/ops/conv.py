@@ -5,40 +5,33 @@
 with `lax.platform_dependent`, so user code never changes and GPU/TPU programs are
 exactly what lax would build.
 
-What runs on CPU, per case and direction (measured on a 2-core AVX-512 Xeon, jax 0.10.2,
-alternatives interleaved in one process; the flag is in `fnlearn.ops.flags`):
+What runs on CPU, per case (alternatives were timed interleaved in one process; the
+figures are in docs/performance.md):
 
-- k x k convolutions (k > 1): lax's own convolution, in all three directions, but
-  with the kernel- and input-gradient convolutions spelt in the operand layouts XLA:CPU's
-  Eigen convolution takes (input (C, H, W, N) and output gradient (H, W, N, C) for the
-  kernel gradient; the kernel stored (kh, kw, O, I) for the input gradient). A
-  `custom_jvp` writes the tangent in those layouts, so JAX's transposes of it are
-  those convolutions. In a jitted step this is the program XLA builds anyway (XLA
-  inserts the same transposes); the difference is inside a `lax.scan`, `fori_loop`
-  or `cond`: XLA:CPU rewrites convolutions into Eigen's layouts only in a program's
-  top level, and a gradient convolution it leaves as it is runs as a plain loop nest,
-  30-60x slower (a 3x3 kernel gradient, 8x16x16x64 input, 32 filters: 35 ms in a `fori_loop`
-  against 0.8 ms). With this spelling, the compiled run (`fit(..., compiled=True)`)
-  of a conv net runs its convolutions at full speed. Forward mode (`jax.jvp`,
-  Hessian-vector products) keeps working: the `custom_jvp` is plain lax.
-  With YNNPACK convolutions turned off (`fnlearn.ops.flags`), XLA's Eigen convolution reached
-  150-280 GFLOP/s (forward), 130-270 (input grad) and 85-255 (kernel grad) per CPU
-  second on the FastNet and ResNet-18 layers. Every dot-based rewrite measured lost
-  to it in every direction: im2col + one dot (1.5-5x slower: XLA:CPU builds the
-  9-tap patch matrix at 1-3 GB/s), per-tap 1x1 dots (2-4x), dot-then-shift-add (3-10x),
-  and a one-conv kernel grad over a tall image (1.2-1.4x). Winograd F(2x2,3x3) and
-  F(4x4,3x3) forward took 0.9-2.9x its time on ResNet-18's layers (its dots are fast,
-  but XLA:CPU writes the transformed input at 1-1.6 GB/s), so it is not used either.
-  bfloat16 operands with float32 accumulation gain nothing here: this XLA build has
-  no AVX512-BF16 dot kernel (bf16 dots ran at 0.6-0.9x the float32 speed), and XLA
-  already runs a bf16 convolution in float32.
+- k x k convolutions (k > 1): lax's own convolution in all three directions, with the
+  kernel- and input-gradient convolutions spelt in the operand layouts XLA:CPU's Eigen
+  convolution takes (input (C, H, W, N) and output gradient (H, W, N, C) for the kernel
+  gradient; the kernel stored (kh, kw, O, I) for the input gradient). A `custom_jvp`
+  writes the tangent in those layouts, so JAX's transposes of it are those convolutions.
+  At a program's top level XLA builds this anyway (it inserts the same transposes),
+  but XLA:CPU puts convolutions in Eigen's layouts only there: inside a `lax.scan`,
+  `fori_loop` or `cond` a gradient convolution left as it is runs as a plain loop
+  nest, many times slower. With this spelling the compiled run (`fit(..., compiled=True)`) of a conv net
+  runs its convolutions at full speed, and forward mode (`jax.jvp`, Hessian-vector
+  products) keeps working: the `custom_jvp` is plain lax.
+  Eigen's convolution (with YNNPACK's turned off in `fnlearn.ops.flags`) beat every
+  dot-based rewrite measured, in every direction: im2col + one dot, per-tap 1x1 dots,
+  dot-then-shift-add, a one-conv kernel grad over a tall image. Winograd F(2x2,3x3) and
+  F(4x4,3x3) forward were mostly slower too: their dots are fast, but XLA:CPU writes
+  the transformed input slowly, as it does im2col's patch matrix. bfloat16 operands
+  gain nothing: this XLA build has no AVX512-BF16 dot kernel, and XLA already runs a
+  bf16 convolution in float32.
 - 1 x 1 convolutions (ResNet shortcuts and bottlenecks): one 2-D dot on the strided
   input. Its kernel grad is then a dot contracting the leading axis of both operands,
   which Eigen reads transposed in place, where the native kernel grad first copies
-  both operands into transposed layouts: 2-4x faster kernel grads, forward and input
-  grad the same or better. Plain `jnp.dot` is used, not a `custom_vjp`: the
-  transposes autodiff derives are already these best lowerings, and forward-mode AD
-  (`jax.jvp`, `jacfwd`) keeps working.
+  both operands into transposed layouts; forward and input grad are no slower. Plain
+  `jnp.dot` is used, not a `custom_vjp`: the transposes autodiff derives are already
+  these best lowerings, and forward-mode AD (`jax.jvp`, `jacfwd`) keeps working.
 """
 import functools
 

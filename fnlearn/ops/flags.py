@@ -6,22 +6,19 @@ import fnlearn before running any JAX code. A flag the user already set in
 `XLA_FLAGS` is left as the user set it. They are `xla_cpu_*` flags: other backends
 ignore them.
 
-Measured on a 2-core AVX-512 Xeon (jax 0.10.2), variants compiled with
-`jax.jit(..., compiler_options=...)` and timed interleaved in one process:
+Each was chosen by compiling variants with `jax.jit(..., compiler_options=...)` and
+timing them interleaved in one process (figures: docs/performance.md):
 
 - kept: YNNPACK convolutions off (XLA:CPU's default hands convolutions to YNNPACK).
-  XLA's Eigen convolution is 1.5-5x faster on every CIFAR-size layer measured, most of
-  all for kernel gradients, which YNNPACK ran at 14-60 GFLOP/s: the FastNet train step
-  (batch 512) went 1.7-1.9x faster, ResNet-18 (batch 128) 1.5x.
-- kept: YNNPACK dots off too. No change on the FastNet step, but the small-matmul
-  SimpleNet (784-128-10, batch 64) train step ran 1.3x faster (compiled run 3365-3579
-  against 2598-2657 steps/s, idle machine, `experiments.bench simple_net`).
-- not kept, within noise (+-3%) on the FastNet step: `xla_cpu_prefer_vector_width=512`,
-  `xla_cpu_enable_fast_math`, Eigen instead of YNNPACK for dots, and glibc `mallopt`
-  keeping freed memory mapped (which does speed up single big copies 2-3x).
-- not kept, slower: YNNPACK for elementwise fusions (0.7x), XLA's loops instead of
-  YNNPACK for reductions (0.96x). oneDNN (`xla_cpu_use_onednn`) is not wired into
-  this jaxlib's CPU pipeline: the flags change nothing.
+  XLA's Eigen convolution is faster on every CIFAR-size layer measured, most of all
+  for kernel gradients, so conv nets' train steps are faster.
+- kept: YNNPACK dots off too. The FastNet step does not change, but small-matmul
+  steps (SimpleNet, 784-128-10) are faster.
+- not kept, no gain on the FastNet step: `xla_cpu_prefer_vector_width=512`,
+  `xla_cpu_enable_fast_math`, and glibc `mallopt` keeping freed memory mapped.
+- not kept, slower: YNNPACK for elementwise fusions, XLA's loops instead of YNNPACK
+  for reductions. oneDNN (`xla_cpu_use_onednn`) is not wired into this jaxlib's CPU
+  pipeline: its flags change nothing.
 """
 import os
 

@@ -5,9 +5,8 @@
 max over the window positions of the blocked input, and keeps each window's first
 arg-max as int8; the gradient is then one fused select that routes each output
 gradient to its arg-max. XLA's select-and-scatter (the gradient of `reduce_window`)
-lowers on CPU to iota/scatter/reduce-window loops: in the FastNet train step (batch 512)
-this pool made the whole step 1.2x faster. Other pools, and all non-CPU backends, are
-`nn.max_pool`.
+lowers on CPU to iota/scatter/reduce-window loops, which cost the FastNet train step
+more than this select does. Other pools, and all non-CPU backends, are `nn.max_pool`.
 
 Ties: the gradient goes to the first maximum of a window in row-major order, which is
 the element select-and-scatter picks, so gradients equal `nn.max_pool`'s exactly,

@@ -1,7 +1,7 @@
 """CIFAR-10 classification: airbench94's recipe by default, ResNets as a variant.
 
 The default is the design behind the public CIFAR-10 speed record, airbench94
-(Keller Jordan, 2024: 94.01% in 3.09 s on one A100), written as pure JAX functions:
+(Keller Jordan, 2024), written as pure JAX functions:
 a frozen patch-whitening stem, Nesterov SGD with a triangular schedule, BatchNorm
 biases at 64x the learning rate, label smoothing, alternating flip and translate,
 lookahead to a weight average every 5 steps, and flip+translate test-time augmentation.
@@ -21,8 +21,9 @@ from fnlearn.checkpoint import Checkpoints
 from fnlearn.data import augment
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import confusion_matrix
-from fnlearn.train import TrainState, cross_entropy, make_schedule, make_train_step
-from fnlearn.train.progress import StepProgress
+from fnlearn.train import (History, StepProgress, TrainingDiverged, TrainState, batched, chunks, cross_entropy,
+                           epoch_order, make_schedule, make_train_step, scan_steps)
+from fnlearn.train.loop import first_nonfinite_step
 
 
 def _field(default, help):
@@ -115,19 +116,40 @@ PRESETS = {
 }
 
 
-def make_cifar_optimizer(cfg, params, total_steps, steps_per_epoch):
-    """airbench's optimizer groups as one optax transform, for a mean (not summed) loss.
+def sgd_rates(cfg):
+    """`(lr, decay)`: the config's airbench units as SGD's rate and coupled decay for a mean loss.
 
     airbench steps PyTorch's SGD with lr = cfg.lr / k, k = 1024·(1 + 1/(1-momentum)), on
     a loss summed over the batch, and coupled decay cfg.weight_decay / cfg.lr. For the
-    mean loss that is lr·B/k with the same coupled decay. Groups: the whitening kernel
-    is frozen; its bias trains for `whiten_bias_epochs`; BatchNorm biases get
-    `bias_lr_scale`x the lr and 1/`bias_lr_scale` of the decay coefficient (so the same
-    decay per step); all else the plain rate.
+    mean loss that is lr·B/k with the same coupled decay.
     """
     k = 1024 * (1 + 1 / (1 - cfg.momentum))
-    lr = cfg.lr * cfg.batch_size / k
-    decay = cfg.weight_decay / cfg.lr
+    return cfg.lr * cfg.batch_size / k, cfg.weight_decay / cfg.lr
+
+
+def param_labels(params):
+    """Each parameter's optimizer group, for `optax.multi_transform`: "whiten_kernel",
+    "whiten_bias" (a whitening stem's), "bn_bias" (BatchNorm biases) or "other"."""
+    def label(path, _):
+        names = [k.key for k in path]
+        if names[0] == "whiten":
+            return f"whiten_{names[-1]}"
+        if any("bn" in n or "BatchNorm" in n for n in names) and names[-1] == "bias":
+            return "bn_bias"
+        return "other"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_cifar_optimizer(cfg, params, total_steps, steps_per_epoch):
+    """airbench's optimizer groups as one optax transform, for a mean (not summed) loss.
+
+    The rates are `sgd_rates(cfg)`'s. Groups: the whitening kernel is frozen; its bias
+    trains for `whiten_bias_epochs`; BatchNorm biases get `bias_lr_scale`x the lr and
+    1/`bias_lr_scale` of the decay coefficient (so the same decay per step); all else
+    the plain rate.
+    """
+    lr, decay = sgd_rates(cfg)
     shape = make_schedule("triangular", 1.0, total_steps)
     whiten_steps = cfg.whiten_bias_epochs * steps_per_epoch
 
@@ -141,7 +163,7 @@ def make_cifar_optimizer(cfg, params, total_steps, steps_per_epoch):
     return optax.multi_transform(
         {"whiten_kernel": optax.set_to_zero(), "whiten_bias": sgd(1.0, whiten_steps),
          "bn_bias": sgd(cfg.bias_lr_scale), "other": sgd(1.0)},
-        models.param_labels(params))
+        param_labels(params))
 
 
 def lookahead(state, total_steps, every):
@@ -191,52 +213,43 @@ def make_train_fn(cfg, images, labels, total_steps):
         return state, metrics
 
     def train(state, indices, epoch):
-        return jax.lax.scan(lambda state, idx: one_step(state, idx, epoch), state, indices)
+        return scan_steps(partial(one_step, epoch=epoch))(state, indices)
 
     return train
 
 
 def make_predict_fn(cfg, apply_fn, tta):
-    """`predict(variables, uint8 images) -> float32 logits`, with TTA if asked."""
+    """`predict(variables, uint8 images) -> float32 logits`, with TTA if asked, `cfg.eval_batch_size`
+    images at a time."""
     dtype = cfg.compute_dtype
 
     def predict(variables, images):
         def logits(x):
             return apply_fn(variables, x, train=False).astype(jnp.float32)
-        x = augment.normalize(images, augment.CIFAR10_MEAN, augment.CIFAR10_STD, dtype)
-        return augment.tta_logits(logits, x) if tta else logits(x)
+
+        def batch_logits(batch):
+            x = augment.normalize(batch, augment.CIFAR10_MEAN, augment.CIFAR10_STD, dtype)
+            return augment.tta_logits(logits, x) if tta else logits(x)
+
+        return batched(batch_logits, images, cfg.eval_batch_size)
 
     return predict
 
 
-def batched_logits(predict, variables, images, batch_size):
-    """Logits for every image, computed `batch_size` at a time (the last batch padded)."""
-    n = images.shape[0]
-    pad = -n % batch_size
-    padded = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
-    out = [predict(variables, padded[i:i + batch_size]) for i in range(0, n + pad, batch_size)]
-    return jnp.concatenate(out)[:n]
-
-
-def build_state(cfg, dataset, key):
-    """A TrainState for `cfg.model`, its whitening stem (if any) set from training images."""
-    dtype = cfg.compute_dtype
-    model = models.get(cfg.model, num_classes=len(dataset.class_names), dtype=dtype)
-    sample = dataset.train_images[:5000]
-    variables = model.init(key, jnp.zeros((1, *sample.shape[1:]), jnp.float32))
-    if "whiten" in variables["params"]:
-        normed = augment.normalize(jnp.asarray(sample), augment.CIFAR10_MEAN, augment.CIFAR10_STD)
-        variables = models.with_whitening(variables, normed)
-    return model, variables
-
-
-def _chunks(steps, size):
-    """`steps` (a range) cut into consecutive ranges of `size` (the last may be shorter)."""
-    return [steps[i:i + size] for i in range(0, len(steps), size)]
-
-
-class TrainingDiverged(FloatingPointError):
-    """The training loss became NaN or Inf; the message names the epoch and the last checkpoint."""
+def create_state(cfg, key, train_images, num_classes, total_steps, steps_per_epoch):
+    """The run's starting TrainState: `cfg.model` initialised from `key` (and from the
+    training images where the registry declares a data-dependent init, as FastNet's
+    whitening stem), the recipe's optimizer, and the weight average if lookahead is on."""
+    model = models.get(cfg.model, num_classes=num_classes, dtype=cfg.compute_dtype)
+    variables = model.init(key, jnp.zeros((1, *train_images.shape[1:]), jnp.float32))
+    if data_init := models.data_init(cfg.model):
+        sample = jnp.asarray(train_images[:5000])
+        variables = data_init(variables, augment.normalize(sample, augment.CIFAR10_MEAN, augment.CIFAR10_STD))
+    tx = make_cifar_optimizer(cfg, variables["params"], total_steps, steps_per_epoch)
+    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
+    if cfg.lookahead_every:
+        state = state.replace(ema_params=jax.tree.map(jnp.copy, state.variables))
+    return state
 
 
 class ConfigError(ValueError):
@@ -308,9 +321,36 @@ def _chance_warning(num_classes, accuracy, loss=None):
     return None
 
 
+@dataclasses.dataclass
+class RunResult:
+    """One run's outcome.
+
+    Attributes:
+      test_accuracy: the final evaluation's (with TTA if `cfg.tta`).
+      test_accuracy_plain: the last epoch's plain evaluation.
+      train_seconds: training only: no compilation, no evaluation.
+      compile_seconds, eval_seconds: the latter is every evaluation's;
+      final_eval_seconds: the final evaluation's alone.
+      history: the per-epoch `History`.
+      confusion: the final evaluation's counts, a list of rows, row = true class.
+      steps: the run's optimizer steps.
+      state: the final TrainState.
+    """
+    test_accuracy: float
+    test_accuracy_plain: float
+    train_seconds: float
+    compile_seconds: float
+    eval_seconds: float
+    final_eval_seconds: float
+    history: History
+    confusion: list
+    steps: int
+    state: TrainState
+
+
 def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False, log=print,
                        progress=True, on_epoch=None):
-    """Trains one run of `cfg` on `dataset` and evaluates it; returns a result dict.
+    """Trains one run of `cfg` on `dataset` and evaluates it; returns a `RunResult`.
 
     Args:
       cfg: a `CifarConfig`.
@@ -323,12 +363,6 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
       log: where the per-epoch table and warnings go.
       on_epoch: called as `on_epoch(epoch, record)` after each epoch trained in this
         call (1-based epoch; `record` maps each history name to the epoch's value).
-    Returns:
-      dict with `test_accuracy` (with TTA if `cfg.tta`), `test_accuracy_plain`,
-      `train_seconds` (training only: no compilation, no evaluation), `compile_seconds`,
-      `eval_seconds` (every evaluation), `final_eval_seconds` (the last one, with TTA if
-      `cfg.tta`), `history` (per epoch), `confusion` (list of rows, row = true class),
-      `state`.
     Raises:
       ConfigError: the config does not fit the data or the saved run.
       TrainingDiverged: the training loss became NaN or Inf.
@@ -344,38 +378,34 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     def epoch_steps(epoch):
         return min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
 
-    init_key, shuffle_key = jax.random.split(jax.random.key(cfg.seed))
-    model, variables = build_state(cfg, dataset, init_key)
-    tx = make_cifar_optimizer(cfg, variables["params"], total_steps, steps_per_epoch)
-    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
-    if cfg.lookahead_every:
-        state = state.replace(ema_params=jax.tree.map(jnp.copy, state.variables))
-
-    history = {"train_loss": [], "train_accuracy": [], "test_accuracy": [], "epoch_seconds": []}
-    start_epoch, train_seconds = 0, 0.0
+    init_key, order_key = jax.random.split(jax.random.key(cfg.seed))
+    # The whitening stem is set from the whole training set's first images, as in every measured
+    # run (a folder keeps class order, so they are of few classes; a subset does not change them).
+    state = create_state(cfg, init_key, dataset.train_images, num_classes, total_steps, steps_per_epoch)
+    history, start_epoch, train_seconds = History(), 0, 0.0
     checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
     if latest is not None:
         state, meta = checkpoints.restore(state, latest)
-        start_epoch, train_seconds, history = meta["epoch"], meta["train_seconds"], meta["history"]
+        start_epoch, train_seconds = meta["epoch"], meta["train_seconds"]
+        # Checkpoints from before the shared history names called eval_accuracy test_accuracy.
+        history = History({"eval_accuracy" if k == "test_accuracy" else k: v for k, v in meta["history"].items()})
         log(f"resumed from {checkpoints.directory}/{start_epoch} (epoch {start_epoch} of {n_epochs})")
 
     images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
     test_images = jnp.asarray(test_x)
     t0 = time.perf_counter()
     train_fn = jax.jit(make_train_fn(cfg, images, labels, total_steps), donate_argnums=0)
-    chunk = partial(_chunks, size=cfg.steps_per_execution)
     # One program per chunk length an epoch uses (a shorter last chunk gets its own).
-    lengths = {len(c) for epoch in range(start_epoch, n_epochs) for c in chunk(range(epoch_steps(epoch)))}
+    lengths = {len(c) for epoch in range(start_epoch, n_epochs)
+               for c in chunks(epoch_steps(epoch), cfg.steps_per_execution)}
     train_fns = {n: train_fn.lower(state, jax.ShapeDtypeStruct((n, cfg.batch_size), jnp.int32), 0).compile()
                  for n in lengths}
-    eval_fns = {tta: jax.jit(make_predict_fn(cfg, model.apply, tta)) for tta in {False, cfg.tta}}
-    eval_shape = jax.ShapeDtypeStruct((cfg.eval_batch_size, *test_images.shape[1:]), test_images.dtype)
-    eval_fns = {tta: f.lower(state.variables, eval_shape).compile() for tta, f in eval_fns.items()}
+    eval_fns = {tta: jax.jit(make_predict_fn(cfg, state.apply_fn, tta)).lower(state.variables, test_images)
+                .compile() for tta in {False, cfg.tta}}
     compile_seconds = time.perf_counter() - t0
 
     def evaluate(tta):
-        logits = batched_logits(eval_fns[tta], state.variables, test_images, cfg.eval_batch_size)
-        predictions = np.asarray(jnp.argmax(logits, -1))
+        predictions = np.asarray(jnp.argmax(eval_fns[tta](state.variables, test_images), -1))
         return float(np.mean(predictions == test_y)), predictions
 
     eval_seconds, warned = 0.0, None
@@ -383,41 +413,37 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         log(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'test acc':>8} {'seconds':>8}")
     for epoch in range(start_epoch, n_epochs):
         steps = epoch_steps(epoch)
-        order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), len(train_x))
-        order = order[: steps_per_epoch * cfg.batch_size].reshape(steps_per_epoch, cfg.batch_size)
+        order = epoch_order(order_key, epoch, len(train_x), cfg.batch_size)
         t_epoch = time.perf_counter()
         metrics = []
         with StepProgress(steps, f"epoch {epoch + 1}/{n_epochs}", cfg.batch_size, disable=not progress) as bar:
-            for c in chunk(range(steps)):
+            for c in chunks(steps, cfg.steps_per_execution):
                 state, m = train_fns[len(c)](state, order[c.start:c.stop], epoch)
                 metrics.append(m)
                 bar.dispatched(len(c), m["loss"])
-        metrics = jax.device_get(jax.tree.map(lambda *v: jnp.concatenate(v).mean(), *metrics))
+        metrics = jax.device_get(jax.tree.map(lambda *v: jnp.concatenate(v), *metrics))
         seconds = time.perf_counter() - t_epoch
         train_seconds += seconds
-        if not np.isfinite(metrics["loss"]):
-            where = (f"the last good checkpoint is {checkpoints.directory}/{epoch}"
-                     if checkpoints and epoch else "no checkpoint was written")
-            raise TrainingDiverged(f"training loss became {metrics['loss']} in epoch {epoch + 1}; {where}. "
-                                   f"Try a lower --lr.")
+        if (bad := first_nonfinite_step(metrics["loss"])) is not None:
+            last_good = f"{checkpoints.directory}/{epoch}" if checkpoints and epoch else None
+            raise TrainingDiverged(epoch * steps_per_epoch + bad, checkpoint=last_good, epoch=epoch + 1)
+        loss, accuracy = float(metrics["loss"].mean()), float(metrics["accuracy"].mean())
         if epoch and not warned:  # a first epoch may well end near chance
-            warned = _chance_warning(num_classes, float(metrics["accuracy"]), float(metrics["loss"]))
+            warned = _chance_warning(num_classes, accuracy, loss)
             if warned:
                 log(f"warning: after epoch {epoch + 1}, {warned}. Check the labels, or try a lower --lr")
         t_eval = time.perf_counter()
-        test_accuracy, _ = evaluate(False)
+        eval_accuracy, _ = evaluate(False)
         eval_seconds += time.perf_counter() - t_eval
-        record = {"train_loss": float(metrics["loss"]), "train_accuracy": float(metrics["accuracy"]),
-                  "test_accuracy": test_accuracy, "epoch_seconds": seconds}
-        for name, value in record.items():
-            history[name].append(value)
+        record = {"train_loss": loss, "train_accuracy": accuracy, "eval_accuracy": eval_accuracy,
+                  "epoch_seconds": seconds}
+        history.append(record)
         if checkpoints:
             checkpoints.save(epoch + 1, state, {"epoch": epoch + 1, "train_seconds": train_seconds,
                                                 "history": history, "config": dataclasses.asdict(cfg)})
         if on_epoch:
             on_epoch(epoch + 1, record)
-        log(f"{epoch + 1:>5} {metrics['loss']:>10.4f} {metrics['accuracy']:>9.4f} "
-            f"{test_accuracy:>8.4f} {seconds:>8.1f}")
+        log(f"{epoch + 1:>5} {loss:>10.4f} {accuracy:>9.4f} {eval_accuracy:>8.4f} {seconds:>8.1f}")
     if checkpoints:
         checkpoints.close()
 
@@ -425,10 +451,10 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     final_accuracy, predictions = evaluate(cfg.tta)
     final_eval_seconds = time.perf_counter() - t_eval
     eval_seconds += final_eval_seconds
-    confusion = confusion_matrix(test_y, predictions, num_classes)
     if warning := _chance_warning(num_classes, final_accuracy):
         log(f"warning: {warning}. Check the labels, or try a lower --lr")
-    return {"test_accuracy": final_accuracy, "test_accuracy_plain": history["test_accuracy"][-1],
-            "train_seconds": train_seconds, "compile_seconds": compile_seconds,
-            "eval_seconds": eval_seconds, "final_eval_seconds": final_eval_seconds, "history": history,
-            "confusion": confusion.tolist(), "steps": total_steps, "state": state}
+    return RunResult(test_accuracy=final_accuracy, test_accuracy_plain=history["eval_accuracy"][-1],
+                     train_seconds=train_seconds, compile_seconds=compile_seconds, eval_seconds=eval_seconds,
+                     final_eval_seconds=final_eval_seconds, history=history,
+                     confusion=confusion_matrix(test_y, predictions, num_classes).tolist(), steps=total_steps,
+                     state=state)

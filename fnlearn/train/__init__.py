@@ -1,17 +1,22 @@
-"""Training core: state, losses, optimizers, pure steps and the fit loop.
+"""Training core: state, losses, optimizers, pure steps, the shared loop pieces and `fit`.
 
 It takes a model's `apply` and arrays as arguments; it imports no model.
 """
-from fnlearn.train.fit import epoch_batches
 from fnlearn.train.fit import fit
 from fnlearn.train.grads import accumulate_gradients
+from fnlearn.train.loop import History
+from fnlearn.train.loop import TrainingDiverged
+from fnlearn.train.loop import batched
+from fnlearn.train.loop import chunks
+from fnlearn.train.loop import epoch_order
+from fnlearn.train.loop import scan_steps
 from fnlearn.train.losses import accuracy
 from fnlearn.train.losses import cross_entropy
 from fnlearn.train.losses import mse
 from fnlearn.train.optim import decay_mask
 from fnlearn.train.optim import make_optimizer
 from fnlearn.train.optim import make_schedule
+from fnlearn.train.progress import StepProgress
 from fnlearn.train.state import TrainState
-from fnlearn.train.steps import NonFiniteError
 from fnlearn.train.steps import make_eval_step
 from fnlearn.train.steps import make_train_step

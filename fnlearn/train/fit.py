@@ -7,52 +7,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fnlearn.train.loop import History, TrainingDiverged, epoch_order, scan_steps
 from fnlearn.train.losses import cross_entropy
 from fnlearn.train.progress import StepProgress
-from fnlearn.train.steps import NonFiniteError, first_nonfinite, make_eval_step, make_train_step
+from fnlearn.train.steps import first_nonfinite, make_eval_step, make_train_step
 
 
-def epoch_batches(x, y, key, epoch, batch_size, shuffle=True):
-    """One epoch of batches, stacked: (steps, batch_size, ...). Drops the last partial batch.
-
-    The order comes from `fold_in(key, epoch)`, so both `fit` modes see the same batches.
-    """
-    n = x.shape[0]
-    steps = n // batch_size
-    if shuffle:
-        idx = jax.random.permutation(jax.random.fold_in(key, epoch), n)[: steps * batch_size]
-    else:
-        idx = jnp.arange(steps * batch_size)
-    idx = idx.reshape(steps, batch_size)
-    return x[idx], y[idx]
-
-
-def _evaluate_batches(eval_step, state, x, y, batch_size):
-    """Mean eval metrics over (x, y), in full batches plus one remainder batch."""
-    n = x.shape[0]
-    full = n // batch_size * batch_size
-    parts, weights = [], []
-    if full:
-        xb = x[:full].reshape(-1, batch_size, *x.shape[1:])
-        yb = y[:full].reshape(-1, batch_size, *y.shape[1:])
-        m = lax.map(lambda b: eval_step(state, b), (xb, yb))
-        parts.append(jax.tree.map(lambda v: v.mean(0), m))
-        weights.append(full)
-    if n > full:
-        parts.append(eval_step(state, (x[full:], y[full:])))
-        weights.append(n - full)
-    return jax.tree.map(lambda *vs: sum(v * w for v, w in zip(vs, weights)) / n, *parts)
-
-
-def _check(metrics, step0, state):
-    """Raises NonFiniteError for the first non-finite step in stacked (steps,) metrics."""
+def _diverged(metrics, step0, state):
+    """TrainingDiverged for the first non-finite step in stacked (steps,) metrics, if any."""
     ok = np.asarray(metrics["all_finite"]).reshape(-1)
     if ok.all():
-        return
+        return None
     i = int(np.argmin(ok))
     finite = jax.tree.map(lambda f: np.asarray(f).reshape(-1)[i], metrics["finite"])
-    leaf = first_nonfinite(finite) or "loss"
-    raise NonFiniteError(step0 + i, leaf, state)
+    return TrainingDiverged(step0 + i, first_nonfinite(finite) or "loss", state=state)
+
+
+def _epoch_means(metrics):
+    """`train_*` epoch means of a step's stacked metrics (the finite flags left out)."""
+    return {f"train_{k}": v.mean() for k, v in metrics.items() if k not in ("finite", "all_finite")}
 
 
 def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entropy, eval_data=None,
@@ -64,100 +37,91 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
       state: a `TrainState`.
       train_data: `(x, y)` arrays; the first axis is the example axis.
       epochs: passes over the data.
-      key: PRNG key for shuffling; epoch e uses `fold_in(key, e)`.
+      key: PRNG key for shuffling; epoch e uses `fold_in(key, e)` (`loop.epoch_order`).
       batch_size: examples per step; None means the whole set (full-batch).
-      eval_data: optional `(x, y)`, evaluated after every epoch (`eval_loss`, ...).
+      eval_data: optional `(x, y)`, evaluated after every epoch, `batch_size` at a time.
       clip_norm, check_finite: see `make_train_step`. With `check_finite`, a
-        non-finite step raises `NonFiniteError` naming the step and the first
+        non-finite step raises `TrainingDiverged` naming the step and the first
         non-finite parameter; the error carries the last finite state.
       compiled: run every epoch inside one jitted `lax.scan` (one program, no
         per-step dispatch). Gives the same params as the step-by-step loop.
       log_every: print the epoch's metrics every this many epochs (0: never).
     Returns:
-      history: dict of per-epoch lists: `loss`, `grad_norm` (epoch means),
-        `accuracy` for classification, `eval_*` when `eval_data` is given, and
-        `seconds` (wall-clock of each epoch; with `compiled`, the whole run's time
-        spread evenly, compile excluded).
+      history: a `History`: `train_loss`, `train_grad_norm`, `train_accuracy` for
+        classification, `eval_loss` and `eval_accuracy` when `eval_data` is given, and
+        `epoch_seconds` (with `compiled`, the whole run's time spread evenly, compile
+        excluded; the compile time is then `history["compile_seconds"]`).
     """
     x, y = (jnp.asarray(a) for a in train_data)
     batch_size = batch_size or x.shape[0]
     if x.shape[0] < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the {x.shape[0]} training examples")
     train_step = make_train_step(loss_fn, clip_norm=clip_norm, check_finite=check_finite)
-    eval_step = make_eval_step(loss_fn)
+    eval_step = make_eval_step(loss_fn, batch_size)
     steps_per_epoch = x.shape[0] // batch_size
+    if eval_data is not None:
+        eval_data = tuple(jnp.asarray(a) for a in eval_data)
 
     def epoch_eval(state):
         if eval_data is None:
             return {}
-        m = _evaluate_batches(eval_step, state, *eval_data, batch_size)
-        return {f"eval_{k}": v for k, v in m.items()}
+        return {f"eval_{k}": v for k, v in eval_step(state, eval_data).items()}
 
-    history = {}
+    history = History()
 
     def record(epoch, metrics, seconds, write=log):
-        for k, v in metrics.items():
-            history.setdefault(k, []).append(float(v))
-        history.setdefault("seconds", []).append(seconds)
+        history.append({**metrics, "epoch_seconds": seconds})
         if log_every and (epoch + 1) % log_every == 0:
             write(f"epoch {epoch + 1:4d}  " + "  ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
 
-    def summarize(m):
-        return {k: v.mean() for k, v in m.items() if k not in ("finite", "all_finite")}
-
-    if eval_data is not None:
-        eval_data = tuple(jnp.asarray(a) for a in eval_data)
+    def gathered_step(carry, idx):
+        """One step on the examples `idx`; with `check_finite`, a halted run keeps its last finite state."""
+        state, halted = carry
+        new, m = train_step(state, (x[idx], y[idx]))
+        if check_finite:
+            halted = halted | ~m["all_finite"]
+            new = jax.tree.map(lambda a, b: jnp.where(halted, b, a), new, state)
+        return (new, halted), m
 
     if compiled:
         @partial(jax.jit, donate_argnums=0)
-        def run(state, x, y):
+        def run(state):
             def epoch(carry, e):
-                state, halted = carry
-                xb, yb = epoch_batches(x, y, key, e, batch_size, shuffle)
-
-                def step(carry, batch):
-                    state, halted = carry
-                    new, m = train_step(state, batch)
-                    if check_finite:
-                        halted = halted | ~m["all_finite"]
-                        new = jax.tree.map(lambda a, b: jnp.where(halted, b, a), new, state)
-                    return (new, halted), m
-
-                (state, halted), m = lax.scan(step, (state, halted), (xb, yb))
-                return (state, halted), (m, summarize(m), epoch_eval(state))
+                carry, m = scan_steps(gathered_step)(carry, epoch_order(key, e, x.shape[0], batch_size, shuffle))
+                return carry, (m, _epoch_means(m), epoch_eval(carry[0]))
 
             (state, _), out = lax.scan(epoch, (state, jnp.array(False)), jnp.arange(epochs))
             return state, out
 
         t0 = time.perf_counter()
-        compiled_run = run.lower(state, x, y).compile()
+        compiled_run = run.lower(state).compile()
         history["compile_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        state, (steps_m, epoch_m, eval_m) = jax.block_until_ready(compiled_run(state, x, y))
+        state, (steps_m, epoch_m, eval_m) = jax.block_until_ready(compiled_run(state))
         seconds = (time.perf_counter() - t0) / epochs
-        if check_finite:
-            _check(steps_m, 0, state)
+        if check_finite and (error := _diverged(steps_m, 0, state)):
+            raise error
         for e in range(epochs):
             record(e, {k: v[e] for k, v in {**epoch_m, **eval_m}.items()}, seconds)
         return state, history
 
-    step_fn = jax.jit(train_step, donate_argnums=0)
-    batches_fn = jax.jit(epoch_batches, static_argnums=(4, 5))
+    step_fn = jax.jit(lambda state, idx: gathered_step((state, jnp.array(False)), idx), donate_argnums=0)
+    order_fn = jax.jit(epoch_order, static_argnums=(2, 3, 4))
     eval_fn = jax.jit(epoch_eval)
     with StepProgress(epochs * steps_per_epoch, "fit", batch_size, unit="ex", disable=not progress) as bar:
         for e in range(epochs):
             t0 = time.perf_counter()
-            xb, yb = batches_fn(x, y, key, e, batch_size, shuffle)
+            order = order_fn(key, e, x.shape[0], batch_size, shuffle)
             ms = []
             for i in range(steps_per_epoch):
-                state, m = step_fn(state, (xb[i], yb[i]))
+                (state, _), m = step_fn(state, order[i])
                 if check_finite and not bool(m["all_finite"]):
                     # The step was not applied, so `state` is the last finite state.
-                    _check(jax.tree.map(lambda v: v[None], m), e * steps_per_epoch + i, state)
+                    raise _diverged(jax.tree.map(lambda v: v[None], m), e * steps_per_epoch + i, state)
                 ms.append(m)
                 bar.dispatched(1, m["loss"])
             stacked = jax.tree.map(lambda *v: jnp.stack(v), *ms)
-            metrics = {**summarize(stacked), **eval_fn(state)}
+            metrics = {**_epoch_means(stacked), **eval_fn(state)}
             jax.block_until_ready(metrics)
             record(e, metrics, time.perf_counter() - t0, write=partial(bar.write, log=log))
     return state, history

@@ -1,7 +1,8 @@
 """PyTorch references for fnlearn's models, for the parity tests and the benchmark.
 
 The nets are written out here (torchvision is not installed), laid out so that
-`torch_state_dict` maps Flax variables onto them one to one. Layouts differ:
+`torch_state_dict` maps Flax variables onto them one to one (`twin` builds one from
+fnlearn's variables). Layouts differ:
 images are NHWC in fnlearn and NCHW in torch, conv kernels HWIO and OIHW, Dense
 kernels (in, out) and Linear weights (out, in).
 
@@ -156,6 +157,22 @@ class TorchResNet(nn.Module):
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return self.fc(x.mean(dim=(2, 3)))
+
+
+# fnlearn's registry name -> (its PyTorch twin, the map of its variables onto the twin)
+TWINS = {"cnn": (TorchCNN, cnn_state_dict), "fastnet": (TorchFastNet, torch_state_dict),
+         "resnet18": (TorchResNet, torch_state_dict)}
+
+
+def twin(model, variables):
+    """The PyTorch twin of fnlearn's `model` holding `variables`, in channels_last memory format.
+
+    What the variables lack (FastNet's frozen BatchNorm weights) keeps torch's init.
+    """
+    net_cls, to_state_dict = TWINS[model]
+    net = net_cls()
+    net.load_state_dict(to_state_dict(variables), strict=False)
+    return net.to(memory_format=torch.channels_last)
 
 
 def airbench_batch(images, indices, flip_base, epoch, translate=2):

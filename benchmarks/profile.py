@@ -1,10 +1,10 @@
 """Where a conv net's train step spends its time, in fnlearn and in PyTorch, side by side.
 
-    python -m experiments.profile fastnet            # airbench94's net, batch 512
-    python -m experiments.profile resnet18 --top 20  # ResNet-18 (CIFAR stem), batch 128
-    python -m experiments.profile fastnet --steps-per-call 2  # the compiled run's steps
+    python -m benchmarks.profile fastnet            # airbench94's net, batch 512
+    python -m benchmarks.profile resnet18 --top 20  # ResNet-18 (CIFAR stem), batch 128
+    python -m benchmarks.profile fastnet --steps-per-call 2  # the compiled run's steps
 
-Runs the same train step as `experiments.bench` (same weights, batch, optimizer;
+Runs the bench's train step (its workload: the same weights, batch and optimizer;
 PyTorch in fp32 channels_last) a few times under each framework's own profiler,
 `jax.profiler` and `torch.profiler`, and prints milliseconds per step by kind of
 work, then fnlearn's most expensive XLA ops. fnlearn's times are wall-clock: the
@@ -12,11 +12,10 @@ time during which at least one op of that kind was running. XLA runs independent
 ops concurrently (an input gradient beside a kernel gradient), so the kinds can
 add up to more than the step; "all ops" counts such overlaps once. PyTorch's are
 the profiler's self CPU time per op (its ops run one after another; under the
-profiler they add up to as much as 50% more than the unprofiled step). Takes about a
-minute per net on a 2-core CPU; run it on an idle machine, as the bench.
-`--steps-per-call K` profiles fnlearn's compiled run instead: K steps in one
-`lax.scan` per call, as the bench's compiled run and the CIFAR recipe run them; the
-times are still per step.
+profiler they add up to more than the unprofiled step). Run it on an idle machine,
+as the bench. `--steps-per-call K` profiles fnlearn's compiled run instead: K steps
+in one `lax.scan` per call, as the bench's compiled run and the CIFAR recipe run
+them; the times are still per step.
 
 Kinds: conv forward / conv backward (XLA convolutions, and 1x1 convs run as dots;
 PyTorch's mkldnn convolutions), layout copies (the transposes XLA:CPU inserts
@@ -25,17 +24,18 @@ other model ops (activations, pooling, loss), optimizer (the update, outside the
 model).
 """
 import collections
+import dataclasses
 import glob
 import re
 import tempfile
 
 import jax
-import jax.numpy as jnp
 
-from experiments import bench, cli
+from benchmarks.workloads import WORKLOADS
+from experiments import cli
 
-# name -> (PyTorch twin in experiments.torch_models, the bench's batch, the Flax module in op names)
-NETS = {"fastnet": ("TorchFastNet", 512, "FastNet"), "resnet18": ("TorchResNet", 128, "ResNet")}
+# net -> (the bench's workload of its train step, the Flax module in op names)
+NETS = {"fastnet": ("fastnet_train", "FastNet"), "resnet18": ("resnet18_train", "ResNet")}
 KINDS = ("conv forward", "conv backward", "layout copies", "batch norm", "other model ops", "optimizer")
 
 
@@ -78,7 +78,7 @@ def union_ms(intervals):
 
 
 def jax_profile(step, steps):
-    """{instruction name: [(start_ns, end_ns), ...]} of `steps` calls of `step()` (a `bench.carried` step)."""
+    """{instruction name: [(start_ns, end_ns), ...]} of `steps` calls of `step()` (a `timing.Carried`)."""
     jax.block_until_ready(step())  # warm-up
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
@@ -127,11 +127,12 @@ def torch_kind(op):
 
 def main(argv=None):
     """Prints the profile; returns {kind: (PyTorch ms, fnlearn ms)} per step."""
-    parser = cli.make_parser("profile", __doc__)
+    parser = cli.Parser(prog="python -m benchmarks.profile", description=__doc__,
+                        formatter_class=cli.HelpFormatter)
     parser.add_argument("net", choices=list(NETS), help="the net to profile: %(choices)s")
     parser.add_argument("--batch", type=cli.positive_int,
                         help="batch size (if left out: the bench's, " + ", ".join(
-                            f"{b} for {name}" for name, (_, b, _) in NETS.items()) + ")")
+                            f"{WORKLOADS[w].batch} for {net}" for net, (w, _) in NETS.items()) + ")")
     parser.add_argument("--steps", type=cli.positive_int, default=3, help="profiled steps (after one warm-up)")
     parser.add_argument("--top", type=cli.non_negative_int, default=12, help="fnlearn ops to list")
     parser.add_argument("--steps-per-call", type=cli.positive_int, default=1,
@@ -139,22 +140,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import torch
 
-    from experiments import torch_models
-
-    net_cls, batch, model = NETS[args.net]
-    batch = args.batch or batch
-    torch_step, fnlearn_step = bench.train_steps(torch, args.net, getattr(torch_models, net_cls), batch)
-    step, _ = fnlearn_step("fp32", jnp.float32, args.steps_per_call)
+    workload_name, model = NETS[args.net]
+    workload = WORKLOADS[workload_name]
+    workload = dataclasses.replace(workload, batch=args.batch or workload.batch)
+    start = workload.setup(torch, workload)
+    step, _ = workload.fnlearn_step(start, "fp32", args.steps_per_call)
     ops = hlo_ops(step.compiled.as_text())
     # A `while` (the scan) or `call` spans the ops it runs: only the ops inside count.
     jax_iv = {name: iv for name, iv in jax_profile(step, args.steps).items()
               if name in ops and ops[name][0] not in ("while", "conditional", "call")}
     fnlearn_steps = args.steps * args.steps_per_call
     jax_ms = {name: union_ms(iv) / fnlearn_steps for name, iv in jax_iv.items()}
-    torch_ms = torch_profile(torch, torch_step(False), args.steps)
+    torch_ms = torch_profile(torch, workload.torch_step(torch, start, False), args.steps)
 
     calls = f", fnlearn {args.steps_per_call} steps a call" if args.steps_per_call > 1 else ""
-    print(f"{args.net} train step, batch {batch}, fp32{calls}; ms per step (wall-clock per op)")
+    print(f"{args.net} train step, batch {workload.batch}, fp32{calls}; ms per step (wall-clock per op)")
     print(f"{'kind':<18}{'PyTorch':>10}{'fnlearn':>10}")
     table = {}
     for kind in KINDS:
