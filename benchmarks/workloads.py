@@ -208,7 +208,7 @@ def fnlearn_epoch(start, precision, steps_per_call):
     `steps_per_call` steps of the epoch a call."""
     cfg, steps_per_epoch = dataclasses.replace(start.cfg, precision=precision), len(start.order)
     state = create_state(cfg, jax.random.key(0), start.images, 10, steps_per_epoch, steps_per_epoch)
-    train = make_train_fn(cfg, *start.device, steps_per_epoch)
+    train = make_train_fn(cfg, *start.device, steps_per_epoch, jax.random.key(1))
     inputs = [(jnp.asarray(start.order[i:i + steps_per_call], jnp.int32), jnp.int32(0))  # (indices, epoch)
               for i in range(0, steps_per_epoch - steps_per_call + 1, steps_per_call)]
     compiled, compile_s = compile_timed(lambda s, b: train(s, *b), state, inputs[0])

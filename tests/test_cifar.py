@@ -55,7 +55,7 @@ def test_one_step_lowers_the_loss(tiny_dataset):
     plain = dataclasses.replace(TINY, translate=0, flip="none", lookahead_every=0)
     state = create_state(plain, jax.random.key(0), tiny_dataset.train_images, 4, total_steps=10, steps_per_epoch=5)
     images, labels = jnp.asarray(tiny_dataset.train_images), jnp.asarray(tiny_dataset.train_labels)
-    train = jax.jit(make_train_fn(plain, images, labels, total_steps=10))
+    train = jax.jit(make_train_fn(plain, images, labels, total_steps=10, key=jax.random.key(1)))
     batch = jnp.arange(16)[None]  # one step
     state, first = train(state, batch, 0)
     _, second = train(state, batch, 0)  # the same batch, unaugmented: the step must have helped
@@ -76,7 +76,7 @@ def test_steps_per_execution_changes_the_speed_not_the_run(tiny_dataset):
 def test_whitening_kernel_is_frozen_and_its_bias_stops_after_its_epochs(tiny_dataset):
     result = train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None)
     params = result.state.params
-    fresh = create_state(TINY, jax.random.split(jax.random.key(TINY.seed))[0], tiny_dataset.train_images, 4,
+    fresh = create_state(TINY, jax.random.split(jax.random.key(TINY.seed), 3)[0], tiny_dataset.train_images, 4,
                          total_steps=12, steps_per_epoch=6).params
     np.testing.assert_array_equal(params["whiten"]["kernel"], fresh["whiten"]["kernel"])
     assert not np.allclose(params["block1"]["conv1"]["kernel"], fresh["block1"]["conv1"]["kernel"])

@@ -181,12 +181,14 @@ def lookahead(state, total_steps, every):
                          ema_params=average)
 
 
-def augment_batch(cfg, key, images, indices, epoch, dtype):
-    """Flip, translate and normalise a uint8 batch (B, H, W, C) on the device."""
+def augment_batch(cfg, key, flip_base, images, indices, epoch, dtype):
+    """Flip, translate and normalise a uint8 batch (B, H, W, C) on the device.
+
+    `key` is this step's; `flip_base` is the run's, so alternating flips alternate across epochs.
+    """
     flip_key, shift_key = jax.random.split(key)
     if cfg.flip == "alternating":
-        # The base mask depends on the seed only, so alternation holds across epochs.
-        images = augment.alternating_flip(jax.random.key(cfg.seed), images, indices, epoch)
+        images = augment.alternating_flip(flip_base, images, indices, epoch)
     elif cfg.flip == "random":
         images = augment.random_flip(flip_key, images)
     if cfg.translate:
@@ -194,19 +196,21 @@ def augment_batch(cfg, key, images, indices, epoch, dtype):
     return augment.normalize(images, augment.CIFAR10_MEAN, augment.CIFAR10_STD, dtype)
 
 
-def make_train_fn(cfg, images, labels, total_steps):
+def make_train_fn(cfg, images, labels, total_steps, key):
     """`train(state, indices, epoch) -> (state, metrics)`: for each row of `indices`
     (steps, batch), gather, augment, step and lookahead, all in one `lax.scan`.
 
+    The augmentation's randomness comes from `key`, folded with the epoch and step.
     The metrics hold one value per step.
     """
+    flip_base, step_key = jax.random.split(key)
     dtype = cfg.compute_dtype
     # The recipe reports loss and accuracy only, so it skips the grad-norm pass.
     step = make_train_step(partial(cross_entropy, label_smoothing=cfg.label_smoothing), grad_norm=False)
 
     def one_step(state, indices, epoch):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed + 1), epoch), state.step)
-        x = augment_batch(cfg, key, images[indices], indices, epoch, dtype)
+        key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), state.step)
+        x = augment_batch(cfg, key, flip_base, images[indices], indices, epoch, dtype)
         state, metrics = step(state, (x, labels[indices]))
         if cfg.lookahead_every:
             state = lookahead(state, total_steps, cfg.lookahead_every)
@@ -378,7 +382,8 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     def epoch_steps(epoch):
         return min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
 
-    init_key, order_key = jax.random.split(jax.random.key(cfg.seed))
+    # Every random choice of the run comes from its seed, split once here.
+    init_key, order_key, augment_key = jax.random.split(jax.random.key(cfg.seed), 3)
     # The whitening stem is set from the whole training set's first images, as in every measured
     # run (a folder keeps class order, so they are of few classes; a subset does not change them).
     state = create_state(cfg, init_key, dataset.train_images, num_classes, total_steps, steps_per_epoch)
@@ -394,7 +399,7 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
     test_images = jnp.asarray(test_x)
     t0 = time.perf_counter()
-    train_fn = jax.jit(make_train_fn(cfg, images, labels, total_steps), donate_argnums=0)
+    train_fn = jax.jit(make_train_fn(cfg, images, labels, total_steps, augment_key), donate_argnums=0)
     # One program per chunk length an epoch uses (a shorter last chunk gets its own).
     lengths = {len(c) for epoch in range(start_epoch, n_epochs)
                for c in chunks(epoch_steps(epoch), cfg.steps_per_execution)}
