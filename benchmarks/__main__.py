@@ -37,6 +37,8 @@ threads suffer most). `python -m benchmarks.profile` splits the conv train steps
 kind of work.
 """
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -56,6 +58,16 @@ def print_table(rows):
     for r in rows:
         print(f"{r['workload']:<16}{r['mode']:<14}{r['precision']:<6}{r['unit']:<10}{r['torch_per_s']:>11.1f}  "
               f"{r['torch_mode']:<29}{r['fnlearn_per_s']:>11.1f}{r['ratio']:>7.2f}x{r['compile_s']:>11.2f}")
+
+
+def cpu_model():
+    """The CPU's model name (as `lscpu` gives it): a CPU figure means nothing without it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0]}, {os.cpu_count()} cores" if names else platform.processor() or "unknown CPU"
 
 
 def main(argv=None):
@@ -81,7 +93,7 @@ def main(argv=None):
     table = dict(WORKLOADS, fastnet_epoch=fastnet_epoch(args.epoch_fraction))
     import torch
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({cpu_model()}), torch {torch.__version__} "
           f"with {torch.get_num_threads()} threads")
     rows = []
     t_start = time.perf_counter()
