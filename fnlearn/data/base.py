@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core.utils import tqdm_utils
 
-from fnlearn.data.dataset import DataError, Dataset  # noqa: F401  (the builders import them from here)
+from fnlearn.data.dataset import DataError, Dataset
 
 # Examples deserialized per `__getitems__` call: large enough that array_record
 # reads in bulk, small enough that the per-chunk list of dicts stays a few MB.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from fnlearn.data.base import Dataset
+from fnlearn.data.dataset import Dataset
 from fnlearn.data.folder import load_image_folder
 from fnlearn.data.online import ONLINE_BUILDERS, load_online
 

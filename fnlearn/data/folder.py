@@ -21,8 +21,6 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fnlearn.data.base import (
-    DataError,
-    Dataset,
     ImageBuilder,
     LocalInfo,
     default_data_dir,
@@ -30,6 +28,7 @@ from fnlearn.data.base import (
     prepare,
     read_prepared,
 )
+from fnlearn.data.dataset import DataError, Dataset
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import urllib.parse
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fnlearn.data.base import (DataError, Dataset, ImageBuilder, LocalInfo, default_data_dir, image_features, prepare,
-                                read_prepared)
+from fnlearn.data.base import ImageBuilder, LocalInfo, default_data_dir, image_features, prepare, read_prepared
+from fnlearn.data.dataset import DataError, Dataset
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _CIFAR10_RECORD = 1 + 3 * 32 * 32  # label byte, then the image as CHW planes
