@@ -19,8 +19,8 @@ from fnlearn.checkpoint import CheckpointError
 from fnlearn.data import load_dataset, online
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import TensorBoardScalars
-from fnlearn.recipes.cifar import (CifarConfig, ConfigError, check_resume, create_state, make_train_fn,
-                                   train_and_evaluate)
+from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resume, create_state,
+                                   make_train_fn, param_labels, sgd_rates, train_and_evaluate)
 from fnlearn.train import TrainingDiverged
 
 COLORS = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [200, 200, 40]])
@@ -60,6 +60,60 @@ def test_one_step_lowers_the_loss(tiny_dataset):
     state, first = train(state, batch, 0)
     _, second = train(state, batch, 0)  # the same batch, unaugmented: the step must have helped
     assert float(second["loss"][0]) < float(first["loss"][0])
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_one_step_of_each_preset(preset, tiny_dataset):
+    """Each preset's own model and optimizer take a finite step that changes the weights."""
+    cfg = dataclasses.replace(PRESETS[preset], batch_size=16)
+    state = create_state(cfg, jax.random.key(0), tiny_dataset.train_images, 4, total_steps=10, steps_per_epoch=5)
+    images, labels = jnp.asarray(tiny_dataset.train_images), jnp.asarray(tiny_dataset.train_labels)
+    train = jax.jit(make_train_fn(cfg, images, labels, total_steps=10, key=jax.random.key(1)))
+    new, metrics = train(state, jnp.arange(16)[None], 0)
+    assert np.isfinite(metrics["loss"]).all()
+    before, after = jax.tree.leaves(state.params), jax.tree.leaves(new.params)
+    assert all(np.isfinite(a).all() for a in after)
+    assert sum(not np.array_equal(a, b) for a, b in zip(before, after)) > len(before) // 2
+
+
+MUON = PRESETS["airbench94_muon"]
+
+
+def test_muon_preset_groups_its_parameters_as_airbench94_muon():
+    """Muon takes the conv filters; SGD the head, the BatchNorm biases and the whitening bias."""
+    params = create_state(MUON, jax.random.key(0), np.zeros((8, 32, 32, 3), np.uint8), 10, 10, 5).params
+    labels = param_labels(params, muon=True)
+    assert labels["whiten"] == {"kernel": "whiten_kernel", "bias": "whiten_bias"}
+    for block in ("block1", "block2", "block3"):
+        assert labels[block] == {"conv1": {"kernel": "filter"}, "conv2": {"kernel": "filter"},
+                                 "bn1": {"bias": "bn_bias"}, "bn2": {"bias": "bn_bias"}}
+    assert labels["fc"] == {"kernel": "other"}
+    assert "filter" not in jax.tree.leaves(param_labels(params))  # the SGD recipe's groups are unchanged
+    # airbench94_muon's per-example rates on the summed loss, as a mean loss's at batch 2000:
+    # the head's lr 0.67 and coupled decay 2e-6 * 2000 / 0.67, the biases' lr 0.053.
+    lr, decay = sgd_rates(MUON)
+    assert (lr, decay * MUON.batch_size) == pytest.approx((0.67 * 2000, 2e-6 * 2000 / 0.67))
+    assert lr * MUON.bias_lr_scale == pytest.approx(0.053 * 2000)
+    assert float(jnp.std(params["fc"]["kernel"], ddof=1)) == pytest.approx(1.0)  # the unit-std head
+
+
+def test_muon_first_step_is_airbench94_muon_s():
+    """The first update of a filter bank: renormalise to norm sqrt(C_out), then step along the
+    3-step Newton-Schulz orthogonalisation of the gradient, as the torch script's Muon does
+    (in float32 here, as the (C_out, kh*kw*C_in) matrix it reshapes to)."""
+    cfg = dataclasses.replace(MUON, model="fastnet_tiny")
+    state = create_state(cfg, jax.random.key(0), np.zeros((8, 32, 32, 3), np.uint8), 10, 10, 5)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), state.params)
+    updates, _ = jax.jit(state.tx.update)(grads, state.opt_state, state.params)
+    p = np.asarray(state.params["block2"]["conv1"]["kernel"], np.float64)  # (3, 3, C_in, C_out)
+    g = np.asarray(grads["block2"]["conv1"]["kernel"], np.float64)
+    x = g.reshape(-1, g.shape[-1]).T  # (C_out, kh*kw*C_in), torch's layout up to a column order
+    x = x / np.linalg.norm(x)
+    for _ in range(3):
+        a = x @ x.T
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+    expected = p * np.sqrt(p.shape[-1]) / np.linalg.norm(p) - cfg.muon_lr * x.T.reshape(p.shape) - p
+    np.testing.assert_allclose(updates["block2"]["conv1"]["kernel"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_steps_per_execution_changes_the_speed_not_the_run(tiny_dataset):

@@ -245,7 +245,7 @@ def test_registry_data_init_is_declared_per_family():
     for name in ("resnet18", "resnet_tiny", "simple_net"):
         assert fnlearn.models.data_init(name) is None, name
     assert {n for n in fnlearn.models.names() if fnlearn.models.data_init(n)} == {
-        "fastnet", "fastnet_small", "fastnet_tiny"}
+        "fastnet", "fastnet_muon", "fastnet_small", "fastnet_tiny"}
     with pytest.raises(KeyError, match="no_such_model"):
         fnlearn.models.data_init("no_such_model")
 

@@ -118,11 +118,28 @@ def test_weight_decay_masks_biases():
     assert mask["hidden"]["kernel"] and not mask["hidden"]["bias"]
 
 
-def test_triangular_schedule_peaks_and_ends_at_zero():
-    schedule = make_schedule("triangular", 1.0, total_steps=100, peak_at=0.2)
-    assert float(schedule(0)) == pytest.approx(0.2)
-    assert float(schedule(20)) == pytest.approx(1.0)
-    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
+def airbench_get_lr(step, total_steps, peak_at, end):
+    """legacy/airbench94.py's `get_lr`, with its 0.23 and 0.07 as arguments."""
+    warmup_steps = int(total_steps * peak_at)
+    if step < warmup_steps:
+        frac = step / warmup_steps
+        return 0.2 * (1 - frac) + 1.0 * frac
+    frac = (step - warmup_steps) / (total_steps - warmup_steps)
+    return 1.0 * (1 - frac) + end * frac
+
+
+@pytest.mark.parametrize("total_steps,peak_at,end", [(476, 0.23, 0.07), (200, 0.0, 0.0), (100, 0.2, 0.0)])
+def test_triangular_schedule_is_airbench_get_lr_at_every_step(total_steps, peak_at, end):
+    # airbench94's default run (476 steps), airbench94_muon's decay from the start, the ResNet preset's.
+    schedule = make_schedule("triangular", 2.0, total_steps, peak_at=peak_at, end=end)
+    steps = np.arange(total_steps + 1)
+    expected = [2.0 * airbench_get_lr(s, total_steps, peak_at, end) for s in steps]
+    np.testing.assert_allclose(jax.vmap(schedule)(steps), expected, rtol=1e-6, atol=1e-6)
+    rise = int(peak_at * total_steps)
+    assert float(schedule(0)) == pytest.approx(0.4 if rise else 2.0)
+    assert float(schedule(rise)) == pytest.approx(2.0)  # the peak
+    assert float(schedule(total_steps)) == pytest.approx(2.0 * end, abs=1e-6)
+    assert float(schedule(total_steps + 10)) == pytest.approx(2.0 * end, abs=1e-6)  # held past the end
 
 
 def test_unknown_names_are_rejected():

@@ -16,6 +16,7 @@ from fnlearn.models.basics import RegressionNet
 from fnlearn.models.basics import SimpleNet
 from fnlearn.models.basics import VariableDepthMLP
 from fnlearn.models.fastnet import FastNet
+from fnlearn.models.fastnet import FastNetMuon
 from fnlearn.models.fastnet import FastNetSmall
 from fnlearn.models.fastnet import FastNetTiny
 from fnlearn.models.fastnet import init_fastnet
@@ -52,5 +53,6 @@ register("resnet34_imagenet", ResNet34ImageNet, task="image_classifier")
 register("resnet50_imagenet", ResNet50ImageNet, task="image_classifier")
 register("resnet_tiny", ResNetTiny, task="image_classifier")
 register("fastnet", FastNet, task="image_classifier", data_init=with_whitening)
+register("fastnet_muon", FastNetMuon, task="image_classifier", data_init=with_whitening)
 register("fastnet_small", FastNetSmall, task="image_classifier", data_init=with_whitening)
 register("fastnet_tiny", FastNetTiny, task="image_classifier", data_init=with_whitening)

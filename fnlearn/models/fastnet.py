@@ -3,17 +3,18 @@
 A frozen 2x2 patch-whitening conv (24 channels) + GELU, three blocks of
 conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU (widths 64, 256, 256)
 with identity-initialised convs and scale-free BatchNorm, a global max-pool, a
-bias-free Dense to 10 classes, and logits times 1/9. NHWC throughout.
+bias-free Dense to 10 classes, and logits times 1/9. NHWC throughout. airbench94_muon's
+net (`FastNetMuon`) differs only in its head: unit-std weights, logits divided by the width.
 
 Parameter paths, for the optimizer's groups (the CIFAR recipe's `param_labels`):
   whiten/kernel            the whitening filters: set from training images by `with_whitening`
                            (the registry's `data_init` for this family), never trained
   whiten/bias              trained for the first epochs only in airbench
   block{1,2,3}/bn{1,2}/bias  BatchNorm biases: airbench gives them 64x the learning rate
-  block{1,2,3}/conv{1,2}/kernel, fc/kernel   everything else
+  block{1,2,3}/conv{1,2}/kernel, fc/kernel   everything else (with Muon, the conv kernels are its group)
 """
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -41,6 +42,13 @@ def dirac_init(key, shape, dtype=jnp.float32):
     n = min(c_in, c_out)
     identity = jnp.zeros((kh, kw, c_in, n), dtype).at[kh // 2, kw // 2].set(jnp.eye(c_in, n, dtype=dtype))
     return kernel.at[..., :n].set(identity)
+
+
+def unit_std_init(key, shape, dtype=jnp.float32):
+    """PyTorch's Linear init divided by its sample std: airbench94_muon's head, whose logits are
+    then divided by the width instead of airbench94's 9."""
+    kernel = layers.torch_kernel_init(key, shape, dtype)
+    return kernel / jnp.std(kernel, ddof=1)  # torch's Tensor.std() is the unbiased one
 
 
 def image_patches(images, patch_size=2):
@@ -159,6 +167,7 @@ class FastNet(nn.Module):
         0.6 is airbench's `batchnorm_momentum=0.6`, which it passes to torch as
         momentum=1-0.6 (running = 0.6 * running + 0.4 * batch).
       logit_scale: multiplies the logits (airbench's 1/9), a fixed temperature.
+      head_init: the init of the Dense head's kernel.
       dtype: compute dtype of every layer; logits come out in it.
       param_dtype: storage dtype of every parameter.
     """
@@ -167,6 +176,7 @@ class FastNet(nn.Module):
     patch_size: int = 2
     bn_momentum: float = 0.6
     logit_scale: float = 1 / 9
+    head_init: Callable = layers.torch_kernel_init
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -192,10 +202,12 @@ class FastNet(nn.Module):
             x = ConvGroup(width, self.bn_momentum, self.dtype, self.param_dtype,
                           name=f"block{i + 1}")(x, train)
         x = jnp.max(x, axis=(1, 2))  # global max-pool: (B, C)
-        x = nn.Dense(self.num_classes, use_bias=False, kernel_init=layers.torch_kernel_init,
+        x = nn.Dense(self.num_classes, use_bias=False, kernel_init=self.head_init,
                      dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
         return x * self.logit_scale
 
 
 FastNetTiny = partial(FastNet, widths=(8, 16, 16))  # for tests: same structure, a few channels
+# airbench94_muon's net: airbench94's, but for the head's init and the logits' scale.
+FastNetMuon = partial(FastNet, head_init=unit_std_init, logit_scale=1 / 256)
 FastNetSmall = partial(FastNet, widths=(32, 64, 64))  # narrower, a fraction of the compute: quick checks

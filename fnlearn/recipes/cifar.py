@@ -1,10 +1,12 @@
-"""CIFAR-10 classification: airbench94's recipe by default, ResNets as a variant.
+"""CIFAR-10 classification: airbench94's recipe by default, airbench94_muon's and ResNets as variants.
 
 The default is the design behind the public CIFAR-10 speed record, airbench94
 (Keller Jordan, 2024), written as pure JAX functions:
 a frozen patch-whitening stem, Nesterov SGD with a triangular schedule, BatchNorm
 biases at 64x the learning rate, label smoothing, alternating flip and translate,
 lookahead to a weight average every 5 steps, and flip+translate test-time augmentation.
+`optimizer="muon"` is the later record's (airbench94_muon): Muon on the conv filters
+through `optax.contrib.muon`, Nesterov SGD on the rest.
 """
 import dataclasses
 import math
@@ -49,10 +51,19 @@ class CifarConfig:
                                 "(airbench94: the tenth epoch is cut at 90%)")
     batch_size: int = _field(1024, "training examples per step")
     lr: float = _field(11.5, "peak learning rate, per 1024 examples of a summed loss (airbench's unit)")
+    lr_peak_at: float = _field(0.23, "fraction of the steps over which the lr rises from 0.2x to its peak "
+                                     "(0: start at the peak)")
+    lr_end: float = _field(0.07, "the lr at the last step, as a fraction of the peak")
     momentum: float = _field(0.85, "Nesterov momentum, in [0, 1)")
     weight_decay: float = _field(0.0153, "weight decay, in airbench's units (see --lr)")
-    bias_lr_scale: float = _field(64.0, "BatchNorm biases learn this many times faster; their decay is not "
-                                        "scaled up")
+    bias_lr_scale: float = _field(64.0, "the BatchNorm biases' lr (with muon, the whitening bias's too) as a "
+                                        "multiple of --lr; their decay is not scaled with it")
+    optimizer: str = _field("sgd", "sgd: Nesterov SGD on every group (airbench94); muon: Muon on the conv "
+                                   "filters, Nesterov SGD on the rest (airbench94_muon)")
+    muon_lr: float = _field(0.24, "Muon's step on the conv filters; the update is orthogonalised, so its "
+                                  "unit depends on neither the loss nor the batch")
+    muon_momentum: float = _field(0.6, "Muon's Nesterov momentum, in [0, 1)")
+    muon_ns_steps: int = _field(3, "Newton-Schulz iterations per Muon update")
     label_smoothing: float = _field(0.2, "label smoothing, in [0, 1)")
     whiten_bias_epochs: int = _field(3, "the whitening stem's bias trains this many epochs, then freezes")
     lookahead_every: int = _field(5, "steps between lookahead syncs to the weight average (0: off)")
@@ -84,7 +95,7 @@ class CifarConfig:
                 raise ValueError(f"{flag} {value!r}: must be {_RULES[name][1]}")
 
 
-CHOICES = {"precision": ("fp32", "bf16"), "flip": ("alternating", "random", "none"),
+CHOICES = {"precision": ("fp32", "bf16"), "flip": ("alternating", "random", "none"), "optimizer": ("sgd", "muon"),
            "model": tuple(models.names(task="image_classifier"))}
 
 
@@ -95,19 +106,28 @@ _UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
 # one fails before any work.
 _RULES = {
     **{name: _POSITIVE for name in ("epochs", "batch_size", "lr", "bias_lr_scale", "runs", "eval_batch_size",
-                                    "steps_per_execution")},
+                                    "steps_per_execution", "muon_lr", "muon_ns_steps")},
     **{name: _NON_NEGATIVE for name in ("weight_decay", "whiten_bias_epochs", "lookahead_every", "translate",
-                                        "train_subset", "test_subset")},
-    "momentum": _UNIT, "label_smoothing": _UNIT,
+                                        "train_subset", "test_subset", "lr_end")},
+    **{name: _UNIT for name in ("momentum", "label_smoothing", "lr_peak_at", "muon_momentum")},
     "seed": (lambda v: 0 <= v < 2**32, "a whole number in 0..2**32-1"),
 }
 
 
+# airbench's unit of rate: per 1024 examples, times the steady-state gain of Nesterov momentum 0.85.
+_AIRBENCH_UNIT = 1024 * (1 + 1 / (1 - 0.85))
+
 PRESETS = {
     "airbench94": CifarConfig(),
+    # airbench94_muon.py: batch 2000 for 8 epochs, a linear decay from the start, no lookahead; its
+    # SGD rates per example of the summed loss (head 0.67, biases 0.053, decay 2e-6) in airbench's units.
+    "airbench94_muon": CifarConfig(model="fastnet_muon", optimizer="muon", epochs=8, batch_size=2000,
+                                   lr=0.67 * _AIRBENCH_UNIT, weight_decay=2e-6 * _AIRBENCH_UNIT,
+                                   bias_lr_scale=0.053 / 0.67, lr_peak_at=0.0, lr_end=0.0, lookahead_every=0),
     # ResNet-18, CIFAR stem: Nesterov SGD with a mean-loss lr of 0.2 at batch 512
     # (4.4 = 0.2 * 1024 * (1 + 1/(1-0.9)) / 512) and coupled decay 5e-4 (0.0022 = 5e-4 * 4.4).
-    "resnet18": CifarConfig(model="resnet18", epochs=40, batch_size=512, lr=4.4, momentum=0.9,
+    "resnet18": CifarConfig(model="resnet18", epochs=40, batch_size=512, lr=4.4, lr_peak_at=0.2, lr_end=0.0,
+                            momentum=0.9,
                             weight_decay=0.0022, bias_lr_scale=1.0, label_smoothing=0.1,
                             whiten_bias_epochs=0, lookahead_every=0, translate=4, flip="random"),
     # One short epoch on class-balanced subsets with a narrow net: a quick end-to-end check.
@@ -127,15 +147,18 @@ def sgd_rates(cfg):
     return cfg.lr * cfg.batch_size / k, cfg.weight_decay / cfg.lr
 
 
-def param_labels(params):
+def param_labels(params, muon=False):
     """Each parameter's optimizer group, for `optax.multi_transform`: "whiten_kernel",
-    "whiten_bias" (a whitening stem's), "bn_bias" (BatchNorm biases) or "other"."""
-    def label(path, _):
+    "whiten_bias" (a whitening stem's), "bn_bias" (BatchNorm biases), with `muon` "filter"
+    (every other conv kernel), or "other"."""
+    def label(path, leaf):
         names = [k.key for k in path]
         if names[0] == "whiten":
             return f"whiten_{names[-1]}"
         if any("bn" in n or "BatchNorm" in n for n in names) and names[-1] == "bias":
             return "bn_bias"
+        if muon and leaf.ndim == 4:
+            return "filter"
         return "other"
 
     return jax.tree_util.tree_map_with_path(label, params)
@@ -144,26 +167,49 @@ def param_labels(params):
 def make_cifar_optimizer(cfg, params, total_steps, steps_per_epoch):
     """airbench's optimizer groups as one optax transform, for a mean (not summed) loss.
 
-    The rates are `sgd_rates(cfg)`'s. Groups: the whitening kernel is frozen; its bias
-    trains for `whiten_bias_epochs`; BatchNorm biases get `bias_lr_scale`x the lr and
-    1/`bias_lr_scale` of the decay coefficient (so the same decay per step); all else
-    the plain rate.
+    The rates are `sgd_rates(cfg)`'s, on the triangular schedule. Groups: the whitening
+    kernel is frozen; its bias trains for `whiten_bias_epochs`; BatchNorm biases get
+    `bias_lr_scale`x the lr and 1/`bias_lr_scale` of the decay coefficient (so the same
+    decay per step); all else the plain rate. With `optimizer="muon"`, as airbench94_muon:
+    the conv filters take `muon_filters`' steps, and the whitening bias trains at the
+    biases' rate, decaying linearly to 0 over its own steps.
     """
     lr, decay = sgd_rates(cfg)
-    shape = make_schedule("triangular", 1.0, total_steps)
+    shape = make_schedule("triangular", 1.0, total_steps, peak_at=cfg.lr_peak_at, end=cfg.lr_end)
     whiten_steps = cfg.whiten_bias_epochs * steps_per_epoch
 
-    def sgd(scale, until=None):
+    def sgd(scale, schedule=shape, until=None):
         def rate(step):
-            r = lr * scale * shape(step)
+            r = lr * scale * schedule(step)
             return r if until is None else jnp.where(step < until, r, 0.0)
         return optax.chain(optax.add_decayed_weights(decay / scale),
                            optax.sgd(rate, momentum=cfg.momentum, nesterov=True))
 
-    return optax.multi_transform(
-        {"whiten_kernel": optax.set_to_zero(), "whiten_bias": sgd(1.0, whiten_steps),
-         "bn_bias": sgd(cfg.bias_lr_scale), "other": sgd(1.0)},
-        param_labels(params))
+    groups = {"whiten_kernel": optax.set_to_zero(), "bn_bias": sgd(cfg.bias_lr_scale), "other": sgd(1.0)}
+    if cfg.optimizer == "muon":
+        groups["whiten_bias"] = sgd(cfg.bias_lr_scale, lambda step: 1 - step / max(whiten_steps, 1), whiten_steps)
+        groups["filter"] = muon_filters(cfg, shape)
+    else:
+        groups["whiten_bias"] = sgd(1.0, until=whiten_steps)
+    return optax.multi_transform(groups, param_labels(params, muon=cfg.optimizer == "muon"))
+
+
+def muon_filters(cfg, schedule):
+    """airbench94_muon's step on (kh, kw, C_in, C_out) conv filters: `optax.contrib.muon`
+    (Nesterov momentum, then Newton-Schulz orthogonalisation of each filter bank as a
+    (kh·kw·C_in, C_out) matrix) at `cfg.muon_lr` on `schedule`, after rescaling the filter
+    bank to norm sqrt(C_out): the weights' scale stays fixed, as BatchNorm makes it moot."""
+    dims = optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
+    muon = optax.contrib.muon(lambda step: cfg.muon_lr * schedule(step), ns_steps=cfg.muon_ns_steps,
+                              beta=cfg.muon_momentum, nesterov=True, muon_weight_dimension_numbers=dims)
+
+    def renormalise(updates, state, params):
+        # p <- p·s - lr·U as an update: u = p·(s - 1) - lr·U, with s = sqrt(C_out) / |p|.
+        def rescale(u, p):
+            return u + p * (jnp.sqrt(p.shape[-1]) / jnp.sqrt(jnp.sum(p * p)) - 1)
+        return jax.tree.map(rescale, updates, params), state
+
+    return optax.chain(muon, optax.GradientTransformation(lambda _: optax.EmptyState(), renormalise))
 
 
 def lookahead(state, total_steps, every):
@@ -241,9 +287,10 @@ def make_predict_fn(cfg, apply_fn, tta):
 
 
 def create_state(cfg, key, train_images, num_classes, total_steps, steps_per_epoch):
-    """The run's starting TrainState: `cfg.model` initialised from `key` (and from the
-    training images where the registry declares a data-dependent init, as FastNet's
-    whitening stem), the recipe's optimizer, and the weight average if lookahead is on."""
+    """The run's starting TrainState: `cfg.model` initialised from `key` (and from the first
+    5000 of `train_images` where the registry declares a data-dependent init, as FastNet's
+    whitening stem: pass a sample), the recipe's optimizer, and the weight average if
+    lookahead is on."""
     model = models.get(cfg.model, num_classes=num_classes, dtype=cfg.compute_dtype)
     variables = model.init(key, jnp.zeros((1, *train_images.shape[1:]), jnp.float32))
     if data_init := models.data_init(cfg.model):
@@ -264,6 +311,8 @@ class ConfigError(ValueError):
 # evaluation. Any other change would make the resumed run a different run.
 RESUMABLE_CHANGES = frozenset({"data", "data_dir", "skip_corrupt", "runs", "tta", "eval_batch_size",
                                "steps_per_execution"})
+# What a run saved before a field existed did, so a resume compares against that.
+_BEFORE_FIELD = {"lr_peak_at": 0.2, "lr_end": 0.0}
 
 
 def check_resume(cfg, checkpoint_dir, resume):
@@ -281,9 +330,9 @@ def check_resume(cfg, checkpoint_dir, resume):
         raise ConfigError(f"{checkpoints.directory} already holds checkpoints (last epoch {latest}): pass "
                           f"--resume to continue that run, or choose another --workdir")
     saved = checkpoints.meta(latest).get("config", {})
-    changed = [f"--{name.replace('_', '-')} {saved[name]!r} (saved) != {value!r}"
+    changed = [f"--{name.replace('_', '-')} {saved.get(name, _BEFORE_FIELD.get(name))!r} (saved) != {value!r}"
                for name, value in dataclasses.asdict(cfg).items()
-               if name not in RESUMABLE_CHANGES and name in saved and saved[name] != value]
+               if name not in RESUMABLE_CHANGES and saved.get(name, _BEFORE_FIELD.get(name, value)) != value]
     if changed:
         raise ConfigError(f"--resume with a config that differs from the run saved in {checkpoints.directory}: "
                           f"{'; '.join(changed)}. Pass the saved values, or choose another --workdir")
@@ -384,9 +433,10 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
 
     # Every random choice of the run comes from its seed, split once here.
     init_key, order_key, augment_key = jax.random.split(jax.random.key(cfg.seed), 3)
-    # The whitening stem is set from the whole training set's first images, as in every measured
-    # run (a folder keeps class order, so they are of few classes; a subset does not change them).
-    state = create_state(cfg, init_key, dataset.train_images, num_classes, total_steps, steps_per_epoch)
+    # The whitening stem is set from a class-balanced sample of the training images, as airbench's
+    # first 5000 of a shuffled set (a folder's first 5000 would be airplanes only).
+    sample = train_x[stratified_subset(train_y, min(5000, len(train_y)))]
+    state = create_state(cfg, init_key, sample, num_classes, total_steps, steps_per_epoch)
     history, start_epoch, train_seconds = History(), 0, 0.0
     checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
     if latest is not None:

@@ -1,20 +1,24 @@
 """Optimizers and learning-rate schedules by name, as optax chains."""
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "cosine", "linear", "triangular", "warmup_cosine")
 
 
-def make_schedule(name, learning_rate, total_steps=None, warmup_steps=0, peak_at=0.2):
+def make_schedule(name, learning_rate, total_steps=None, warmup_steps=0, peak_at=0.2, end=0.0):
     """A learning-rate schedule by name.
 
     Args:
-      name: one of `SCHEDULES`. "triangular" rises linearly from 0.2·lr to lr at
-        `peak_at` of training, then falls linearly to 0 (the fast CIFAR recipe);
-        "linear" decays from lr to 0.
+      name: one of `SCHEDULES`. "triangular" is airbench's (`legacy/airbench94.py`, `get_lr`):
+        it rises linearly from 0.2·lr to lr over the first int(`peak_at`·total_steps)
+        steps, then falls linearly to `end`·lr at the last step; with `peak_at` 0 it
+        starts at lr. "linear" decays from lr to 0.
       learning_rate: peak learning rate.
       total_steps: steps in the whole run; needed by every schedule but "constant".
       warmup_steps: linear warm-up length for "warmup_cosine".
+      peak_at: "triangular": the fraction of the steps spent rising, in [0, 1).
+      end: "triangular": the last step's rate, as a fraction of the peak.
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
@@ -28,11 +32,15 @@ def make_schedule(name, learning_rate, total_steps=None, warmup_steps=0, peak_at
         return optax.linear_schedule(learning_rate, 0.0, total_steps)
     if name == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps)
-    peak = max(1, int(peak_at * total_steps))
-    return optax.join_schedules(
-        [optax.linear_schedule(0.2 * learning_rate, learning_rate, peak),
-         optax.linear_schedule(learning_rate, 0.0, total_steps - peak)],
-        [peak])
+    rise = int(peak_at * total_steps)
+
+    def triangular(step):
+        step = jnp.minimum(step, total_steps)
+        up = 0.2 + 0.8 * step / max(rise, 1)
+        down = 1 + (end - 1) * (step - rise) / (total_steps - rise)
+        return learning_rate * jnp.where(step < rise, up, down)
+
+    return triangular
 
 
 def decay_mask(params):
