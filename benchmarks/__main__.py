@@ -3,6 +3,7 @@
     python -m benchmarks                 # every workload
     python -m benchmarks basics          # regression and simple_net
     python -m benchmarks fastnet_train resnet18_infer --repeats 2 --json bench.json
+    python -m benchmarks cifar_run --data ../shared/data/cifar10-jpeg.tar.gz   # on a GPU: whole runs
 
 Workloads (same shapes and random data on both sides; the conv nets start from the same weights):
   regression       the seed regression, full-batch Adam                       steps/s
@@ -15,17 +16,28 @@ Workloads (same shapes and random data on both sides; the conv nets start from t
                    at batch 1024: gather, flip, translate and normalise, step,
                    lookahead. `--epoch-fraction` of its 48 steps is timed
                    (default 0.08: 4 steps; 1.0 for the whole epoch)           images/s
+  cifar_run        the whole CIFAR recipe (airbench94's, `CifarConfig()`): every
+                   epoch, then the TTA pass, timed as airbench times itself;
+                   the rows carry each side's TTA test accuracy on `--data`'s
+                   CIFAR-10 ("random data" without it). On a CPU (a run takes
+                   ~40 minutes on 2 cores) it times `--epoch-fraction` of the
+                   first epoch instead, with no TTA pass ("part run")         images/s
 
 How it times: each side is warmed up first (compilation for fnlearn, kernel
 selection for PyTorch), then the best of `--repeats` runs counts (the basics: all
 their steps, or more to last at least 0.1 s; cnn: 20 steps; the big nets: 2 steps;
-fastnet_epoch: the epoch fraction). The runs of a workload's sides take turns
+fastnet_epoch: the epoch fraction; cifar_run: a whole run, its accuracy the mean
+over the timed runs). The runs of a workload's sides take turns
 (PyTorch, fnlearn, PyTorch, ...), so a slow spell of a shared machine hits both
 sides, not one. Compile time is reported apart and never counted.
 
-PyTorch runs eagerly in its best CPU mode: the basics in float32; the conv
-workloads in float32 channels_last or in bf16 autocast (channels_last), whichever
-is faster on a one-step probe. fnlearn runs the conv workloads in float32 and in
+Where JAX runs on a GPU and PyTorch has CUDA, both sides run there (PyTorch's
+tensors and nets moved once, before any clock starts; each clock stops after
+`torch.cuda.synchronize()` or JAX's `block_until_ready`); else both run on the CPU.
+PyTorch runs eagerly in its best mode: the basics in float32; the conv
+workloads in float32 channels_last or in bf16 autocast (channels_last), and on
+CUDA also in fp16 autocast (channels_last) with cuDNN's autotuner on, whichever
+is fastest on a one-step probe. fnlearn runs the conv workloads in float32 and in
 bfloat16 (the model built with dtype=bfloat16, params float32), each row against
 that one PyTorch number. fnlearn's train steps run as jitted steps, one a call, and
 as a compiled run: `lax.scan` over every step of the basics, or over the conv nets'
@@ -39,25 +51,37 @@ kind of work.
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import jax
 
-from benchmarks.timing import measure
-from benchmarks.workloads import GROUPS, WORKLOADS, fastnet_epoch
+from benchmarks.timing import measure, torch_device
+from benchmarks.workloads import GROUPS, WORKLOADS, cifar_run, fastnet_epoch
 from experiments import cli
+from fnlearn.data import DataError
+
+
+def accuracy_cell(accuracy):
+    """A row's accuracy as the table shows it: 4 places, the reason there is none, or blank."""
+    return f"{accuracy:.4f}" if isinstance(accuracy, float) else accuracy or ""
 
 
 def print_table(rows):
-    """The rows as a fixed-width table; throughputs are per second in each row's unit."""
+    """The rows as a fixed-width table; throughputs are per second in each row's unit.
+
+    The accuracy columns show only where some row has an accuracy (cifar_run's)."""
+    accuracies = any(r["torch_accuracy"] is not None for r in rows)
     head = (f"{'workload':<16}{'mode':<14}{'prec':<6}{'unit':<10}{'torch/s':>11}  {'torch mode':<29}"
-            f"{'fnlearn/s':>11}{'ratio':>8}{'compile s':>11}")
+            f"{'fnlearn/s':>11}{'ratio':>8}{'compile s':>11}" + f"  {'torch acc':<12}{'fnlearn acc':<12}" * accuracies)
     print(head)
     print("-" * len(head))
     for r in rows:
+        cells = f"  {accuracy_cell(r['torch_accuracy']):<12}{accuracy_cell(r['fnlearn_accuracy']):<12}"
         print(f"{r['workload']:<16}{r['mode']:<14}{r['precision']:<6}{r['unit']:<10}{r['torch_per_s']:>11.1f}  "
-              f"{r['torch_mode']:<29}{r['fnlearn_per_s']:>11.1f}{r['ratio']:>7.2f}x{r['compile_s']:>11.2f}")
+              f"{r['torch_mode']:<29}{r['fnlearn_per_s']:>11.1f}{r['ratio']:>7.2f}x{r['compile_s']:>11.2f}"
+              + cells * accuracies)
 
 
 def cpu_model():
@@ -81,7 +105,10 @@ def main(argv=None):
                         help="timed runs per measurement; the best counts")
     parser.add_argument("--epoch-fraction", type=cli.fraction, default=0.08,
                         help="fraction in (0, 1] of fastnet_epoch's 48 steps to time, "
-                             "rounded to whole recipe calls, at least one")
+                             "rounded to whole recipe calls, at least one; on a CPU, cifar_run's too")
+    parser.add_argument("--data",
+                        help="CIFAR-10 for cifar_run, a folder or .tar.gz of <root>/{train,test}/<class>/*.jpg "
+                             "(if left out: random data, and no accuracy)")
     args = parser.parse_args(argv)
     # Checked now, not after a run of minutes: the rows are written at the very end.
     if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
@@ -90,11 +117,27 @@ def main(argv=None):
         if name not in WORKLOADS and name not in GROUPS:
             parser.error(f"unknown workload {name!r}; choose from {choices}")
     names = dict.fromkeys(n for name in args.names or WORKLOADS for n in GROUPS.get(name, (name,)))
-    table = dict(WORKLOADS, fastnet_epoch=fastnet_epoch(args.epoch_fraction))
+    if args.data and not Path(args.data).exists():
+        parser.error(f"--data {args.data}: no such folder or archive")
+    dataset = None
+    if args.data and "cifar_run" in names:
+        from fnlearn.data import load_dataset  # imports TFDS: only when it is needed
+
+        try:  # loaded now: a malformed folder is reported before any workload runs
+            dataset = load_dataset(args.data)
+        except DataError as e:
+            sys.exit(f"error: {e}")
     import torch
 
+    on_gpu = torch_device(torch).type == "cuda"
+    table = dict(WORKLOADS, fastnet_epoch=fastnet_epoch(args.epoch_fraction),
+                 cifar_run=cifar_run(fraction=None if on_gpu else args.epoch_fraction, dataset=dataset))
+    torch_on = (f"on {torch.cuda.get_device_name()}" if on_gpu else f"with {torch.get_num_threads()} threads")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({cpu_model()}), torch {torch.__version__} "
-          f"with {torch.get_num_threads()} threads")
+          f"{torch_on}")
+    if jax.default_backend() == "gpu" and not on_gpu:
+        print("warning: JAX runs on the GPU but PyTorch has no CUDA here, so it runs on the CPU: "
+              "the ratios compare different hardware")
     rows = []
     t_start = time.perf_counter()
     for name in names:

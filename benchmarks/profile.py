@@ -151,7 +151,7 @@ def main(argv=None):
               if name in ops and ops[name][0] not in ("while", "conditional", "call")}
     fnlearn_steps = args.steps * args.steps_per_call
     jax_ms = {name: union_ms(iv) / fnlearn_steps for name, iv in jax_iv.items()}
-    torch_ms = torch_profile(torch, workload.torch_step(torch, start, False), args.steps)
+    torch_ms = torch_profile(torch, workload.torch_step(torch, start, None), args.steps)
 
     calls = f", fnlearn {args.steps_per_call} steps a call" if args.steps_per_call > 1 else ""
     print(f"{args.net} train step, batch {workload.batch}, fp32{calls}; ms per step (wall-clock per op)")

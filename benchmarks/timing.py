@@ -4,6 +4,9 @@ Each side is warmed up first (compilation for fnlearn, kernel selection for PyTo
 then the best of `repeats` timed runs counts, the two sides' runs taking turns
 (PyTorch, fnlearn, fnlearn, ..., PyTorch, ...), so a slow spell of a shared machine hits
 both sides, not one. Compile time is reported apart and never counted.
+
+Both sides run on one kind of device: JAX's default backend, and PyTorch on CUDA where
+JAX runs on a GPU and PyTorch has CUDA (`torch_device`), else both on the CPU.
 """
 import dataclasses
 import itertools
@@ -17,9 +20,31 @@ import jax.numpy as jnp
 
 # fnlearn's precisions, as model fields (float32 is every model's default; the basics have no dtype).
 PRECISIONS = {"fp32": {}, "bf16": {"dtype": jnp.bfloat16}}
-# PyTorch's eager CPU modes, by whether they run under bf16 autocast; the conv nets run channels_last.
-TORCH_BF16 = {"fp32_eager": False, "fp32_channels_last": False, "bf16_autocast_channels_last": True}
-TORCH_MODES = ("fp32_channels_last", "bf16_autocast_channels_last")
+# PyTorch's eager modes, by the dtype they autocast to (None: float32); the conv nets run channels_last.
+TORCH_AUTOCAST = {"fp32_eager": None, "fp32_channels_last": None, "bf16_autocast_channels_last": "bfloat16",
+                  "fp16_autocast_channels_last": "float16"}
+TORCH_MODES = ("fp32_channels_last", "bf16_autocast_channels_last", "fp16_autocast_channels_last")
+# A CPU has no fast float16 arithmetic: these modes are probed on CUDA only.
+GPU_ONLY_MODES = ("fp16_autocast_channels_last",)
+
+
+def torch_device(torch):
+    """The device PyTorch runs on: CUDA where JAX runs on a GPU and PyTorch has CUDA, else the CPU.
+
+    On CUDA it also turns on cuDNN's autotuner (`cudnn.benchmark`), PyTorch's best GPU mode:
+    the warm-up call picks each conv's fastest kernel.
+    """
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def torch_finish(torch):
+    """`finish(output)` for `seconds_of` on PyTorch's steps: waits for CUDA's queued work (the CPU's is done)."""
+    if torch_device(torch).type == "cuda":
+        return lambda _: torch.cuda.synchronize()
+    return jax.block_until_ready
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +52,14 @@ class Workload:
     """One workload of the table: what each side runs, and how much of it a timed run does.
 
     `setup(torch, workload)` makes what both sides start from (random data, initial
-    weights). From it, `torch_step(torch, start, bf16)` and `fnlearn_step(start, precision,
-    steps_per_call)` build one side's `step()` on a fresh model; fnlearn's builder also
-    returns its compile seconds.
+    weights). From it, `torch_step(torch, start, autocast)` (autocast: a dtype name of
+    `TORCH_AUTOCAST`, or None) and `fnlearn_step(start, precision, steps_per_call)` build one
+    side's `step()` on a fresh model; fnlearn's builder also returns its compile seconds.
+    With `accuracy`, a step is a whole training run and returns its test accuracy (a float,
+    or a few words saying why it has none), which the rows carry.
     """
     name: str
-    unit: str  # "steps/s", or "images/s" (a step is `batch` images)
+    unit: str  # "steps/s", or "images/s" (a step is `batch` images; a run step, the run's training images)
     batch: int
     steps: int  # steps a timed run makes, on each side
     setup: Callable
@@ -44,6 +71,7 @@ class Workload:
     # A run of milliseconds swings with any slow moment of a shared machine: such runs
     # repeat their steps until they last this long.
     min_seconds: float = 0.0
+    accuracy: bool = False  # step() returns a run's test accuracy
 
     def __post_init__(self):
         if uneven := [k for _, k in self.modes if self.steps % k]:
@@ -75,12 +103,13 @@ def compile_timed(fn, *example, donate=True):
     return compiled, time.perf_counter() - t0
 
 
-def seconds_of(step, calls=1):
-    """Wall-clock seconds of `calls` calls of `step()`, waiting for JAX's asynchronous results."""
+def seconds_of(step, calls=1, finish=jax.block_until_ready):
+    """Wall-clock seconds of `calls` calls of `step()`, the clock stopped once `finish(last output)`
+    has waited for the asynchronous work (JAX's; PyTorch's on CUDA: `torch_finish`)."""
     t0 = time.perf_counter()
     for _ in range(calls):
         out = step()
-    jax.block_until_ready(out)  # torch has already finished
+    finish(out)
     return time.perf_counter() - t0
 
 
@@ -94,41 +123,69 @@ def best_rates(runs, repeats):
     return [items / min(t[i] for t in times) for i, (_, items) in enumerate(runs)]
 
 
-def timed_run(workload, step, steps_per_call, seconds_per_call=None):
+def timed_run(workload, step, steps_per_call, seconds_per_call=None, finish=jax.block_until_ready):
     """`(time_run, items)` for `best_rates`: a run makes `workload.steps` steps, or more to last `min_seconds`."""
     calls = workload.steps // steps_per_call
     if workload.min_seconds:
         calls = max(calls, math.ceil(workload.min_seconds / seconds_per_call))
-    return partial(seconds_of, step, calls), calls * steps_per_call * workload.items_per_step
+    return partial(seconds_of, step, calls, finish=finish), calls * steps_per_call * workload.items_per_step
+
+
+class Recorded:
+    """`step()` that keeps what each call returned, in `outputs` (the runs' accuracies)."""
+
+    def __init__(self, step):
+        self.step, self.outputs = step, []
+
+    def __call__(self):
+        self.outputs.append(self.step())
+        return self.outputs[-1]
+
+
+def mean_accuracy(outputs):
+    """The mean of the runs' accuracies, or the reason they have none (the first run's words)."""
+    if any(isinstance(a, str) for a in outputs):
+        return next(a for a in outputs if isinstance(a, str))
+    return sum(outputs) / len(outputs)
 
 
 def measure(workload: Workload, torch, repeats: int) -> Iterator[dict]:
     """Times `workload` on both sides, their runs taking turns; yields its rows of the table.
 
-    PyTorch runs in the faster of `workload.torch_modes` on a one-step probe (neither mode
-    can be assumed: bf16 autocast speeds up one net and slows another), and every fnlearn
-    (mode, precision) is measured against that one PyTorch number.
+    PyTorch runs in the fastest of `workload.torch_modes` on a one-step probe (none can be
+    assumed: bf16 autocast speeds up one net and slows another; the fp16 modes are probed
+    on CUDA only), and every fnlearn (mode, precision) is measured against that one PyTorch
+    number.
     Rows: workload, mode, precision, unit, torch_per_s, torch_mode, fnlearn_per_s,
-    ratio (fnlearn_per_s / torch_per_s) and compile_s.
+    ratio (fnlearn_per_s / torch_per_s), compile_s, and torch_accuracy and fnlearn_accuracy
+    (with `workload.accuracy`: the timed runs' mean, or why there is none; else None).
     """
     w = workload
     start = w.setup(torch, w)
+    finish = torch_finish(torch)
+    on_gpu = torch_device(torch).type == "cuda"
     probes = []
     for mode in w.torch_modes:
-        step = w.torch_step(torch, start, TORCH_BF16[mode])
-        step()  # warm-up: oneDNN builds its kernels on the first call
-        probes.append((seconds_of(step), mode, step))
+        if mode in GPU_ONLY_MODES and not on_gpu:
+            continue
+        step = w.torch_step(torch, start, TORCH_AUTOCAST[mode])
+        step()  # warm-up: oneDNN (or cuDNN's autotuner) picks its kernels on the first call
+        probes.append((seconds_of(step, finish=finish), mode, step))
     seconds, torch_mode, torch_step = min(probes, key=lambda probe: probe[0])
-    runs, labels = [timed_run(w, torch_step, 1, seconds)], []
+    steps = [Recorded(torch_step) if w.accuracy else torch_step]
+    runs, labels = [timed_run(w, steps[0], 1, seconds, finish)], []
     for mode, steps_per_call in w.modes:
         for precision in w.precisions:
             step, compile_s = w.fnlearn_step(start, precision, steps_per_call)
             seconds_of(step)  # warm-up: the first run allocates its buffers
             seconds = seconds_of(step) if w.min_seconds else None
-            runs.append(timed_run(w, step, steps_per_call, seconds))
+            steps.append(Recorded(step) if w.accuracy else step)
+            runs.append(timed_run(w, steps[-1], steps_per_call, seconds))
             labels.append((mode, precision, compile_s))
     torch_per_s, *rates = best_rates(runs, repeats)
-    for (mode, precision, compile_s), per_s in zip(labels, rates):
+    torch_accuracy, *accuracies = [mean_accuracy(s.outputs) if w.accuracy else None for s in steps]
+    for (mode, precision, compile_s), per_s, accuracy in zip(labels, rates, accuracies):
         yield {"workload": w.name, "mode": mode, "precision": precision, "unit": w.unit,
                "torch_per_s": torch_per_s, "torch_mode": torch_mode, "fnlearn_per_s": per_s,
-               "ratio": per_s / torch_per_s, "compile_s": compile_s}
+               "ratio": per_s / torch_per_s, "compile_s": compile_s,
+               "torch_accuracy": torch_accuracy, "fnlearn_accuracy": accuracy}

@@ -6,9 +6,12 @@ fnlearn's variables). Layouts differ:
 images are NHWC in fnlearn and NCHW in torch, conv kernels HWIO and OIHW, Dense
 kernels (in, out) and Linear weights (out, in).
 
-Also here: airbench's on-the-fly augmentation, optimizer groups and lookahead in
-torch, so the benchmark can run the fast CIFAR recipe's epoch on both sides.
+Also here: airbench's on-the-fly augmentation, optimizer groups, lr schedule, lookahead
+and test-time augmentation in torch, so the benchmark can run the fast CIFAR recipe (an
+epoch, or the whole run) on both sides. They work on the device their tensors are on.
 """
+import functools
+
 import jax
 import numpy as np
 import torch
@@ -159,20 +162,42 @@ class TorchResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-# fnlearn's registry name -> (its PyTorch twin, the map of its variables onto the twin)
-TWINS = {"cnn": (TorchCNN, cnn_state_dict), "fastnet": (TorchFastNet, torch_state_dict),
-         "resnet18": (TorchResNet, torch_state_dict)}
+def fastnet_like(variables):
+    """A `TorchFastNet` with the widths and classes of FastNet `variables` (fastnet, _small or _tiny)."""
+    params = variables["params"]
+    blocks = sorted(name for name in params if name.startswith("block"))
+    widths = tuple(params[name]["conv2"]["kernel"].shape[-1] for name in blocks)
+    return TorchFastNet(widths, num_classes=params["fc"]["kernel"].shape[-1])
+
+
+# fnlearn's registry name -> (its PyTorch twin, made from the variables; the map of the variables onto it)
+TWINS = {"cnn": (lambda _: TorchCNN(), cnn_state_dict),
+         **{name: (fastnet_like, torch_state_dict) for name in ("fastnet", "fastnet_small", "fastnet_tiny")},
+         "resnet18": (lambda _: TorchResNet(), torch_state_dict)}
 
 
 def twin(model, variables):
-    """The PyTorch twin of fnlearn's `model` holding `variables`, in channels_last memory format.
+    """The PyTorch twin of fnlearn's `model` holding `variables`, in channels_last memory format, on the CPU.
 
     What the variables lack (FastNet's frozen BatchNorm weights) keeps torch's init.
     """
-    net_cls, to_state_dict = TWINS[model]
-    net = net_cls()
+    make_net, to_state_dict = TWINS[model]
+    net = make_net(variables)
     net.load_state_dict(to_state_dict(variables), strict=False)
     return net.to(memory_format=torch.channels_last)
+
+
+@functools.cache
+def cifar_statistics(device):
+    """CIFAR-10's (mean, std), each (1, 3, 1, 1), on `device`: made once, as a host-to-CUDA copy waits
+    for the queued work."""
+    return torch.tensor((CIFAR10_MEAN, CIFAR10_STD), device=device).view(2, 1, 3, 1, 1).unbind()
+
+
+def normalize(images):
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 `(x / 255 - mean) / std` with CIFAR-10's statistics."""
+    mean, std = cifar_statistics(images.device)
+    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
 
 
 def airbench_batch(images, indices, flip_base, epoch, translate=2):
@@ -180,25 +205,25 @@ def airbench_batch(images, indices, flip_base, epoch, translate=2):
 
     Args:
       images: (N, H, W, 3) uint8 training images.
-      indices: (B,) int64 positions of the batch in `images`.
+      indices: (B,) int64 positions of the batch in `images`, on their device.
       flip_base: (N,) bool, which images flip on even epochs (fixed for the run).
       epoch: epoch number; odd epochs flip the other images.
       translate: largest shift in pixels.
     Returns:
-      (B, 3, H, W) float32 in channels_last memory format.
+      (B, 3, H, W) float32 in channels_last memory format, on the images' device.
     """
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    x = (images[indices].permute(0, 3, 1, 2).float() / 255 - mean) / std  # (B, C, H, W)
+    device = images.device
+    x = normalize(images[indices])  # (B, C, H, W)
     flips = flip_base[indices] ^ bool(epoch % 2)
     x = torch.where(flips[:, None, None, None], x.flip(3), x)
     # Reflect-pad, then crop each image at its own offset with one gather (airbench's batch_crop).
     b, c, h, w = x.shape
     padded = F.pad(x, (translate,) * 4, mode="reflect")
-    starts = torch.randint(0, 2 * translate + 1, (b, 2))
-    rows = (starts[:, :1] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (starts[:, 1:] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
-    x = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    starts = torch.randint(0, 2 * translate + 1, (b, 2), device=device)
+    rows = (starts[:, :1] + torch.arange(h, device=device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (starts[:, 1:] + torch.arange(w, device=device))[:, None, None, :]  # (B, 1, 1, W)
+    x = padded[torch.arange(b, device=device)[:, None, None, None],
+               torch.arange(c, device=device)[None, :, None, None], rows, cols]
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -217,6 +242,46 @@ def airbench_optimizer(net, lr, momentum, weight_decay, bias_lr_scale=64.0):
                              "weight_decay": weight_decay / bias_lr_scale},
                             {"params": others}],
                            lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+
+
+def airbench_lr(step, total_steps, peak_at=0.23, end=0.07):
+    """airbench94's lr factor at optimizer step `step` (`legacy/airbench94.py`, `get_lr`), for `LambdaLR`.
+
+    It rises linearly from 0.2 to 1 over the first int(`peak_at`·`total_steps`) steps, then
+    falls linearly to `end` at step `total_steps`; with `peak_at` 0 it starts at 1.
+    """
+    warmup_steps = int(total_steps * peak_at)
+    if step < warmup_steps:
+        frac = step / warmup_steps
+        return 0.2 * (1 - frac) + 1.0 * frac
+    frac = (step - warmup_steps) / (total_steps - warmup_steps)
+    return 1.0 * (1 - frac) + end * frac
+
+
+def tta_logits(net, x, translate=1):
+    """airbench's test-time augmentation, as `fnlearn.data.augment.tta_logits`: the weighted mean of
+    the logits of x and its mirror (1/4 each), and of both shifted by `translate` pixels down-right
+    and up-left, reflect-padded, each with its mirror (1/8 each); one forward pass on all views.
+
+    Args:
+      net: the model in eval mode.
+      x: (B, 3, H, W) normalised images.
+      translate: shift in pixels; 0 keeps the mirror pair only (1/2 each).
+    Returns:
+      (B, K) float32.
+    """
+    views = [x, x.flip(3)]
+    weights = [1 / 2, 1 / 2]
+    if translate:
+        b, c, h, w = x.shape
+        padded = F.pad(x, (translate,) * 4, mode="reflect")
+        for top in (0, 2 * translate):  # content moved down-right, then up-left
+            shifted = padded[:, :, top:top + h, top:top + w]
+            views += [shifted, shifted.flip(3)]
+        weights = [1 / 4, 1 / 4, 1 / 8, 1 / 8, 1 / 8, 1 / 8]
+    logits = net(torch.cat(views).contiguous(memory_format=torch.channels_last)).float()
+    logits = logits.view(len(views), x.shape[0], -1)
+    return sum(w * view_logits for w, view_logits in zip(weights, logits))
 
 
 def lookahead_(average, net, decay):

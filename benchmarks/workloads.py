@@ -18,15 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks.timing import PRECISIONS, Carried, Workload, compile_timed
+from benchmarks.timing import PRECISIONS, Carried, Workload, compile_timed, torch_device
 from fnlearn import models
-from fnlearn.recipes.cifar import CifarConfig, create_state, make_train_fn, sgd_rates
-from fnlearn.train import TrainState, cross_entropy, make_optimizer, make_train_step, mse
+from fnlearn.data.subset import stratified_subset
+from fnlearn.recipes.cifar import CifarConfig, create_state, make_predict_fn, make_train_fn, sgd_rates
+from fnlearn.train import (TrainState, chunks, cross_entropy, epoch_order, make_optimizer, make_train_step,
+                           mse)
 
 # Both sides' losses: fnlearn's and the name of PyTorch's in torch.nn.functional.
 LOSSES = {"mse": (mse, "mse_loss"), "cross_entropy": (cross_entropy, "cross_entropy")}
 LR = 0.01  # every train workload's; momentum 0.9 (make_optimizer's default)
 EPOCH_IMAGES = 50_000  # fastnet_epoch's training set: CIFAR-10's shape
+TEST_IMAGES = 10_000  # cifar_run's test set on random data
 
 
 class Start(NamedTuple):
@@ -50,6 +53,19 @@ class EpochStart(NamedTuple):
     variables: dict  # the recipe's initial variables, whitening set from the images
 
 
+class RunStart(NamedTuple):
+    """What both sides of the CIFAR recipe's whole run start from."""
+    cfg: CifarConfig
+    data: tuple  # (train images, train labels, test images, test labels): uint8 NHWC and int32, on the host
+    real: bool  # a real data set: its test accuracy means something
+    num_classes: int
+    sample: np.ndarray  # the class-balanced training images the whitening stem is set from
+    orders: np.ndarray  # (epochs, steps per epoch, batch) image indices of every epoch
+    total_steps: int  # the whole run's, over which the lr schedule and lookahead run
+    steps: int  # the steps a run makes: `total_steps`, or fewer for a part run (no test pass)
+    variables: dict  # the recipe's initial variables
+
+
 def torch_mlp(torch, n_in, hidden, n_out):
     """Linear, ReLU, Linear (PyTorch's init)."""
     return torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, n_out))
@@ -58,7 +74,8 @@ def torch_mlp(torch, n_in, hidden, n_out):
 def mlp_start(torch, model, batches, widths, loss, optimizer):
     """A `Start` for a tutorial MLP; `batches` are stacked (n, batch, ...)."""
     variables = models.get(model).init(jax.random.key(0), batches[0][0])
-    xs, ys = (torch.from_numpy(np.array(a)) for a in batches)  # np.array: a writable copy for torch
+    # np.array: a writable copy for torch
+    xs, ys = (torch.from_numpy(np.array(a)).to(torch_device(torch)) for a in batches)
     if not ys.is_floating_point():
         ys = ys.long()  # torch's cross_entropy takes int64 class ids
     return Start(model, variables, batches, partial(torch_mlp, torch, *widths), list(zip(xs, ys)), loss, optimizer)
@@ -78,8 +95,9 @@ def simple_net_start(torch, w):
 
 
 def torch_images(torch, x):
-    """NHWC array -> NCHW torch tensor in channels_last memory format (the same bytes)."""
-    return torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    """NHWC array -> NCHW torch tensor in channels_last memory format (the same bytes), on the bench's device."""
+    x = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    return x.to(torch_device(torch))
 
 
 def conv_start(torch, w, *, model, size=32):
@@ -90,23 +108,30 @@ def conv_start(torch, w, *, model, size=32):
     x, y = jax.random.normal(kx, (w.batch, size, size, 3)), jax.random.randint(ky, (w.batch,), 0, 10)
     variables = jax.jit(models.get(model).init)(jax.random.key(0), x[:1])
     return Start(model, variables, (x[None], y[None]), partial(torch_models.twin, model, variables),
-                 [(torch_images(torch, x), torch.from_numpy(np.array(y)).long())])
+                 [(torch_images(torch, x), torch.from_numpy(np.array(y)).long().to(torch_device(torch)))])
 
 
-def torch_train_step(torch, net, opt, loss_fn, next_batch, bf16=False, after_step=None):
+def torch_autocast(torch, dtype):
+    """A context for PyTorch's forward passes: autocast to `dtype` ("bfloat16", "float16") on the
+    bench's device, or none for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch_device(torch).type, dtype=getattr(torch, dtype))
+
+
+def torch_train_step(torch, net, opt, loss_fn, next_batch, autocast=None, after_step=None):
     """A `step()` running one PyTorch eager train step on `next_batch()`'s (x, y).
 
     Args:
-      bf16: run the forward pass and loss under bf16 autocast.
+      autocast: run the forward pass and loss under autocast to this dtype name (None: float32).
       after_step: called with the step count after each optimizer step (e.g. lookahead).
     """
-    autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
     count = itertools.count(1)
 
     def step():
         x, y = next_batch()
         opt.zero_grad(set_to_none=True)
-        with autocast():
+        with torch_autocast(torch, autocast):
             loss = loss_fn(net(x), y)
         loss.backward()
         opt.step()
@@ -116,16 +141,16 @@ def torch_train_step(torch, net, opt, loss_fn, next_batch, bf16=False, after_ste
     return step
 
 
-def torch_train(torch, start, bf16):
+def torch_train(torch, start, autocast):
     """PyTorch's `step()` for a `Start`: a train step on a fresh net and optimizer."""
-    net = start.torch_net().train()
+    net = start.torch_net().to(torch_device(torch)).train()
     params = [p for p in net.parameters() if p.requires_grad]
     if start.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=LR)
     else:
         opt = torch.optim.SGD(params, lr=LR, momentum=0.9, nesterov=start.optimizer == "nesterov")
     loss_fn = getattr(torch.nn.functional, LOSSES[start.loss][1])
-    return torch_train_step(torch, net, opt, loss_fn, itertools.cycle(start.torch_batches).__next__, bf16)
+    return torch_train_step(torch, net, opt, loss_fn, itertools.cycle(start.torch_batches).__next__, autocast)
 
 
 def fnlearn_train(start, precision, steps_per_call):
@@ -147,14 +172,13 @@ def fnlearn_train(start, precision, steps_per_call):
     return Carried(compiled, state, inputs), compile_s
 
 
-def torch_infer(torch, start, bf16):
+def torch_infer(torch, start, autocast):
     """PyTorch's inference `step()` for a `Start` (BatchNorm from running statistics)."""
-    net = start.torch_net().eval()
+    net = start.torch_net().to(torch_device(torch)).eval()
     images, _ = start.torch_batches[0]
-    autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=bf16)
 
     def step():
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), torch_autocast(torch, autocast):
             net(images)
     return step
 
@@ -179,28 +203,29 @@ def epoch_start(torch, w):
     return EpochStart(cfg, images, labels, (jnp.asarray(images), jnp.asarray(labels)), order, state.variables)
 
 
-def torch_epoch(torch, start, bf16):
+def torch_epoch(torch, start, autocast):
     """PyTorch's recipe `step()`: airbench's work on tensors (gather, normalise, alternating
     flip, reflect-padded translate), the same net and optimizer groups, label smoothing and
     lookahead."""
     from benchmarks import torch_models
 
+    device = torch_device(torch)
     cfg, steps_per_epoch = start.cfg, len(start.order)
-    net = torch_models.twin("fastnet", start.variables).train()
+    net = torch_models.twin("fastnet", start.variables).to(device).train()
     lr, decay = sgd_rates(cfg)
     opt = torch_models.airbench_optimizer(net, lr, cfg.momentum, decay, cfg.bias_lr_scale)
-    images, labels = torch.from_numpy(start.images), torch.from_numpy(start.labels).long()
-    flip_base = torch.rand(len(images)) < 0.5
+    images, labels = torch.from_numpy(start.images).to(device), torch.from_numpy(start.labels).long().to(device)
+    flip_base = torch.rand(len(images), device=device) < 0.5
     average = [v.clone() for v in net.state_dict().values() if v.is_floating_point()]
     batches = ((torch_models.airbench_batch(images, idx, flip_base, 0, cfg.translate), labels[idx])
-               for idx in itertools.cycle(torch.from_numpy(start.order)))
+               for idx in itertools.cycle(torch.from_numpy(start.order).to(device)))
 
     def lookahead(t):
         if t % cfg.lookahead_every == 0:
             torch_models.lookahead_(average, net, 0.95**5 * (t / steps_per_epoch) ** 3)
 
     loss_fn = partial(torch.nn.functional.cross_entropy, label_smoothing=cfg.label_smoothing)
-    return torch_train_step(torch, net, opt, loss_fn, batches.__next__, bf16, lookahead)
+    return torch_train_step(torch, net, opt, loss_fn, batches.__next__, autocast, lookahead)
 
 
 def fnlearn_epoch(start, precision, steps_per_call):
@@ -213,6 +238,141 @@ def fnlearn_epoch(start, precision, steps_per_call):
               for i in range(0, steps_per_epoch - steps_per_call + 1, steps_per_call)]
     compiled, compile_s = compile_timed(lambda s, b: train(s, *b), state, inputs[0])
     return Carried(compiled, state, inputs), compile_s
+
+
+# The recipe's `create_state` as one program: eagerly, its init compiles op by op (seconds per model and dtype).
+create_state_jit = jax.jit(create_state, static_argnums=(0, 3, 4, 5))
+
+
+def run_calls(steps, steps_per_epoch, k):
+    """`(epoch, range of its steps)` of each call of a run of `steps` steps, at most `k` steps a call."""
+    return [(epoch, c) for epoch in range(math.ceil(steps / steps_per_epoch))
+            for c in chunks(min(steps_per_epoch, steps - epoch * steps_per_epoch), k)]
+
+
+def run_start(torch, w, *, cfg, steps, dataset):
+    """A `RunStart` for `cfg` on `dataset` (a `fnlearn.data.Dataset`), or on random CIFAR-shaped
+    data if None; a run makes `steps` steps (fewer than the whole run's: a part run)."""
+    rng = np.random.default_rng(0)
+    if dataset is None:
+        data = (rng.integers(0, 256, (EPOCH_IMAGES, 32, 32, 3), dtype=np.uint8),
+                rng.integers(0, 10, EPOCH_IMAGES).astype(np.int32),
+                rng.integers(0, 256, (TEST_IMAGES, 32, 32, 3), dtype=np.uint8),
+                rng.integers(0, 10, TEST_IMAGES).astype(np.int32))
+    else:
+        data = (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels)
+    num_classes = len(dataset.class_names) if dataset else 10
+    steps_per_epoch = len(data[0]) // cfg.batch_size
+    total_steps = math.ceil(steps_per_epoch * cfg.epochs)
+    # As the recipe's `train_and_evaluate`: one seed split three ways, and the stem set from a
+    # class-balanced sample (a folder's first 5000 images are all of its first class).
+    init_key, order_key, _ = jax.random.split(jax.random.key(cfg.seed), 3)
+    orders = np.stack([epoch_order(order_key, epoch, len(data[0]), cfg.batch_size)
+                       for epoch in range(math.ceil(total_steps / steps_per_epoch))])
+    sample = data[0][stratified_subset(data[1], min(5000, len(data[1])))]
+    state = create_state_jit(cfg, init_key, sample, num_classes, total_steps, steps_per_epoch)
+    return RunStart(cfg, data, dataset is not None, num_classes, sample, orders, total_steps, steps,
+                    state.variables)
+
+
+def fnlearn_run(start, precision, steps_per_call):
+    """fnlearn's `(run(), compile seconds)`: the recipe's run as `train_and_evaluate` makes it, less
+    its per-epoch evaluations, logs and checkpoints: `make_train_fn`'s calls of `steps_per_execution`
+    steps over every epoch, then the TTA pass of `make_predict_fn`. `run()` returns the test accuracy."""
+    cfg = dataclasses.replace(start.cfg, precision=precision)
+    train_x, train_y, test_x, test_y = start.data
+    steps_per_epoch = start.orders.shape[1]
+    init_key, _, augment_key = jax.random.split(jax.random.key(cfg.seed), 3)
+    initial = create_state_jit(cfg, init_key, start.sample, start.num_classes, start.total_steps, steps_per_epoch)
+    train = make_train_fn(cfg, jnp.asarray(train_x), jnp.asarray(train_y), start.total_steps, augment_key)
+    test_images, test_labels = jnp.asarray(test_x), jnp.asarray(test_y)
+    # (indices, epoch) of every call, on the device before the clock starts.
+    inputs = [(jnp.asarray(start.orders[epoch, c.start:c.stop]), jnp.int32(epoch))
+              for epoch, c in run_calls(start.steps, steps_per_epoch, cfg.steps_per_execution)]
+    programs, compile_s = {}, 0.0
+    for indices, epoch in inputs:
+        if len(indices) not in programs:  # a shorter last call gets its own program
+            programs[len(indices)], seconds = compile_timed(train, initial, indices, epoch)
+            compile_s += seconds
+    whole = start.steps == start.total_steps
+    if whole:
+        predict, seconds = compile_timed(make_predict_fn(cfg, initial.apply_fn, cfg.tta), initial.variables,
+                                         test_images, donate=False)
+        compile_s += seconds
+
+    def run():
+        state = jax.tree.map(jnp.copy, initial)  # each run starts afresh; the first call donates it
+        for indices, epoch in inputs:
+            state, _ = programs[len(indices)](state, indices, epoch)
+        if not whole:
+            jax.block_until_ready(state)
+            return "part run"
+        logits = predict(state.variables, test_images)
+        accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test_labels))
+        return accuracy if start.real else "random data"
+
+    return run, compile_s
+
+
+def torch_run(torch, start, autocast):
+    """PyTorch's `run()`: airbench94's recipe, ported from fnlearn's: `torch_epoch`'s steps over every
+    epoch on airbench's lr schedule (`airbench_lr`), the whitening bias trained for its first
+    `whiten_bias_epochs` epochs, lookahead ending on the average, then the TTA pass. `run()`
+    returns the test accuracy."""
+    from benchmarks import torch_models
+
+    device = torch_device(torch)
+    cfg, (steps_per_epoch, batch) = start.cfg, start.orders.shape[1:]
+    net = torch_models.twin(cfg.model, start.variables).to(device)
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    train_x, train_y, test_x, test_y = (torch.from_numpy(np.array(a)).to(device) for a in start.data)
+    train_y = train_y.long()
+    orders = torch.from_numpy(start.orders).to(device)
+    lr, decay = sgd_rates(cfg)
+    schedule = partial(torch_models.airbench_lr, total_steps=start.total_steps, peak_at=cfg.lr_peak_at,
+                       end=cfg.lr_end)
+    # airbench's summed loss, at lr / B and coupled decay x B: the mean loss's steps, with float16
+    # gradients B times further from underflow (airbench trains in float16 with no loss scaling).
+    loss_fn = partial(torch.nn.functional.cross_entropy, label_smoothing=cfg.label_smoothing, reduction="sum")
+    total = start.total_steps
+
+    def run():
+        net.load_state_dict(initial)
+        net.train()
+        net.whiten.bias.requires_grad_(cfg.whiten_bias_epochs > 0)
+        opt = torch_models.airbench_optimizer(net, lr / batch, cfg.momentum, decay * batch, cfg.bias_lr_scale)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        flip_base = torch.rand(len(train_x), device=device) < 0.5
+        average = [v.clone() for v in net.state_dict().values() if v.is_floating_point()]
+        t = 0
+        for epoch, steps in run_calls(start.steps, steps_per_epoch, steps_per_epoch):
+            # airbench freezes the bias so: its grad stays None, which SGD skips.
+            net.whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
+            for idx in orders[epoch, steps.start:steps.stop]:
+                x = torch_models.airbench_batch(train_x, idx, flip_base, epoch, cfg.translate)
+                opt.zero_grad(set_to_none=True)
+                with torch_autocast(torch, autocast):
+                    loss = loss_fn(net(x), train_y[idx])
+                loss.backward()
+                opt.step()
+                scheduler.step()
+                t += 1
+                if t >= total:  # as fnlearn's `lookahead`: the weights take the average
+                    torch_models.lookahead_(average, net, 1.0)
+                elif cfg.lookahead_every and t % cfg.lookahead_every == 0:
+                    torch_models.lookahead_(average, net, 0.95**5 * (t / total) ** 3)
+        if start.steps < total:
+            return "part run"  # `torch_finish` waits for CUDA's queued work
+        net.eval()
+        with torch.inference_mode(), torch_autocast(torch, autocast):
+            logits = torch.cat([torch_models.tta_logits(net, x, translate=1) if cfg.tta else net(x).float()
+                                for x in (torch_models.normalize(test_x[i:i + cfg.eval_batch_size])
+                                          .contiguous(memory_format=torch.channels_last)
+                                          for i in range(0, len(test_x), cfg.eval_batch_size))])
+            accuracy = (logits.argmax(1) == test_y).float().mean().item()
+        return accuracy if start.real else "random data"
+
+    return run
 
 
 def train_modes(steps):
@@ -232,12 +392,35 @@ def conv_train(name, model, batch, steps, size=32):
                     torch_train, fnlearn_train, train_modes(steps))
 
 
+def part_run_steps(fraction, steps_per_epoch, k):
+    """`fraction` of an epoch's steps, as whole recipe calls of `k` steps (`steps_per_execution`), at least one."""
+    return k * max(1, round(fraction * steps_per_epoch / k))
+
+
 def fastnet_epoch(fraction=0.08, batch=1024):
     """The CIFAR recipe's epoch, timing `fraction` of its steps: whole recipe calls, at least one."""
     k = CifarConfig().steps_per_execution
-    steps = k * max(1, round(fraction * (EPOCH_IMAGES // batch) / k))
+    steps = part_run_steps(fraction, EPOCH_IMAGES // batch, k)
     return Workload("fastnet_epoch", "images/s", batch, steps, epoch_start, torch_epoch, fnlearn_epoch,
                     (("recipe_epoch", k),))
+
+
+def cifar_run(cfg=CifarConfig(), fraction=0.08, dataset=None):
+    """The CIFAR recipe's whole run of `cfg` on `dataset` (None: random CIFAR-shaped data), timed as
+    airbench times itself: training and the final TTA pass. A `fraction` (not None) times that
+    fraction of the first epoch instead (whole recipe calls), with no TTA pass and no accuracy.
+
+    Its unit is the training images a run makes per second of the run. A run is one step:
+    the first is the warm-up, and `--repeats` runs are timed.
+    """
+    n_train = len(dataset.train_images) if dataset else EPOCH_IMAGES
+    steps_per_epoch = n_train // cfg.batch_size
+    steps = math.ceil(steps_per_epoch * cfg.epochs)
+    if fraction is not None:
+        steps = min(steps, part_run_steps(fraction, steps_per_epoch, cfg.steps_per_execution))
+    return Workload("cifar_run", "images/s", steps * cfg.batch_size, 1,
+                    partial(run_start, cfg=cfg, steps=steps, dataset=dataset), torch_run, fnlearn_run,
+                    (("recipe_run", 1),), accuracy=True)
 
 
 WORKLOADS = {w.name: w for w in (
@@ -249,5 +432,6 @@ WORKLOADS = {w.name: w for w in (
     Workload("resnet18_infer", "images/s", 256, 2, partial(conv_start, model="resnet18"), torch_infer,
              fnlearn_infer, (("jit_apply", 1),)),
     fastnet_epoch(),
+    cifar_run(),
 )}
 GROUPS = {"basics": ("regression", "simple_net")}

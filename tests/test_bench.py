@@ -1,15 +1,28 @@
 """The benchmark's table and the PyTorch references it times fnlearn against (values, never speed)."""
 import dataclasses
 import json
+import math
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from PIL import Image
 
 from benchmarks import timing, workloads
 from benchmarks.__main__ import main as bench_main
-from fnlearn.data.augment import CIFAR10_MEAN, CIFAR10_STD
+from benchmarks.__main__ import print_table
+from fnlearn.data import load_dataset
+from fnlearn.data.augment import CIFAR10_MEAN, CIFAR10_STD, tta_logits
+from fnlearn.recipes.cifar import PRESETS, CifarConfig
+from fnlearn.train import make_schedule
 
 FIELDS = {"workload", "mode", "precision", "unit", "torch_per_s", "torch_mode", "fnlearn_per_s", "ratio",
-          "compile_s"}
+          "compile_s", "torch_accuracy", "fnlearn_accuracy"}
+# The recipe at a test's size: 96 training images of 4 classes make 6 steps an epoch, 12 in all,
+# in calls of 3 steps (one program to compile).
+TINY = CifarConfig(model="fastnet_tiny", epochs=2, batch_size=16, eval_batch_size=16, whiten_bias_epochs=1,
+                   steps_per_execution=3)
 
 
 def test_rows_in_the_json(torch, tmp_path):
@@ -27,6 +40,9 @@ def test_rows_in_the_json(torch, tmp_path):
         assert r["ratio"] == pytest.approx(r["fnlearn_per_s"] / r["torch_per_s"], rel=1e-12)
     assert {r["unit"] for r in rows[:2]} == {"steps/s"} and {r["unit"] for r in rows[2:]} == {"images/s"}
     assert rows[0]["torch_mode"] == "fp32_eager" and rows[2]["torch_mode"] in timing.TORCH_MODES
+    # fp16 autocast is probed on CUDA only.
+    assert rows[2]["torch_mode"] not in timing.GPU_ONLY_MODES
+    assert all(r["torch_accuracy"] is None and r["fnlearn_accuracy"] is None for r in rows)
     # Both fnlearn precisions and modes of a workload are measured against one PyTorch number.
     assert len({r["torch_per_s"] for r in rows[2:]}) == 1
 
@@ -66,13 +82,107 @@ def test_timed_run_counts_the_items_it_makes():
 
 def test_workload_table():
     for w in workloads.WORKLOADS.values():
-        assert set(w.precisions) <= set(timing.PRECISIONS) and set(w.torch_modes) <= set(timing.TORCH_BF16)
+        assert set(w.precisions) <= set(timing.PRECISIONS) and set(w.torch_modes) <= set(timing.TORCH_AUTOCAST)
     with pytest.raises(ValueError, match="simple_net: 4 steps"):  # its compiled run makes 200 a call
         dataclasses.replace(workloads.WORKLOADS["simple_net"], steps=4)
     assert all(name in workloads.WORKLOADS for group in workloads.GROUPS.values() for name in group)
     # fastnet_epoch times whole recipe calls (4 steps each) of its 50,000 // 1024 = 48 steps, at least one.
     assert workloads.WORKLOADS["fastnet_epoch"].modes == (("recipe_epoch", 4),)
     assert [workloads.fastnet_epoch(f).steps for f in (0.001, 0.08, 0.5, 1.0)] == [4, 4, 24, 48]
+    # cifar_run: one run a step, of ceil(48 * 9.9) = 476 steps of 1024 images; on a CPU, the epoch fraction's.
+    assert workloads.cifar_run(fraction=None).batch == 476 * 1024
+    assert workloads.WORKLOADS["cifar_run"].batch == 4 * 1024 and workloads.WORKLOADS["cifar_run"].steps == 1
+    assert workloads.WORKLOADS["cifar_run"].accuracy and not workloads.WORKLOADS["fastnet_epoch"].accuracy
+
+
+def test_torch_device_is_the_cpu_here(torch):
+    assert jax.default_backend() == "cpu"
+    assert timing.torch_device(torch) == torch.device("cpu")
+    assert timing.torch_finish(torch) is jax.block_until_ready  # no CUDA work to wait for
+
+
+@pytest.mark.parametrize("cfg", [CifarConfig(), PRESETS["airbench94_muon"]], ids=["airbench94", "peak_at_0"])
+def test_torch_lr_schedule_is_fnlearns(cfg):
+    from benchmarks.torch_models import airbench_lr
+
+    total = math.ceil(50_000 // 1024 * 9.9)  # 476 steps
+    rise = int(cfg.lr_peak_at * total)  # 109 for airbench94
+    fnlearn = make_schedule("triangular", 1.0, total, peak_at=cfg.lr_peak_at, end=cfg.lr_end)
+    for step in sorted({0, 1, max(rise - 1, 0), rise, rise + 1, total // 2, total - 1, total}):
+        torch_lr = airbench_lr(step, total, cfg.lr_peak_at, cfg.lr_end)
+        assert torch_lr == pytest.approx(float(fnlearn(step)), rel=1e-6, abs=1e-7), step
+    # The corners themselves: from 0.2 (or the peak, with no rise) up to 1, down to lr_end at the last step.
+    assert airbench_lr(0, total, cfg.lr_peak_at, cfg.lr_end) == pytest.approx(0.2 if rise else 1.0)
+    assert airbench_lr(rise, total, cfg.lr_peak_at, cfg.lr_end) == pytest.approx(1.0)
+    assert airbench_lr(total, total, cfg.lr_peak_at, cfg.lr_end) == pytest.approx(cfg.lr_end)
+
+
+def test_torch_tta_is_fnlearns(torch):
+    from benchmarks.torch_models import tta_logits as torch_tta_logits
+
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((3, 6, 6, 3)).astype(np.float32)  # (B, H, W, C)
+    weights = rng.standard_normal((6 * 6 * 3, 5)).astype(np.float32)  # a linear "net": no view looks alike
+
+    def net(x):  # (N, 3, H, W) -> (N, 5), on the NHWC layout fnlearn's gets
+        return x.permute(0, 2, 3, 1).reshape(len(x), -1) @ torch.from_numpy(weights)
+
+    for translate in (1, 0):
+        got = torch_tta_logits(net, torch.from_numpy(images).permute(0, 3, 1, 2), translate=translate)
+        expected = tta_logits(lambda x: x.reshape(len(x), -1) @ weights, jnp.asarray(images), translate)
+        np.testing.assert_allclose(got.numpy(), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def write_image_folder(root, per_class=(24, 8), classes=4):
+    """root/{train,test}/class<c>/<i>.jpg, 32x32: each class a noisy solid colour."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(30, 226, (classes, 3))
+    for split, n in zip(("train", "test"), per_class):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(colours[c] + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / f"class{c}" / f"{i}.jpg")
+    return root
+
+
+def test_cifar_run_trains_and_evaluates_both_sides(torch, tmp_path, capsys):
+    dataset = load_dataset(write_image_folder(tmp_path / "src"), data_dir=tmp_path / "tfds")
+    run = workloads.cifar_run(TINY, fraction=None, dataset=dataset)
+    assert run.batch == 12 * 16  # a run's images: 2 epochs of 6 steps of 16
+    # fp32 only: each precision and PyTorch mode costs a compile or a kernel warm-up of seconds.
+    run = dataclasses.replace(run, precisions=("fp32",), torch_modes=("fp32_channels_last",))
+    rows = list(timing.measure(run, torch, repeats=2))
+    assert [(r["workload"], r["mode"], r["precision"]) for r in rows] == [("cifar_run", "recipe_run", "fp32")]
+    (row,) = rows
+    assert set(row) == FIELDS and row["unit"] == "images/s"
+    assert row["torch_per_s"] > 0 and row["fnlearn_per_s"] > 0 and row["compile_s"] > 0
+    # The mean over 2 runs of 32 test images: a multiple of 1/64.
+    for accuracy in (row["torch_accuracy"], row["fnlearn_accuracy"]):
+        assert isinstance(accuracy, float) and 0 <= accuracy <= 1
+        assert accuracy * 64 == pytest.approx(round(accuracy * 64))
+    print_table(rows)
+    last_line = capsys.readouterr().out.splitlines()[-1]
+    assert last_line.split()[-2:] == [f"{row['torch_accuracy']:.4f}", f"{row['fnlearn_accuracy']:.4f}"]
+
+
+def test_cifar_run_cut_short_or_on_random_data_reports_no_accuracy(torch):
+    # On random data (50,000 images), a CPU's epoch fraction: one call of 3 steps, no TTA pass.
+    # PyTorch in bf16 autocast here, float32 in the test above.
+    run = dataclasses.replace(workloads.cifar_run(TINY, fraction=0.001), precisions=("fp32",),
+                              torch_modes=("bf16_autocast_channels_last",))
+    assert run.batch == 3 * 16
+    (row,) = timing.measure(run, torch, repeats=1)
+    assert row["torch_accuracy"] == row["fnlearn_accuracy"] == "part run"
+    assert timing.mean_accuracy([0.5, 0.75]) == 0.625
+    assert timing.mean_accuracy(["random data", "random data"]) == "random data"
+
+
+def test_missing_data_is_named_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(["cifar_run", "--data", str(tmp_path / "no_such_folder")])
+    assert exit_info.value.code == 2
+    assert "--data" in capsys.readouterr().err
 
 
 def test_airbench_batch_normalises_flips_and_translates(torch):
