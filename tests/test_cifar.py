@@ -241,6 +241,17 @@ def test_mnist_experiment_on_a_generated_tree(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
 
 
+def test_muon_preset_writes_the_same_summary_keys(tiny_dataset, tmp_path):
+    src = pathlib.Path(tiny_dataset.source)
+    tiny = ["--data", str(src), "--data-dir", str(src.parent / "tfds"), "--model", "fastnet_tiny", "--epochs", "1",
+            "--batch-size", "16", "--eval-batch-size", "16", "--whiten-bias-epochs", "1"]
+    keys = {}
+    for preset in ("airbench94", "airbench94_muon"):
+        cifar_experiment.main(["--preset", preset, "--workdir", str(tmp_path / preset), *tiny])
+        keys[preset] = set(json.loads((tmp_path / preset / "summary.json").read_text()))
+    assert keys["airbench94"] == keys["airbench94_muon"] and "test_accuracy" in keys["airbench94"]
+
+
 def test_smoke_preset_on_the_shared_cifar10(tmp_path):
     """`--preset smoke` on the real (JPEG) CIFAR-10 must reach 50% on a test set of all ten classes."""
     if not SHARED_CIFAR.exists():
