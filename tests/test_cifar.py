@@ -15,7 +15,7 @@ from PIL import Image
 
 from experiments import cifar as cifar_experiment
 from experiments import mnist as mnist_experiment
-from fnlearn.checkpoint import CheckpointError
+from fnlearn.checkpoint import CheckpointError, Checkpoints
 from fnlearn.data import load_dataset, online
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import TensorBoardScalars
@@ -285,7 +285,7 @@ def test_the_recipe_evaluates_a_class_balanced_test_subset(tiny_dataset):
     assert result.steps == 3  # 48 training images, 12 of each class, in batches of 16
 
 
-def test_resume_with_a_changed_config_is_refused_naming_the_fields(tiny_dataset, tmp_path):
+def test_resume_with_a_changed_config_is_refused_naming_the_fields(tiny_dataset, tmp_path, monkeypatch):
     cfg = dataclasses.replace(TINY, epochs=1)
     train_and_evaluate(cfg, tiny_dataset, progress=False, log=lambda _: None,
                        checkpoint_dir=tmp_path / "checkpoints" / "run0")
@@ -297,6 +297,15 @@ def test_resume_with_a_changed_config_is_refused_naming_the_fields(tiny_dataset,
     # What only changes speed or the final evaluation may change.
     same = dataclasses.replace(cfg, tta=False, eval_batch_size=8, steps_per_execution=1, data="moved")
     assert check_resume(same, tmp_path / "checkpoints" / "run0", resume=True) == 1
+    # A run saved before the schedule's fields existed ran airbench's old schedule (peak at 0.2, end 0).
+    meta = Checkpoints.meta
+    monkeypatch.setattr(Checkpoints, "meta", lambda self, epoch: {"config": {
+        k: v for k, v in meta(self, epoch)["config"].items() if k not in ("lr_peak_at", "lr_end")}})
+    with pytest.raises(ConfigError, match=r"--lr-peak-at 0.2 \(saved\) != 0.23; --lr-end 0.0 \(saved\) != 0.07"):
+        check_resume(cfg, tmp_path / "checkpoints" / "run0", resume=True)
+    assert check_resume(dataclasses.replace(cfg, lr_peak_at=0.2, lr_end=0.0), tmp_path / "checkpoints" / "run0",
+                        resume=True) == 1
+    monkeypatch.undo()
     # The experiment refuses before it loads any data.
     src = pathlib.Path(tiny_dataset.source)
     with pytest.raises(SystemExit) as exit_info:
