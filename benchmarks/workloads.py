@@ -357,9 +357,11 @@ def torch_run(torch, start, autocast):
                 opt.step()
                 scheduler.step()
                 t += 1
+                if not cfg.lookahead_every:
+                    continue
                 if t >= total:  # as fnlearn's `lookahead`: the weights take the average
                     torch_models.lookahead_(average, net, 1.0)
-                elif cfg.lookahead_every and t % cfg.lookahead_every == 0:
+                elif t % cfg.lookahead_every == 0:
                     torch_models.lookahead_(average, net, 0.95**5 * (t / total) ** 3)
         if start.steps < total:
             return "part run"  # `torch_finish` waits for CUDA's queued work
@@ -411,8 +413,13 @@ def cifar_run(cfg=CifarConfig(), fraction=0.08, dataset=None):
     fraction of the first epoch instead (whole recipe calls), with no TTA pass and no accuracy.
 
     Its unit is the training images a run makes per second of the run. A run is one step:
-    the first is the warm-up, and `--repeats` runs are timed.
+    the first is the warm-up, and `--repeats` runs are timed. The PyTorch side ports airbench94's
+    recipe (SGD, alternating flip, FastNet), so other configs are refused.
     """
+    if cfg.optimizer != "sgd" or cfg.flip != "alternating" or cfg.model not in ("fastnet", "fastnet_small",
+                                                                               "fastnet_tiny"):
+        raise ValueError("cifar_run's PyTorch side ports airbench94's recipe only (SGD, alternating flip, "
+                         f"a FastNet), not optimizer={cfg.optimizer!r} flip={cfg.flip!r} model={cfg.model!r}")
     n_train = len(dataset.train_images) if dataset else EPOCH_IMAGES
     steps_per_epoch = n_train // cfg.batch_size
     steps = math.ceil(steps_per_epoch * cfg.epochs)

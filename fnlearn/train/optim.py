@@ -12,13 +12,13 @@ def make_schedule(name, learning_rate, total_steps=None, warmup_steps=0, peak_at
     Args:
       name: one of `SCHEDULES`. "triangular" is airbench's (`legacy/airbench94.py`, `get_lr`):
         it rises linearly from 0.2·lr to lr over the first int(`peak_at`·total_steps)
-        steps, then falls linearly to `end`·lr at the last step; with `peak_at` 0 it
+        steps, then falls linearly to `end`·lr at step total_steps; with `peak_at` 0 it
         starts at lr. "linear" decays from lr to 0.
       learning_rate: peak learning rate.
       total_steps: steps in the whole run; needed by every schedule but "constant".
       warmup_steps: linear warm-up length for "warmup_cosine".
       peak_at: "triangular": the fraction of the steps spent rising, in [0, 1).
-      end: "triangular": the last step's rate, as a fraction of the peak.
+      end: "triangular": the rate at step total_steps (held after it), as a fraction of the peak.
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
