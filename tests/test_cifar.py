@@ -95,6 +95,8 @@ def test_muon_preset_groups_its_parameters_as_airbench94_muon():
     assert (lr, decay * MUON.batch_size) == pytest.approx((0.67 * 2000, 2e-6 * 2000 / 0.67))
     assert lr * MUON.bias_lr_scale == pytest.approx(0.053 * 2000)
     assert float(jnp.std(params["fc"]["kernel"], ddof=1)) == pytest.approx(1.0)  # the unit-std head
+    bias = np.abs(params["whiten"]["bias"])  # torch's default init, U(±1/sqrt(2*2*3)), not airbench94's zeros
+    assert 0.1 < bias.max() <= 12**-0.5
 
 
 def test_muon_first_step_is_airbench94_muon_s():

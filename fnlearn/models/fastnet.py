@@ -4,7 +4,8 @@ A frozen 2x2 patch-whitening conv (24 channels) + GELU, three blocks of
 conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU (widths 64, 256, 256)
 with identity-initialised convs and scale-free BatchNorm, a global max-pool, a
 bias-free Dense to 10 classes, and logits times 1/9. NHWC throughout. airbench94_muon's
-net (`FastNetMuon`) differs only in its head: unit-std weights, logits divided by the width.
+net (`FastNetMuon`) differs in its head (unit-std weights, logits divided by the width) and in
+its whitening bias's init (PyTorch's default, not zero).
 
 Parameter paths, for the optimizer's groups (the CIFAR recipe's `param_labels`):
   whiten/kernel            the whitening filters: set from training images by `with_whitening`
@@ -168,9 +169,10 @@ class FastNet(nn.Module):
         momentum=1-0.6 (running = 0.6 * running + 0.4 * batch).
       logit_scale: multiplies the logits (airbench's 1/9), a fixed temperature.
       head_init: the init of the Dense head's kernel.
-      dtype: compute dtype of every layer but the head, which computes in float32 (Keras's
-        mixed-precision rule for the output layer: bf16 logits keep 8 bits, where airbench's
-        fp16 keeps 11); logits come out in float32.
+      whiten_bias_init: the init of the whitening conv's bias (airbench94 zeroes it).
+      dtype: compute dtype of the blocks; the whitening stem and the head compute in float32
+        (Keras's mixed-precision rule for numerically sensitive layers and the output: bf16
+        keeps 8 bits, airbench's fp16 11); logits come out in float32.
       param_dtype: storage dtype of every parameter.
     """
     widths: Sequence[int] = (64, 256, 256)
@@ -179,6 +181,7 @@ class FastNet(nn.Module):
     bn_momentum: float = 0.6
     logit_scale: float = 1 / 9
     head_init: Callable = layers.torch_kernel_init
+    whiten_bias_init: Callable = nn.initializers.zeros
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -194,12 +197,13 @@ class FastNet(nn.Module):
           (B, num_classes) float32 logits.
         """
         p = self.patch_size
-        # Any kernel init does here: `with_whitening` replaces it. The bias starts at 0
-        # (flax's default), as in airbench.
+        # Any kernel init does here: `with_whitening` replaces it. The stem computes in float32
+        # under bf16: whitening scales each patch direction by 1/sqrt(its variance), which
+        # amplifies the input's rounding most in the directions of least variance.
         x = layers.Conv(2 * p * p * x.shape[-1], (p, p), padding="VALID", use_bias=True,
-                        kernel_init=layers.torch_kernel_init, dtype=self.dtype,
+                        kernel_init=layers.torch_kernel_init, bias_init=self.whiten_bias_init, dtype=jnp.float32,
                         param_dtype=self.param_dtype, name="whiten")(x)  # (B, 31, 31, 24)
-        x = ops.gelu(x)  # exact (erf) GELU, torch.nn.GELU's default
+        x = ops.gelu(x).astype(self.dtype)  # exact (erf) GELU, torch.nn.GELU's default
         for i, width in enumerate(self.widths):
             x = ConvGroup(width, self.bn_momentum, self.dtype, self.param_dtype,
                           name=f"block{i + 1}")(x, train)
@@ -210,6 +214,8 @@ class FastNet(nn.Module):
 
 
 FastNetTiny = partial(FastNet, widths=(8, 16, 16))  # for tests: same structure, a few channels
-# airbench94_muon's net: airbench94's, but for the head's init and the logits' scale.
-FastNetMuon = partial(FastNet, head_init=unit_std_init, logit_scale=1 / 256)
+# airbench94_muon's net: airbench94's, but for the head's init, the logits' scale (1/width) and the
+# whitening bias, which keeps PyTorch's default init U(±1/sqrt(fan_in)), fan_in = 2 * 2 * 3.
+FastNetMuon = partial(FastNet, head_init=unit_std_init, logit_scale=1 / 256,
+                      whiten_bias_init=layers.torch_uniform_init(12))
 FastNetSmall = partial(FastNet, widths=(32, 64, 64))  # narrower, a fraction of the compute: quick checks

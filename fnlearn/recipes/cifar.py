@@ -53,7 +53,7 @@ class CifarConfig:
     lr: float = _field(11.5, "peak learning rate, per 1024 examples of a summed loss (airbench's unit)")
     lr_peak_at: float = _field(0.23, "fraction of the steps over which the lr rises from 0.2x to its peak "
                                      "(0: start at the peak)")
-    lr_end: float = _field(0.07, "the lr at the last step, as a fraction of the peak")
+    lr_end: float = _field(0.07, "where the lr falls to at the run's end, as a fraction of the peak")
     momentum: float = _field(0.85, "Nesterov momentum, in [0, 1)")
     weight_decay: float = _field(0.0153, "weight decay, in airbench's units (see --lr)")
     bias_lr_scale: float = _field(64.0, "the BatchNorm biases' lr (with muon, the whitening bias's too) as a "
@@ -227,10 +227,12 @@ def lookahead(state, total_steps, every):
                          ema_params=average)
 
 
-def augment_batch(cfg, key, flip_base, images, indices, epoch, dtype):
-    """Flip, translate and normalise a uint8 batch (B, H, W, C) on the device.
+def augment_batch(cfg, key, flip_base, images, indices, epoch):
+    """Flip, translate and normalise a uint8 batch (B, H, W, C) on the device, to float32.
 
     `key` is this step's; `flip_base` is the run's, so alternating flips alternate across epochs.
+    Float32 under bf16 too, as Keras feeds a mixed-precision model: each layer casts its input
+    to its compute dtype, and FastNet's whitening stem computes in float32.
     """
     flip_key, shift_key = jax.random.split(key)
     if cfg.flip == "alternating":
@@ -239,7 +241,7 @@ def augment_batch(cfg, key, flip_base, images, indices, epoch, dtype):
         images = augment.random_flip(flip_key, images)
     if cfg.translate:
         images = augment.random_translate(shift_key, images, cfg.translate, mode="reflect")
-    return augment.normalize(images, augment.CIFAR10_MEAN, augment.CIFAR10_STD, dtype)
+    return augment.normalize(images, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
 
 
 def make_train_fn(cfg, images, labels, total_steps, key):
@@ -250,13 +252,12 @@ def make_train_fn(cfg, images, labels, total_steps, key):
     The metrics hold one value per step.
     """
     flip_base, step_key = jax.random.split(key)
-    dtype = cfg.compute_dtype
     # The recipe reports loss and accuracy only, so it skips the grad-norm pass.
     step = make_train_step(partial(cross_entropy, label_smoothing=cfg.label_smoothing), grad_norm=False)
 
     def one_step(state, indices, epoch):
         key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), state.step)
-        x = augment_batch(cfg, key, flip_base, images[indices], indices, epoch, dtype)
+        x = augment_batch(cfg, key, flip_base, images[indices], indices, epoch)
         state, metrics = step(state, (x, labels[indices]))
         if cfg.lookahead_every:
             state = lookahead(state, total_steps, cfg.lookahead_every)
@@ -270,15 +271,14 @@ def make_train_fn(cfg, images, labels, total_steps, key):
 
 def make_predict_fn(cfg, apply_fn, tta):
     """`predict(variables, uint8 images) -> float32 logits`, with TTA if asked, `cfg.eval_batch_size`
-    images at a time."""
-    dtype = cfg.compute_dtype
+    images at a time (normalised to float32, as `augment_batch`)."""
 
     def predict(variables, images):
         def logits(x):
             return apply_fn(variables, x, train=False).astype(jnp.float32)
 
         def batch_logits(batch):
-            x = augment.normalize(batch, augment.CIFAR10_MEAN, augment.CIFAR10_STD, dtype)
+            x = augment.normalize(batch, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
             return augment.tta_logits(logits, x) if tta else logits(x)
 
         return batched(batch_logits, images, cfg.eval_batch_size)
@@ -312,7 +312,7 @@ class ConfigError(ValueError):
 RESUMABLE_CHANGES = frozenset({"data", "data_dir", "skip_corrupt", "runs", "tta", "eval_batch_size",
                                "steps_per_execution"})
 # What a run saved before a field existed did, so a resume compares against that.
-_BEFORE_FIELD = {"lr_peak_at": 0.2, "lr_end": 0.0}
+_BEFORE_FIELD = {"lr_peak_at": 0.2, "lr_end": 0.0, "optimizer": "sgd"}
 
 
 def check_resume(cfg, checkpoint_dir, resume):
