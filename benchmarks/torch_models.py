@@ -6,8 +6,8 @@ fnlearn's variables). Layouts differ:
 images are NHWC in fnlearn and NCHW in torch, conv kernels HWIO and OIHW, Dense
 kernels (in, out) and Linear weights (out, in).
 
-Also here: airbench's on-the-fly augmentation, optimizer groups, lr schedule, lookahead
-and test-time augmentation in torch, so the benchmark can run the fast CIFAR recipe (an
+Also here: airbench's on-the-fly augmentation, optimizer groups, lookahead and test-time
+augmentation in torch, so the benchmark can run the fast CIFAR recipe (an
 epoch, or the whole run) on both sides. They work on the device their tensors are on.
 """
 import functools
@@ -242,20 +242,6 @@ def airbench_optimizer(net, lr, momentum, weight_decay, bias_lr_scale=64.0):
                              "weight_decay": weight_decay / bias_lr_scale},
                             {"params": others}],
                            lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-
-
-def airbench_lr(step, total_steps, peak_at=0.23, end=0.07):
-    """airbench94's lr factor at optimizer step `step` (`legacy/airbench94.py`, `get_lr`), for `LambdaLR`.
-
-    It rises linearly from 0.2 to 1 over the first int(`peak_at`·`total_steps`) steps, then
-    falls linearly to `end` at step `total_steps`; with `peak_at` 0 it starts at 1.
-    """
-    warmup_steps = int(total_steps * peak_at)
-    if step < warmup_steps:
-        frac = step / warmup_steps
-        return 0.2 * (1 - frac) + 1.0 * frac
-    frac = (step - warmup_steps) / (total_steps - warmup_steps)
-    return 1.0 * (1 - frac) + end * frac
 
 
 def tta_logits(net, x, translate=1):

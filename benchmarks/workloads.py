@@ -20,8 +20,8 @@ from jax import lax
 
 from benchmarks.timing import PRECISIONS, Carried, Workload, compile_timed, torch_device
 from fnlearn import models
-from fnlearn.data.subset import stratified_subset
-from fnlearn.recipes.cifar import CifarConfig, create_state, make_predict_fn, make_train_fn, sgd_rates
+from fnlearn.recipes.cifar import (CifarConfig, create_state, make_predict_fn, make_train_fn, run_keys, sgd_rates,
+                                   whitening_sample)
 from fnlearn.train import (TrainState, chunks, cross_entropy, epoch_order, make_optimizer, make_train_step,
                            mse)
 
@@ -244,6 +244,21 @@ def fnlearn_epoch(start, precision, steps_per_call):
 create_state_jit = jax.jit(create_state, static_argnums=(0, 3, 4, 5))
 
 
+def airbench_lr(step, total_steps, peak_at=0.23, end=0.07):
+    """airbench94's lr factor at optimizer step `step` (`legacy/airbench94.py`, `get_lr`): the PyTorch
+    side's `LambdaLR`, and the reference fnlearn's schedule is tested against.
+
+    It rises linearly from 0.2 to 1 over the first int(`peak_at`·`total_steps`) steps, then
+    falls linearly to `end` at step `total_steps`; with `peak_at` 0 it starts at 1.
+    """
+    warmup_steps = int(total_steps * peak_at)
+    if step < warmup_steps:
+        frac = step / warmup_steps
+        return 0.2 * (1 - frac) + 1.0 * frac
+    frac = (step - warmup_steps) / (total_steps - warmup_steps)
+    return 1.0 * (1 - frac) + end * frac
+
+
 def run_calls(steps, steps_per_epoch, k):
     """`(epoch, range of its steps)` of each call of a run of `steps` steps, at most `k` steps a call."""
     return [(epoch, c) for epoch in range(math.ceil(steps / steps_per_epoch))
@@ -264,12 +279,11 @@ def run_start(torch, w, *, cfg, steps, dataset):
     num_classes = len(dataset.class_names) if dataset else 10
     steps_per_epoch = len(data[0]) // cfg.batch_size
     total_steps = math.ceil(steps_per_epoch * cfg.epochs)
-    # As the recipe's `train_and_evaluate`: one seed split three ways, and the stem set from a
-    # class-balanced sample (a folder's first 5000 images are all of its first class).
-    init_key, order_key, _ = jax.random.split(jax.random.key(cfg.seed), 3)
+    # As the recipe's `train_and_evaluate`: its keys, epoch orders and whitening sample.
+    init_key, order_key, _ = run_keys(cfg.seed)
     orders = np.stack([epoch_order(order_key, epoch, len(data[0]), cfg.batch_size)
                        for epoch in range(math.ceil(total_steps / steps_per_epoch))])
-    sample = data[0][stratified_subset(data[1], min(5000, len(data[1])))]
+    sample = whitening_sample(data[0], data[1])
     state = create_state_jit(cfg, init_key, sample, num_classes, total_steps, steps_per_epoch)
     return RunStart(cfg, data, dataset is not None, num_classes, sample, orders, total_steps, steps,
                     state.variables)
@@ -282,7 +296,7 @@ def fnlearn_run(start, precision, steps_per_call):
     cfg = dataclasses.replace(start.cfg, precision=precision)
     train_x, train_y, test_x, test_y = start.data
     steps_per_epoch = start.orders.shape[1]
-    init_key, _, augment_key = jax.random.split(jax.random.key(cfg.seed), 3)
+    init_key, _, augment_key = run_keys(cfg.seed)
     initial = create_state_jit(cfg, init_key, start.sample, start.num_classes, start.total_steps, steps_per_epoch)
     train = make_train_fn(cfg, jnp.asarray(train_x), jnp.asarray(train_y), start.total_steps, augment_key)
     test_images, test_labels = jnp.asarray(test_x), jnp.asarray(test_y)
@@ -329,7 +343,7 @@ def torch_run(torch, start, autocast):
     train_y = train_y.long()
     orders = torch.from_numpy(start.orders).to(device)
     lr, decay = sgd_rates(cfg)
-    schedule = partial(torch_models.airbench_lr, total_steps=start.total_steps, peak_at=cfg.lr_peak_at,
+    schedule = partial(airbench_lr, total_steps=start.total_steps, peak_at=cfg.lr_peak_at,
                        end=cfg.lr_end)
     # airbench's summed loss, at lr / B and coupled decay x B: the mean loss's steps, with float16
     # gradients B times further from underflow (airbench trains in float16 with no loss scaling).

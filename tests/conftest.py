@@ -1,4 +1,5 @@
-"""Test setup: the CPU backend, several fake CPU devices, and a TFDS data dir of the session's own.
+"""Test setup: the CPU backend, several fake CPU devices, a TFDS data dir of the session's own,
+and an image-folder writer.
 
 Strict dtype promotion is not turned on: optax's own Adam (`decay ** count`, float by
 int32) fails under it, so dtype tests check dtypes explicitly instead.
@@ -17,11 +18,36 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 TFDS_DATA_DIR = tempfile.mkdtemp(prefix="fnlearn-tests-tfds-")
 os.environ["TFDS_DATA_DIR"] = TFDS_DATA_DIR
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(TFDS_DATA_DIR, ignore_errors=True)
+
+
+COLORS = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [200, 200, 40]])
+
+
+def _write_tree(root, per_class=(24, 8), size=32, channels=3, classes=4, suffix=".jpg"):
+    """root/{train,test}/<class>/N.jpg: each class a noisy solid colour, so it is learnable."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "test"), per_class):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = COLORS[c][:channels] if channels == 3 else np.array([60 * c + 30])
+                pixels = np.clip(base + rng.normal(0, 40, (size, size, channels)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(root / split / f"class{c}" / f"{i}{suffix}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_tree():
+    """`write_tree(root, per_class=(24, 8), size=32, channels=3, classes=4, suffix=".jpg")`: an image
+    folder of learnable classes for the recipe and benchmark tests."""
+    return _write_tree
 
 
 @pytest.fixture

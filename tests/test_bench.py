@@ -1,21 +1,18 @@
 """The benchmark's table and the PyTorch references it times fnlearn against (values, never speed)."""
 import dataclasses
 import json
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from benchmarks import timing, workloads
 from benchmarks.__main__ import main as bench_main
 from benchmarks.__main__ import print_table
 from fnlearn.data import load_dataset
 from fnlearn.data.augment import CIFAR10_MEAN, CIFAR10_STD, tta_logits
-from fnlearn.recipes.cifar import PRESETS, CifarConfig
-from fnlearn.train import make_schedule
+from fnlearn.recipes.cifar import CifarConfig
 
 FIELDS = {"workload", "mode", "precision", "unit", "torch_per_s", "torch_mode", "fnlearn_per_s", "ratio",
           "compile_s", "torch_accuracy", "fnlearn_accuracy"}
@@ -101,18 +98,6 @@ def test_torch_device_is_the_cpu_here(torch):
     assert timing.torch_finish(torch) is jax.block_until_ready  # no CUDA work to wait for
 
 
-@pytest.mark.parametrize("cfg", [CifarConfig(), PRESETS["airbench94_muon"]], ids=["airbench94", "peak_at_0"])
-def test_torch_lr_schedule_is_fnlearns(cfg):
-    from benchmarks.torch_models import airbench_lr
-
-    total = math.ceil(50_000 // 1024 * 9.9)  # 476 steps
-    rise = int(cfg.lr_peak_at * total)  # 109 for airbench94
-    fnlearn = make_schedule("triangular", 1.0, total, peak_at=cfg.lr_peak_at, end=cfg.lr_end)
-    for step in sorted({0, 1, max(rise - 1, 0), rise, rise + 1, total // 2, total - 1, total}):
-        torch_lr = airbench_lr(step, total, cfg.lr_peak_at, cfg.lr_end)
-        assert torch_lr == pytest.approx(float(fnlearn(step)), rel=1e-6, abs=1e-7), step
-
-
 def test_torch_tta_is_fnlearns(torch):
     from benchmarks.torch_models import tta_logits as torch_tta_logits
 
@@ -129,21 +114,8 @@ def test_torch_tta_is_fnlearns(torch):
         np.testing.assert_allclose(got.numpy(), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
-def write_image_folder(root, per_class=(24, 8), classes=4):
-    """root/{train,test}/class<c>/<i>.jpg, 32x32: each class a noisy solid colour."""
-    rng = np.random.default_rng(0)
-    colours = rng.integers(30, 226, (classes, 3))
-    for split, n in zip(("train", "test"), per_class):
-        for c in range(classes):
-            (root / split / f"class{c}").mkdir(parents=True)
-            for i in range(n):
-                pixels = np.clip(colours[c] + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / split / f"class{c}" / f"{i}.jpg")
-    return root
-
-
-def test_cifar_run_trains_and_evaluates_both_sides(torch, tmp_path, capsys):
-    dataset = load_dataset(write_image_folder(tmp_path / "src"), data_dir=tmp_path / "tfds")
+def test_cifar_run_trains_and_evaluates_both_sides(torch, tmp_path, capsys, write_tree):
+    dataset = load_dataset(write_tree(tmp_path / "src"), data_dir=tmp_path / "tfds")
     run = workloads.cifar_run(TINY, fraction=None, dataset=dataset)
     assert run.batch == 12 * 16  # a run's images: 2 epochs of 6 steps of 16
     # fp32 only: each precision and PyTorch mode costs a compile or a kernel warm-up of seconds.

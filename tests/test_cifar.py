@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from experiments import cifar as cifar_experiment
 from experiments import mnist as mnist_experiment
@@ -23,25 +22,11 @@ from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resu
                                    make_train_fn, param_labels, sgd_rates, train_and_evaluate)
 from fnlearn.train import TrainingDiverged
 
-COLORS = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [200, 200, 40]])
 SHARED_CIFAR = pathlib.Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
 
 
-def write_tree(root, per_class=(24, 8), size=32, channels=3, classes=4, suffix=".jpg"):
-    """root/{train,test}/<class>/N.jpg: each class a noisy solid colour, so it is learnable."""
-    rng = np.random.default_rng(0)
-    for split, n in zip(("train", "test"), per_class):
-        for c in range(classes):
-            (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                base = COLORS[c][:channels] if channels == 3 else np.array([60 * c + 30])
-                pixels = np.clip(base + rng.normal(0, 40, (size, size, channels)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(root / split / f"class{c}" / f"{i}{suffix}")
-    return root
-
-
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
+def tiny_dataset(tmp_path_factory, write_tree):
     root = tmp_path_factory.mktemp("tree")
     write_tree(root / "src")
     return load_dataset(root / "src", data_dir=root / "tfds")
@@ -235,7 +220,7 @@ def test_offline_without_data_says_what_to_pass(tmp_path, monkeypatch, capsys):
     assert "--data" in message and "Traceback" not in message
 
 
-def test_mnist_experiment_on_a_generated_tree(tmp_path):
+def test_mnist_experiment_on_a_generated_tree(tmp_path, write_tree):
     write_tree(tmp_path / "mnist", per_class=(30, 10), size=28, channels=1, classes=3, suffix=".png")
     summary = mnist_experiment.main(["--data", str(tmp_path / "mnist"), "--data-dir", str(tmp_path / "tfds"),
                                      "--epochs", "3", "--batch-size", "10", "--workdir", str(tmp_path / "run")])

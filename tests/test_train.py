@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.workloads import airbench_lr
 from fnlearn.models import DynamicNet, SimpleNet
 from fnlearn.train import (TrainingDiverged, TrainState, cross_entropy, decay_mask, fit, make_optimizer,
                            make_schedule, make_train_step)
@@ -118,22 +119,12 @@ def test_weight_decay_masks_biases():
     assert mask["hidden"]["kernel"] and not mask["hidden"]["bias"]
 
 
-def airbench_get_lr(step, total_steps, peak_at, end):
-    """legacy/airbench94.py's `get_lr`, with its 0.23 and 0.07 as arguments."""
-    warmup_steps = int(total_steps * peak_at)
-    if step < warmup_steps:
-        frac = step / warmup_steps
-        return 0.2 * (1 - frac) + 1.0 * frac
-    frac = (step - warmup_steps) / (total_steps - warmup_steps)
-    return 1.0 * (1 - frac) + end * frac
-
-
 @pytest.mark.parametrize("total_steps,peak_at,end", [(476, 0.23, 0.07), (200, 0.0, 0.0), (100, 0.2, 0.0)])
 def test_triangular_schedule_is_airbench_get_lr_at_every_step(total_steps, peak_at, end):
     # airbench94's default run (476 steps), airbench94_muon's decay from the start, the ResNet preset's.
     schedule = make_schedule("triangular", 2.0, total_steps, peak_at=peak_at, end=end)
     steps = np.arange(total_steps + 1)
-    expected = [2.0 * airbench_get_lr(s, total_steps, peak_at, end) for s in steps]
+    expected = [2.0 * airbench_lr(s, total_steps, peak_at, end) for s in steps]
     np.testing.assert_allclose(jax.vmap(schedule)(steps), expected, rtol=1e-6, atol=1e-6)
     rise = int(peak_at * total_steps)
     assert float(schedule(0)) == pytest.approx(0.4 if rise else 2.0)

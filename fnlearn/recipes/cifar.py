@@ -303,6 +303,17 @@ def create_state(cfg, key, train_images, num_classes, total_steps, steps_per_epo
     return state
 
 
+def run_keys(seed):
+    """`(init, order, augment)` keys: every random choice of a run comes from its seed, split once."""
+    return jax.random.split(jax.random.key(seed), 3)
+
+
+def whitening_sample(images, labels, n=5000):
+    """A fixed class-balanced sample of `n` training images for a whitening stem, as airbench's
+    first 5000 of a shuffled set (a folder's first 5000 would be airplanes only)."""
+    return images[stratified_subset(labels, min(n, len(labels)))]
+
+
 class ConfigError(ValueError):
     """The config does not fit the data or the run saved in the checkpoint folder; the message names the flags."""
 
@@ -431,12 +442,9 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     def epoch_steps(epoch):
         return min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
 
-    # Every random choice of the run comes from its seed, split once here.
-    init_key, order_key, augment_key = jax.random.split(jax.random.key(cfg.seed), 3)
-    # The whitening stem is set from a class-balanced sample of the training images, as airbench's
-    # first 5000 of a shuffled set (a folder's first 5000 would be airplanes only).
-    sample = train_x[stratified_subset(train_y, min(5000, len(train_y)))]
-    state = create_state(cfg, init_key, sample, num_classes, total_steps, steps_per_epoch)
+    init_key, order_key, augment_key = run_keys(cfg.seed)
+    state = create_state(cfg, init_key, whitening_sample(train_x, train_y), num_classes, total_steps,
+                         steps_per_epoch)
     history, start_epoch, train_seconds = History(), 0, 0.0
     checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
     if latest is not None:
