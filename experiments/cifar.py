@@ -35,8 +35,9 @@ import optax
 from experiments import cli
 from fnlearn.checkpoint import CheckpointError
 from fnlearn.data import DataError, load_dataset
-from fnlearn.recipes.cifar import (CHOICES, PRESETS, CifarConfig, ConfigError, TrainingDiverged, check_resume,
-                                   train_and_evaluate)
+from fnlearn.parallel import data_mesh
+from fnlearn.recipes.cifar import (CHOICES, PRESETS, CifarConfig, ConfigError, TrainingDiverged, check_devices,
+                                   check_resume, train_and_evaluate)
 from fnlearn.report import TensorBoardScalars, plot_confusion, plot_curves
 
 
@@ -134,7 +135,12 @@ def _banner(cfg, dataset):
         sizes.append(f"{n} of {total} {split}" if n else f"{total} {split}")
     subsets = " (class-balanced subsets)" if cfg.train_subset or cfg.test_subset else ""
     return (f"{cfg.model} on {dataset.source}: {' / '.join(sizes)} images{subsets}; {_count(cfg.epochs, 'epoch')}, "
-            f"batch {cfg.batch_size}, {cfg.precision}, on {jax.devices()[0]}")
+            f"batch {cfg.batch_size}, {cfg.precision}, on {_devices()}")
+
+
+def _devices():
+    devices = jax.devices()
+    return str(devices[0]) if len(devices) == 1 else f"{len(devices)} devices ({devices[0].platform}, data parallel)"
 
 
 def run_one(cfg, dataset, workdir, run, resume):
@@ -153,7 +159,9 @@ def main(argv=None):
     cfg, args, parser = parse_config(argv)
     workdir = args.workdir
     try:
-        # Refuse a changed config or a clash with saved checkpoints before loading any data.
+        # Refuse a changed config, a batch the devices cannot share or a clash with saved
+        # checkpoints before loading any data.
+        check_devices(cfg, data_mesh())
         for run in range(cfg.runs):
             check_resume(dataclasses.replace(cfg, seed=cfg.seed + run), workdir / "checkpoints" / f"run{run}",
                          args.resume)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from experiments import cli
 from fnlearn import models
 from fnlearn.data import DataError, load_dataset
+from fnlearn.parallel import check_divides, data_mesh
 from fnlearn.train import TrainState, fit, make_optimizer
 
 
@@ -46,8 +47,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cli.check_workdir(parser, args.workdir)
     try:
+        check_divides(data_mesh(), {"--batch-size": args.batch_size})  # fit trains on every device
         dataset = load_dataset(args.data, data_dir=args.data_dir)
-    except DataError as e:
+    except (ValueError, DataError) as e:
         sys.exit(f"error: {e}")
     n_train = len(dataset.train_images)
     if args.batch_size > n_train:  # fit would refuse it too, but without naming the flag

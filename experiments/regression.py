@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import cli  # noqa: E402
 from fnlearn.models import LinearRegression, RegressionNet  # noqa: E402
+from fnlearn.parallel import data_mesh  # noqa: E402
 from fnlearn.train import TrainState, fit, make_optimizer, mse  # noqa: E402
 
 
@@ -32,8 +33,9 @@ def train(model, x, y, optimizer, epochs, key, compiled, log_every):
     """Full-batch training of `model` on (x, y); returns (state, history)."""
     init_key, shuffle_key = jax.random.split(key)
     state = TrainState.create(apply_fn=model.apply, variables=model.init(init_key, x), tx=optimizer)
+    # 100 points on one device: splitting a batch this small over several would only add traffic.
     return fit(state, (x, y), epochs=epochs, key=shuffle_key, loss_fn=mse, compiled=compiled,
-               progress=False, log_every=log_every)
+               mesh=data_mesh(jax.devices()[:1]), progress=False, log_every=log_every)
 
 
 def plot(path, history, x, y, prediction):

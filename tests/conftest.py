@@ -10,7 +10,7 @@ import tempfile
 
 # Must be set before JAX starts: fake devices make multi-device bugs show on CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 # Tests that load without a data dir (the experiments' defaults) prepare here, not in
 # the user's ~/tensorflow_datasets or $TFDS_DATA_DIR. TFDS reads the variable at import

@@ -235,3 +235,10 @@ def test_profile_kinds_and_interval_union():
     assert profile.torch_kind("aten::convolution_backward") == "conv backward"
     assert profile.torch_kind("aten::mkldnn_convolution") == "conv forward"
     assert profile.torch_kind("aten::native_batch_norm") == "batch norm"
+
+
+@pytest.mark.parametrize("change", [{"optimizer": "muon"}, {"flip": "random"}, {"clip_norm": 1.0},
+                                    {"model": "resnet_tiny"}])
+def test_cifar_run_refuses_what_its_pytorch_side_does_not_port(change):
+    with pytest.raises(ValueError, match="ports airbench94's recipe only"):
+        workloads.cifar_run(dataclasses.replace(TINY, **change))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fnlearn import models
+from fnlearn import models, parallel
 from fnlearn.checkpoint import Checkpoints
 from fnlearn.data import augment
 from fnlearn.data.subset import stratified_subset
@@ -71,6 +71,10 @@ class CifarConfig:
     flip: str = _field("alternating", "alternating: each epoch flips the images the last one did not")
     tta: bool = _field(True, "test-time augmentation for the final evaluation: mirror and 1-pixel shifts")
     precision: str = _field("fp32", "bf16: bfloat16 compute with float32 params")
+    clip_norm: float = _field(0.0, "scale the gradients down to this global norm before each update "
+                                   "(torch's clip_grad_norm_; 0: off)")
+    fsdp: bool = _field(False, "split the params and optimizer state over the devices (FSDP-style) instead "
+                               "of keeping a copy on each")
     seed: int = _field(0, "seed of the first run; run i uses seed + i")
     runs: int = _field(1, "independent runs, reported with their mean and spread")
     train_subset: int = _field(0, "train on a class-balanced sample of this many images (0: all)")
@@ -108,7 +112,7 @@ _RULES = {
     **{name: _POSITIVE for name in ("epochs", "batch_size", "lr", "bias_lr_scale", "runs", "eval_batch_size",
                                     "steps_per_execution", "muon_lr", "muon_ns_steps")},
     **{name: _NON_NEGATIVE for name in ("weight_decay", "whiten_bias_epochs", "lookahead_every", "translate",
-                                        "train_subset", "test_subset", "lr_end")},
+                                        "train_subset", "test_subset", "lr_end", "clip_norm")},
     **{name: _UNIT for name in ("momentum", "label_smoothing", "lr_peak_at", "muon_momentum")},
     "seed": (lambda v: 0 <= v < 2**32, "a whole number in 0..2**32-1"),
 }
@@ -244,21 +248,26 @@ def augment_batch(cfg, key, flip_base, images, indices, epoch):
     return augment.normalize(images, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
 
 
-def make_train_fn(cfg, images, labels, total_steps, key):
+def make_train_fn(cfg, images, labels, total_steps, key, batch_sharding=None):
     """`train(state, indices, epoch) -> (state, metrics)`: for each row of `indices`
     (steps, batch), gather, augment, step and lookahead, all in one `lax.scan`.
 
     The augmentation's randomness comes from `key`, folded with the epoch and step.
+    With `batch_sharding`, each batch is split over the devices as it says.
     The metrics hold one value per step.
     """
     flip_base, step_key = jax.random.split(key)
     # The recipe reports loss and accuracy only, so it skips the grad-norm pass.
-    step = make_train_step(partial(cross_entropy, label_smoothing=cfg.label_smoothing), grad_norm=False)
+    step = make_train_step(partial(cross_entropy, label_smoothing=cfg.label_smoothing),
+                           clip_norm=cfg.clip_norm or None, grad_norm=False)
 
     def one_step(state, indices, epoch):
         key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), state.step)
         x = augment_batch(cfg, key, flip_base, images[indices], indices, epoch)
-        state, metrics = step(state, (x, labels[indices]))
+        batch = (x, labels[indices])
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        state, metrics = step(state, batch)
         if cfg.lookahead_every:
             state = lookahead(state, total_steps, cfg.lookahead_every)
         return state, metrics
@@ -269,15 +278,18 @@ def make_train_fn(cfg, images, labels, total_steps, key):
     return train
 
 
-def make_predict_fn(cfg, apply_fn, tta):
+def make_predict_fn(cfg, apply_fn, tta, batch_sharding=None):
     """`predict(variables, uint8 images) -> float32 logits`, with TTA if asked, `cfg.eval_batch_size`
-    images at a time (normalised to float32, as `augment_batch`)."""
+    images at a time (normalised to float32, as `augment_batch`), each batch split as
+    `batch_sharding` says."""
 
     def predict(variables, images):
         def logits(x):
             return apply_fn(variables, x, train=False).astype(jnp.float32)
 
         def batch_logits(batch):
+            if batch_sharding is not None:
+                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
             x = augment.normalize(batch, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
             return augment.tta_logits(logits, x) if tta else logits(x)
 
@@ -321,9 +333,17 @@ class ConfigError(ValueError):
 # Fields a resumed run may change: where the data comes from, how fast it runs, the final
 # evaluation. Any other change would make the resumed run a different run.
 RESUMABLE_CHANGES = frozenset({"data", "data_dir", "skip_corrupt", "runs", "tta", "eval_batch_size",
-                               "steps_per_execution"})
+                               "steps_per_execution", "fsdp"})
 # What a run saved before a field existed did, so a resume compares against that.
-_BEFORE_FIELD = {"lr_peak_at": 0.2, "lr_end": 0.0, "optimizer": "sgd"}
+_BEFORE_FIELD = {"lr_peak_at": 0.2, "lr_end": 0.0, "optimizer": "sgd", "clip_norm": 0.0}
+
+
+def check_devices(cfg, mesh):
+    """Raises ConfigError if a batch of `cfg` does not split evenly over the devices of `mesh`."""
+    try:
+        parallel.check_divides(mesh, {"--batch-size": cfg.batch_size, "--eval-batch-size": cfg.eval_batch_size})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_resume(cfg, checkpoint_dir, resume):
@@ -412,7 +432,7 @@ class RunResult:
     state: TrainState
 
 
-def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False, log=print,
+def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False, mesh=None, log=print,
                        progress=True, on_epoch=None):
     """Trains one run of `cfg` on `dataset` and evaluates it; returns a `RunResult`.
 
@@ -424,6 +444,8 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         (None: no checkpoints).
       resume: continue from the last checkpoint in `checkpoint_dir`, if there is one
         (see `check_resume`).
+      mesh: the devices to train on, data parallel (default: all of them, `parallel.data_mesh()`);
+        the batch sizes must divide by their number.
       log: where the per-epoch table and warnings go.
       on_epoch: called as `on_epoch(epoch, record)` after each epoch trained in this
         call (1-based epoch; `record` maps each history name to the epoch's value).
@@ -432,6 +454,8 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
       TrainingDiverged: the training loss became NaN or Inf.
     """
     cfg = dataclasses.replace(cfg, seed=cfg.seed + run)
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    check_devices(cfg, mesh)
     train_x, train_y, test_x, test_y = _subsets(dataset, cfg)
     latest = check_resume(cfg, checkpoint_dir, resume) if checkpoint_dir else None
     num_classes = len(dataset.class_names)
@@ -445,6 +469,9 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     init_key, order_key, augment_key = run_keys(cfg.seed)
     state = create_state(cfg, init_key, whitening_sample(train_x, train_y), num_classes, total_steps,
                          steps_per_epoch)
+    # Placed before a restore, so the checkpoint is read straight into this layout.
+    state_sharding = parallel.state_sharding(state, mesh, cfg.fsdp)
+    state = jax.device_put(state, state_sharding)
     history, start_epoch, train_seconds = History(), 0, 0.0
     checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
     if latest is not None:
@@ -454,17 +481,21 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         history = History({"eval_accuracy" if k == "test_accuracy" else k: v for k, v in meta["history"].items()})
         log(f"resumed from {checkpoints.directory}/{start_epoch} (epoch {start_epoch} of {n_epochs})")
 
-    images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
-    test_images = jnp.asarray(test_x)
+    # The data sets stay whole on every device; each step gathers its batch, split over the devices.
+    whole, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    images, labels, test_images = jax.device_put((train_x, train_y, test_x), whole)
+    index_sharding = parallel.batch_sharding(mesh, axis=1)  # (steps, batch) indices
     t0 = time.perf_counter()
-    train_fn = jax.jit(make_train_fn(cfg, images, labels, total_steps, augment_key), donate_argnums=0)
+    train_fn = jax.jit(make_train_fn(cfg, images, labels, total_steps, augment_key, split), donate_argnums=0,
+                       out_shardings=(state_sharding, whole))
     # One program per chunk length an epoch uses (a shorter last chunk gets its own).
     lengths = {len(c) for epoch in range(start_epoch, n_epochs)
                for c in chunks(epoch_steps(epoch), cfg.steps_per_execution)}
-    train_fns = {n: train_fn.lower(state, jax.ShapeDtypeStruct((n, cfg.batch_size), jnp.int32), 0).compile()
+    train_fns = {n: train_fn.lower(state, jax.ShapeDtypeStruct((n, cfg.batch_size), jnp.int32,
+                                                               sharding=index_sharding), 0).compile()
                  for n in lengths}
-    eval_fns = {tta: jax.jit(make_predict_fn(cfg, state.apply_fn, tta)).lower(state.variables, test_images)
-                .compile() for tta in {False, cfg.tta}}
+    eval_fns = {tta: jax.jit(make_predict_fn(cfg, state.apply_fn, tta, split), out_shardings=whole)
+                .lower(state.variables, test_images).compile() for tta in {False, cfg.tta}}
     compile_seconds = time.perf_counter() - t0
 
     def evaluate(tta):
@@ -481,7 +512,7 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         metrics = []
         with StepProgress(steps, f"epoch {epoch + 1}/{n_epochs}", cfg.batch_size, disable=not progress) as bar:
             for c in chunks(steps, cfg.steps_per_execution):
-                state, m = train_fns[len(c)](state, order[c.start:c.stop], epoch)
+                state, m = train_fns[len(c)](state, jax.device_put(order[c.start:c.stop], index_sharding), epoch)
                 metrics.append(m)
                 bar.dispatched(len(c), m["loss"])
         metrics = jax.device_get(jax.tree.map(lambda *v: jnp.concatenate(v), *metrics))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fnlearn import parallel
 from fnlearn.train.loop import History, TrainingDiverged, epoch_order, scan_steps
 from fnlearn.train.losses import cross_entropy
 from fnlearn.train.progress import StepProgress
@@ -29,8 +30,8 @@ def _epoch_means(metrics):
 
 
 def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entropy, eval_data=None,
-        shuffle=True, clip_norm=None, check_finite=False, compiled=False, progress=True,
-        log_every=0, log=print):
+        shuffle=True, clip_norm=None, check_finite=False, compiled=False, mesh=None, fsdp=False,
+        progress=True, log_every=0, log=print):
     """Trains `state` on in-memory arrays; returns `(state, history)`.
 
     Args:
@@ -45,6 +46,10 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
         non-finite parameter; the error carries the last finite state.
       compiled: run every epoch inside one jitted `lax.scan` (one program, no
         per-step dispatch). Gives the same params as the step-by-step loop.
+      mesh: the devices to train on, data parallel: each batch split over them, the
+        state replicated (default: every device, `parallel.data_mesh()`). `batch_size`
+        must divide by their number.
+      fsdp: split the state over the devices instead (`parallel.state_sharding`).
       log_every: print the epoch's metrics every this many epochs (0: never).
     Returns:
       history: a `History`: `train_loss`, `train_grad_norm`, `train_accuracy` for
@@ -52,15 +57,20 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
         `epoch_seconds` (with `compiled`, the whole run's time spread evenly, compile
         excluded; the compile time is then `history["compile_seconds"]`).
     """
-    x, y = (jnp.asarray(a) for a in train_data)
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    whole, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    x, y = jax.device_put(tuple(train_data), whole)
     batch_size = batch_size or x.shape[0]
     if x.shape[0] < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the {x.shape[0]} training examples")
+    parallel.check_divides(mesh, {"batch_size": batch_size})
+    state_sharding = parallel.state_sharding(state, mesh, fsdp)
+    state = jax.device_put(state, state_sharding)
     train_step = make_train_step(loss_fn, clip_norm=clip_norm, check_finite=check_finite)
     eval_step = make_eval_step(loss_fn, batch_size)
     steps_per_epoch = x.shape[0] // batch_size
     if eval_data is not None:
-        eval_data = tuple(jnp.asarray(a) for a in eval_data)
+        eval_data = jax.device_put(tuple(eval_data), whole)
 
     def epoch_eval(state):
         if eval_data is None:
@@ -77,14 +87,14 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
     def gathered_step(carry, idx):
         """One step on the examples `idx`; with `check_finite`, a halted run keeps its last finite state."""
         state, halted = carry
-        new, m = train_step(state, (x[idx], y[idx]))
+        new, m = train_step(state, jax.lax.with_sharding_constraint((x[idx], y[idx]), split))
         if check_finite:
             halted = halted | ~m["all_finite"]
             new = jax.tree.map(lambda a, b: jnp.where(halted, b, a), new, state)
         return (new, halted), m
 
     if compiled:
-        @partial(jax.jit, donate_argnums=0)
+        @partial(jax.jit, donate_argnums=0, out_shardings=(state_sharding, whole))
         def run(state):
             def epoch(carry, e):
                 carry, m = scan_steps(gathered_step)(carry, epoch_order(key, e, x.shape[0], batch_size, shuffle))
@@ -105,7 +115,8 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
             record(e, {k: v[e] for k, v in {**epoch_m, **eval_m}.items()}, seconds)
         return state, history
 
-    step_fn = jax.jit(lambda state, idx: gathered_step((state, jnp.array(False)), idx), donate_argnums=0)
+    step_fn = jax.jit(lambda state, idx: gathered_step((state, jnp.array(False)), idx), donate_argnums=0,
+                      out_shardings=((state_sharding, whole), whole))
     order_fn = jax.jit(epoch_order, static_argnums=(2, 3, 4))
     eval_fn = jax.jit(epoch_eval)
     with StepProgress(epochs * steps_per_epoch, "fit", batch_size, unit="ex", disable=not progress) as bar:
