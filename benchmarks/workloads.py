@@ -428,13 +428,14 @@ def cifar_run(cfg=CifarConfig(), fraction=0.08, dataset=None):
 
     Its unit is the training images a run makes per second of the run. A run is one step:
     the first is the warm-up, and `--repeats` runs are timed. The PyTorch side ports airbench94's
-    recipe (SGD, alternating flip, FastNet, no clipping), so other configs are refused.
+    recipe (SGD, alternating flip, FastNet, no clipping or accumulation), so other configs are refused.
     """
-    if (cfg.optimizer != "sgd" or cfg.flip != "alternating" or cfg.clip_norm
+    if (cfg.optimizer != "sgd" or cfg.flip != "alternating" or cfg.clip_norm or cfg.accumulate != 1
             or cfg.model not in ("fastnet", "fastnet_small", "fastnet_tiny")):
         raise ValueError("cifar_run's PyTorch side ports airbench94's recipe only (SGD, alternating flip, "
-                         f"a FastNet, no clipping), not optimizer={cfg.optimizer!r} flip={cfg.flip!r} "
-                         f"model={cfg.model!r} clip_norm={cfg.clip_norm!r}")
+                         f"a FastNet, no clipping or accumulation), not optimizer={cfg.optimizer!r} "
+                         f"flip={cfg.flip!r} model={cfg.model!r} clip_norm={cfg.clip_norm!r} "
+                         f"accumulate={cfg.accumulate!r}")
     n_train = len(dataset.train_images) if dataset else EPOCH_IMAGES
     steps_per_epoch = n_train // cfg.batch_size
     steps = math.ceil(steps_per_epoch * cfg.epochs)

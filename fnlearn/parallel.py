@@ -18,13 +18,15 @@ def data_mesh(devices=None):
     return Mesh(np.array(jax.devices() if devices is None else devices), (DATA,))
 
 
-def check_divides(mesh, sizes):
+def check_divides(mesh, sizes, accumulate=1):
     """Raises ValueError naming the argument if a batch size in `sizes` (name -> size) does not
-    split evenly over the devices of `mesh`."""
+    split evenly over the devices of `mesh` (and, with `accumulate`, each device's share into
+    that many micro-batches)."""
+    parts = mesh.size * accumulate
     for name, size in sizes.items():
-        if size % mesh.size:
-            raise ValueError(f"{name} {size} does not split over the {mesh.size} devices: pass a multiple "
-                             f"of {mesh.size}")
+        if size % parts:
+            into = f"{mesh.size} devices" + (f" x {accumulate} micro-batches" if accumulate > 1 else "")
+            raise ValueError(f"{name} {size} does not split over the {into}: pass a multiple of {parts}")
 
 
 def batch_sharding(mesh, axis=0):

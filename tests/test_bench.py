@@ -238,7 +238,7 @@ def test_profile_kinds_and_interval_union():
 
 
 @pytest.mark.parametrize("change", [{"optimizer": "muon"}, {"flip": "random"}, {"clip_norm": 1.0},
-                                    {"model": "resnet_tiny"}])
+                                    {"accumulate": 2}, {"model": "resnet_tiny"}])
 def test_cifar_run_refuses_what_its_pytorch_side_does_not_port(change):
     with pytest.raises(ValueError, match="ports airbench94's recipe only"):
         workloads.cifar_run(dataclasses.replace(TINY, **change))

@@ -114,3 +114,62 @@ def test_the_experiment_refuses_a_batch_the_devices_cannot_share_before_loading_
                                "--workdir", str(tmp_path / "run")])
     assert exit_info.value.code == ("error: --batch-size 12 does not split over the 8 devices: "
                                     "pass a multiple of 8")
+
+
+def _resnet_state():
+    model = models.get("resnet_tiny", num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (32, 16, 16, 3))
+    y = jax.random.randint(jax.random.key(1), (32,), 0, 10)
+    state = TrainState.create(apply_fn=model.apply, variables=model.init(jax.random.key(2), x[:1]),
+                              tx=make_optimizer("nesterov", 0.1, momentum=0.9, weight_decay=5e-4))
+    return model, state, (x, y)
+
+
+def test_accumulation_gives_the_whole_batch_update_without_batch_statistics():
+    model = models.get("simple_net")
+    x = jax.random.normal(jax.random.key(0), (64, 784))
+    y = jax.random.randint(jax.random.key(1), (64,), 0, 10)
+    state = TrainState.create(apply_fn=model.apply, variables=model.init(jax.random.key(2), x[:1]),
+                              tx=make_optimizer("nesterov", 0.1, momentum=0.9, weight_decay=5e-4))
+    whole, whole_metrics = jax.jit(make_train_step())(state, (x, y))
+    micro, micro_metrics = jax.jit(make_train_step(accumulate=4))(state, (x, y))
+    _close(whole.params, micro.params)
+    _close(whole_metrics, micro_metrics)
+    assert int(micro.step) == 1  # one update for the four micro-batches
+
+
+def test_accumulation_with_batchnorm_uses_each_micro_batchs_statistics():
+    """What differs with BatchNorm: the running statistics are updated once per micro-batch, from
+    that micro-batch alone (examples 0, 2, 4, ... then 1, 3, 5, ...), as two forward passes would."""
+    model, state, (x, y) = _resnet_state()
+    new, _ = jax.jit(make_train_step(accumulate=2))(state, (x, y))
+    stats = state.batch_stats
+    for micro in (x[0::2], x[1::2]):
+        _, updates = model.apply({"params": state.params, "batch_stats": stats}, micro, train=True,
+                                 mutable=["batch_stats"])
+        stats = updates["batch_stats"]
+    _close(new.batch_stats, stats)
+    whole, _ = jax.jit(make_train_step())(state, (x, y))
+    assert not np.allclose(jax.tree.leaves(whole.params)[0], jax.tree.leaves(new.params)[0])
+
+
+def test_fit_accumulating_on_8_devices_matches_whole_batches_on_one():
+    model = models.get("simple_net")
+    x = jax.random.normal(jax.random.key(0), (128, 784))
+    y = jax.random.randint(jax.random.key(1), (128,), 0, 10)
+    variables = model.init(jax.random.key(2), x[:1])
+    runs = [fit(TrainState.create(apply_fn=model.apply, variables=jax.tree.map(jnp.copy, variables),
+                                  tx=make_optimizer("nesterov", 0.05)),
+                (x, y), epochs=2, batch_size=32, key=jax.random.key(3), mesh=mesh, accumulate=k, progress=False)
+            for mesh, k in ((ONE, 1), (None, 2))]
+    _close(runs[0][0].params, runs[1][0].params, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size 32 does not split over the 8 devices x 8 micro-batches: "
+                                         "pass a multiple of 64"):
+        fit(runs[1][0], (x, y), epochs=1, batch_size=32, key=jax.random.key(3), accumulate=8, progress=False)
+
+
+def test_the_recipe_accumulates(dataset):
+    cfg = CifarConfig(model="fastnet_tiny", epochs=3, batch_size=16, eval_batch_size=16, whiten_bias_epochs=1,
+                      accumulate=2)
+    run = train_and_evaluate(cfg, dataset, **QUIET)
+    assert run.steps == 18 and run.test_accuracy > 0.5  # 96 images / 16 a step, 3 epochs; 4 classes

@@ -71,6 +71,9 @@ class CifarConfig:
     flip: str = _field("alternating", "alternating: each epoch flips the images the last one did not")
     tta: bool = _field(True, "test-time augmentation for the final evaluation: mirror and 1-pixel shifts")
     precision: str = _field("fp32", "bf16: bfloat16 compute with float32 params")
+    accumulate: int = _field(1, "split each batch into this many micro-batches run one after another, and "
+                                "update once from their mean gradient: batch/K's memory, the batch's update "
+                                "(BatchNorm: each micro-batch by its own statistics)")
     clip_norm: float = _field(0.0, "scale the gradients down to this global norm before each update "
                                    "(torch's clip_grad_norm_; 0: off)")
     fsdp: bool = _field(False, "split the params and optimizer state over the devices (FSDP-style) instead "
@@ -110,7 +113,8 @@ _UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
 # one fails before any work.
 _RULES = {
     **{name: _POSITIVE for name in ("epochs", "batch_size", "lr", "bias_lr_scale", "runs", "eval_batch_size",
-                                    "steps_per_execution", "muon_lr", "muon_ns_steps")},
+                                    "steps_per_execution", "muon_lr", "muon_ns_steps",
+                                    "accumulate")},
     **{name: _NON_NEGATIVE for name in ("weight_decay", "whiten_bias_epochs", "lookahead_every", "translate",
                                         "train_subset", "test_subset", "lr_end", "clip_norm")},
     **{name: _UNIT for name in ("momentum", "label_smoothing", "lr_peak_at", "muon_momentum")},
@@ -259,7 +263,7 @@ def make_train_fn(cfg, images, labels, total_steps, key, batch_sharding=None):
     flip_base, step_key = jax.random.split(key)
     # The recipe reports loss and accuracy only, so it skips the grad-norm pass.
     step = make_train_step(partial(cross_entropy, label_smoothing=cfg.label_smoothing),
-                           clip_norm=cfg.clip_norm or None, grad_norm=False)
+                           clip_norm=cfg.clip_norm or None, grad_norm=False, accumulate=cfg.accumulate)
 
     def one_step(state, indices, epoch):
         key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), state.step)
@@ -335,13 +339,15 @@ class ConfigError(ValueError):
 RESUMABLE_CHANGES = frozenset({"data", "data_dir", "skip_corrupt", "runs", "tta", "eval_batch_size",
                                "steps_per_execution", "fsdp"})
 # What a run saved before a field existed did, so a resume compares against that.
-_BEFORE_FIELD = {"lr_peak_at": 0.2, "lr_end": 0.0, "optimizer": "sgd", "clip_norm": 0.0}
+_BEFORE_FIELD = {"lr_peak_at": 0.2, "lr_end": 0.0, "optimizer": "sgd", "clip_norm": 0.0, "accumulate": 1}
 
 
 def check_devices(cfg, mesh):
-    """Raises ConfigError if a batch of `cfg` does not split evenly over the devices of `mesh`."""
+    """Raises ConfigError if a batch of `cfg` does not split evenly over the devices of `mesh`
+    (a training batch: over them and into `cfg.accumulate` micro-batches)."""
     try:
-        parallel.check_divides(mesh, {"--batch-size": cfg.batch_size, "--eval-batch-size": cfg.eval_batch_size})
+        parallel.check_divides(mesh, {"--batch-size": cfg.batch_size}, cfg.accumulate)
+        parallel.check_divides(mesh, {"--eval-batch-size": cfg.eval_batch_size})
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

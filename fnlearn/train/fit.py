@@ -30,8 +30,8 @@ def _epoch_means(metrics):
 
 
 def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entropy, eval_data=None,
-        shuffle=True, clip_norm=None, check_finite=False, compiled=False, mesh=None, fsdp=False,
-        progress=True, log_every=0, log=print):
+        shuffle=True, clip_norm=None, accumulate=1, check_finite=False, compiled=False, mesh=None,
+        fsdp=False, progress=True, log_every=0, log=print):
     """Trains `state` on in-memory arrays; returns `(state, history)`.
 
     Args:
@@ -41,7 +41,7 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
       key: PRNG key for shuffling; epoch e uses `fold_in(key, e)` (`loop.epoch_order`).
       batch_size: examples per step; None means the whole set (full-batch).
       eval_data: optional `(x, y)`, evaluated after every epoch, `batch_size` at a time.
-      clip_norm, check_finite: see `make_train_step`. With `check_finite`, a
+      clip_norm, accumulate, check_finite: see `make_train_step`. With `check_finite`, a
         non-finite step raises `TrainingDiverged` naming the step and the first
         non-finite parameter; the error carries the last finite state.
       compiled: run every epoch inside one jitted `lax.scan` (one program, no
@@ -63,10 +63,10 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
     batch_size = batch_size or x.shape[0]
     if x.shape[0] < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the {x.shape[0]} training examples")
-    parallel.check_divides(mesh, {"batch_size": batch_size})
+    parallel.check_divides(mesh, {"batch_size": batch_size}, accumulate)
     state_sharding = parallel.state_sharding(state, mesh, fsdp)
     state = jax.device_put(state, state_sharding)
-    train_step = make_train_step(loss_fn, clip_norm=clip_norm, check_finite=check_finite)
+    train_step = make_train_step(loss_fn, clip_norm=clip_norm, check_finite=check_finite, accumulate=accumulate)
     eval_step = make_eval_step(loss_fn, batch_size)
     steps_per_epoch = x.shape[0] // batch_size
     if eval_data is not None:

@@ -41,13 +41,21 @@ def _classification(out, y):
     return out.ndim == 2 and y.ndim == 1 and jnp.issubdtype(y.dtype, jnp.integer)
 
 
-def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False, grad_norm=True):
+def _micro_batches(batch, k):
+    """(B, ...) leaves as (k, B/k, ...): micro-batch i holds examples i, i + k, i + 2k, ..., so
+    a batch split over devices along B gives every device a share of every micro-batch."""
+    def split(a):
+        return jnp.swapaxes(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False, grad_norm=True, accumulate=1):
     """Builds a pure `train_step(state, (x, y)) -> (state, metrics)`.
 
     Jit it once, outside the loop: `jax.jit(train_step, donate_argnums=0)`.
 
     Args:
-      loss_fn: `loss_fn(model_output, y) -> scalar`.
+      loss_fn: `loss_fn(model_output, y) -> scalar`, a mean over the batch.
       clip_norm: if set, gradients are scaled so their global norm is at most this
         (`torch.nn.utils.clip_grad_norm_`); metrics report the norm before clipping.
       check_finite: if True, a step whose loss, gradients or new params hold NaN/Inf
@@ -56,10 +64,18 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
       grad_norm: if True, metrics carry `grad_norm`, the gradients' global norm. It
         costs one more pass over every gradient, a visible share of a small MLP's
         step on a CPU. Clipping computes it either way.
+      accumulate: split the batch into this many micro-batches, run one after another
+        in a `lax.scan`, and make one update from their mean gradient: the activation
+        memory of B/accumulate, the update of the whole batch for a model without batch
+        statistics. BatchNorm normalises each micro-batch by its own statistics and
+        updates its running averages once per micro-batch, as K PyTorch forward passes
+        would. A scan rather than `optax.MultiSteps`, so the step count, the schedule
+        and anything else keyed to the update (lookahead) stay those of batch B.
     Returns:
       metrics: `loss`, `grad_norm` (if asked for), and `accuracy` for integer-label classification.
     """
-    def train_step(state, batch):
+    def gradients(state, batch):
+        """`(loss, grads, new batch stats, accuracy or None)` for one (micro-)batch."""
         x, y = batch
 
         def objective(params):
@@ -67,6 +83,23 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
             return loss_fn(out, y), (out, stats)
 
         (loss, (out, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        return loss, grads, stats, accuracy(out, y) if _classification(out, y) else None
+
+    def accumulated(state, batch):
+        def micro(carry, batch):
+            stats, total = carry
+            loss, grads, stats, acc = gradients(state.replace(batch_stats=stats), batch)
+            return (stats, jax.tree.map(jnp.add, total, (loss, grads, acc))), None
+
+        micro_batches = _micro_batches(batch, accumulate)
+        first = jax.tree.map(lambda a: a[0], micro_batches)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(gradients, state, first))
+        (stats, total), _ = jax.lax.scan(micro, (state.batch_stats, (zeros[0], zeros[1], zeros[3])), micro_batches)
+        loss, grads, acc = jax.tree.map(lambda t: t / accumulate, total)
+        return loss, grads, stats, acc
+
+    def train_step(state, batch):
+        loss, grads, stats, acc = (gradients if accumulate == 1 else accumulated)(state, batch)
         metrics = {"loss": loss}
         if grad_norm or clip_norm is not None:
             norm = optax.tree.norm(grads)
@@ -76,8 +109,8 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
                 scale = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
                 grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         new_state = state.apply_gradients(grads, batch_stats=stats)
-        if _classification(out, y):
-            metrics["accuracy"] = accuracy(out, y)
+        if acc is not None:
+            metrics["accuracy"] = acc
         if check_finite:
             finite = jax.tree.map(jnp.logical_and, _all_finite(grads), _all_finite(new_state.params))
             ok = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree.leaves(finite)))
