@@ -36,8 +36,8 @@ from experiments import cli
 from fnlearn.checkpoint import CheckpointError
 from fnlearn.data import DataError, load_dataset
 from fnlearn.parallel import data_mesh
-from fnlearn.recipes.cifar import (CHOICES, PRESETS, CifarConfig, ConfigError, TrainingDiverged, check_devices,
-                                   check_resume, train_and_evaluate)
+from fnlearn.recipes.cifar import (CHOICES, PRESETS, CifarConfig, ConfigError, TrainingDiverged, backward_bytes,
+                                   check_devices, check_resume, train_and_evaluate)
 from fnlearn.report import TensorBoardScalars, plot_confusion, plot_curves
 
 
@@ -103,6 +103,10 @@ def write_outputs(workdir, cfg, results, dataset):
         "compile_seconds": float(np.mean([r.compile_seconds for r in results])),
         "eval_seconds": float(np.mean([r.eval_seconds for r in results])),
         "final_eval_seconds": float(np.mean([r.final_eval_seconds for r in results])),
+        # The compiled train program's arguments, outputs and temporaries, per device, data set included;
+        # and the activations one batch keeps for its backward pass (what --remat cuts).
+        "train_program_mib": results[0].train_program_bytes / 2**20,
+        "backward_mib": backward_bytes(cfg, len(dataset.class_names), dataset.train_images.shape[1:]) / 2**20,
         "epochs": cfg.epochs,
         "steps": results[0].steps,
         "model": cfg.model,
@@ -191,9 +195,12 @@ def main(argv=None):
             accuracy += f" with TTA ({result.test_accuracy_plain:.4f} without)"
         print(f"{accuracy}; training {result.train_seconds:.1f} s, compile {result.compile_seconds:.1f} s, "
               f"evaluation {result.eval_seconds:.1f} s (the final{' TTA' if cfg.tta else ''} pass "
-              f"{result.final_eval_seconds:.1f} s), total {time.perf_counter() - t0:.1f} s")
+              f"{result.final_eval_seconds:.1f} s), total {time.perf_counter() - t0:.1f} s; the compiled train "
+              f"program holds {result.train_program_bytes / 2**20:.0f} MiB a device")
         results.append(result)
     summary = write_outputs(workdir, cfg, results, dataset)
+    print(f"activations one batch keeps for its backward pass: {summary['backward_mib']:.0f} MiB"
+          f"{' (with --remat)' if cfg.remat else ' (--remat cuts them)'}")
     if cfg.runs > 1:
         print(f"mean over {cfg.runs} runs: {summary['test_accuracy']:.4f} ± {summary['test_accuracy_std']:.4f}")
     print(f"wrote {workdir}/summary.json, curves.png, confusion.png, tensorboard/")

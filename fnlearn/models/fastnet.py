@@ -170,6 +170,8 @@ class FastNet(nn.Module):
       logit_scale: multiplies the logits (airbench's 1/9), a fixed temperature.
       head_init: the init of the Dense head's kernel.
       whiten_bias_init: the init of the whitening conv's bias (airbench94 zeroes it).
+      remat: recompute each conv group's activations in the backward pass
+        (`layers.remat_block`): less memory, one more forward pass.
       dtype: compute dtype of the blocks; the whitening stem and the head compute in float32
         (Keras's mixed-precision rule for numerically sensitive layers and the output: bf16
         keeps 8 bits, airbench's fp16 11); logits come out in float32.
@@ -182,6 +184,7 @@ class FastNet(nn.Module):
     logit_scale: float = 1 / 9
     head_init: Callable = layers.torch_kernel_init
     whiten_bias_init: Callable = nn.initializers.zeros
+    remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -204,9 +207,9 @@ class FastNet(nn.Module):
                         kernel_init=layers.torch_kernel_init, bias_init=self.whiten_bias_init, dtype=jnp.float32,
                         param_dtype=self.param_dtype, name="whiten")(x)  # (B, 31, 31, 24)
         x = ops.gelu(x).astype(self.dtype)  # exact (erf) GELU, torch.nn.GELU's default
+        group = layers.remat_block(ConvGroup) if self.remat else ConvGroup
         for i, width in enumerate(self.widths):
-            x = ConvGroup(width, self.bn_momentum, self.dtype, self.param_dtype,
-                          name=f"block{i + 1}")(x, train)
+            x = group(width, self.bn_momentum, self.dtype, self.param_dtype, name=f"block{i + 1}")(x, train)
         x = jnp.max(x, axis=(1, 2))  # global max-pool: (B, C)
         x = nn.Dense(self.num_classes, use_bias=False, kernel_init=self.head_init,
                      dtype=jnp.float32, param_dtype=self.param_dtype, name="fc")(x)

@@ -63,4 +63,16 @@ class BatchNorm(nn.BatchNorm):
             return super().__call__(x, *args, **kwargs)
 
 
-__all__ = ["BatchNorm", "Conv", "max_pool", "torch_kernel_init", "torch_uniform_init"]
+def remat_block(block_cls):
+    """`block_cls` under `nn.remat` (activation checkpointing): its activations are recomputed
+    in the backward pass instead of kept from the forward one.
+
+    The policy saves nothing inside a block, only its input: the least memory, for one
+    more forward pass of every block (PyTorch's `checkpoint_sequential` makes the same
+    trade). `train`, the block's second argument (argnum 2, `self` being 0), is static.
+    Parameter paths are unchanged, so checkpoints load either way.
+    """
+    return nn.remat(block_cls, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable)
+
+
+__all__ = ["BatchNorm", "Conv", "max_pool", "remat_block", "torch_kernel_init", "torch_uniform_init"]

@@ -128,6 +128,8 @@ class ResNet(nn.Module):
       width: channels of the stem and first stage (64 in the paper).
       stem: "cifar" (3x3/1 conv, no pool: keeps 32x32 detail) or "imagenet"
         (7x7/2 conv + 3x3/2 max-pool).
+      remat: recompute each residual block's activations in the backward pass
+        (`layers.remat_block`): less memory, one more forward pass.
       dtype: compute dtype of every layer (e.g. jnp.bfloat16); logits come out in it.
       param_dtype: storage dtype of every parameter.
     """
@@ -136,6 +138,7 @@ class ResNet(nn.Module):
     num_classes: int = 10
     width: int = 64
     stem: str = "cifar"
+    remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -161,11 +164,11 @@ class ResNet(nn.Module):
         x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="bn1")(x))
         if self.stem == "imagenet":
             x = layers.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        block = layers.remat_block(self.block_cls) if self.remat else self.block_cls
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
-                x = self.block_cls(self.width * 2 ** i, strides=2 if i > 0 and j == 0 else 1,
-                                   dtype=self.dtype, param_dtype=self.param_dtype,
-                                   name=f"layer{i + 1}_{j}")(x, train)
+                x = block(self.width * 2 ** i, strides=2 if i > 0 and j == 0 else 1, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=f"layer{i + 1}_{j}")(x, train)
         x = jnp.mean(x, axis=(1, 2))  # global average pool: (B, C)
         # torch.nn.Linear's default init: kernel and bias U(+-1/sqrt(fan_in)).
         return nn.Dense(self.num_classes, kernel_init=layers.torch_kernel_init,

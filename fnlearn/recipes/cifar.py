@@ -74,6 +74,8 @@ class CifarConfig:
     accumulate: int = _field(1, "split each batch into this many micro-batches run one after another, and "
                                 "update once from their mean gradient: batch/K's memory, the batch's update "
                                 "(BatchNorm: each micro-batch by its own statistics)")
+    remat: bool = _field(False, "recompute each block's activations in the backward pass (activation "
+                                "checkpointing): less memory, one more forward pass of every block")
     clip_norm: float = _field(0.0, "scale the gradients down to this global norm before each update "
                                    "(torch's clip_grad_norm_; 0: off)")
     fsdp: bool = _field(False, "split the params and optimizer state over the devices (FSDP-style) instead "
@@ -307,7 +309,7 @@ def create_state(cfg, key, train_images, num_classes, total_steps, steps_per_epo
     5000 of `train_images` where the registry declares a data-dependent init, as FastNet's
     whitening stem: pass a sample), the recipe's optimizer, and the weight average if
     lookahead is on."""
-    model = models.get(cfg.model, num_classes=num_classes, dtype=cfg.compute_dtype)
+    model = models.get(cfg.model, num_classes=num_classes, dtype=cfg.compute_dtype, remat=cfg.remat)
     variables = model.init(key, jnp.zeros((1, *train_images.shape[1:]), jnp.float32))
     if data_init := models.data_init(cfg.model):
         sample = jnp.asarray(train_images[:5000])
@@ -317,6 +319,32 @@ def create_state(cfg, key, train_images, num_classes, total_steps, steps_per_epo
     if cfg.lookahead_every:
         state = state.replace(ema_params=jax.tree.map(jnp.copy, state.variables))
     return state
+
+
+def compiled_bytes(compiled):
+    """What XLA says a compiled program holds at once, per device: its arguments, outputs
+    (less those aliased to donated arguments) and temporaries."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def backward_bytes(cfg, num_classes=10, image_shape=(32, 32, 3)):
+    """The bytes one training batch of `cfg` keeps from its forward pass for its backward pass
+    (the residuals `jax.vjp` holds), from shapes alone: what `cfg.remat` cuts, whatever a
+    backend's scheduler then does with them."""
+    model = models.get(cfg.model, num_classes=num_classes, dtype=cfg.compute_dtype, remat=cfg.remat)
+    x = jax.ShapeDtypeStruct((cfg.batch_size, *image_shape), jnp.float32)
+    y = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32)
+
+    def residuals(x, y):
+        variables = model.init(jax.random.key(0), x[:1])
+
+        def loss(params):
+            out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            return cross_entropy(out, y)
+        return jax.vjp(loss, variables["params"])[1]  # a pytree of the arrays kept for the backward pass
+
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(residuals, x, y)))
 
 
 def run_keys(seed):
@@ -337,7 +365,7 @@ class ConfigError(ValueError):
 # Fields a resumed run may change: where the data comes from, how fast it runs, the final
 # evaluation. Any other change would make the resumed run a different run.
 RESUMABLE_CHANGES = frozenset({"data", "data_dir", "skip_corrupt", "runs", "tta", "eval_batch_size",
-                               "steps_per_execution", "fsdp"})
+                               "steps_per_execution", "fsdp", "remat"})
 # What a run saved before a field existed did, so a resume compares against that.
 _BEFORE_FIELD = {"lr_peak_at": 0.2, "lr_end": 0.0, "optimizer": "sgd", "clip_norm": 0.0, "accumulate": 1}
 
@@ -421,6 +449,8 @@ class RunResult:
       train_seconds: training only: no compilation, no evaluation.
       compile_seconds, eval_seconds: the latter is every evaluation's;
       final_eval_seconds: the final evaluation's alone.
+      train_program_bytes: what the compiled train program holds at once, per device, data
+        set included (`compiled_bytes`).
       history: the per-epoch `History`.
       confusion: the final evaluation's counts, a list of rows, row = true class.
       steps: the run's optimizer steps.
@@ -432,6 +462,7 @@ class RunResult:
     compile_seconds: float
     eval_seconds: float
     final_eval_seconds: float
+    train_program_bytes: int
     history: History
     confusion: list
     steps: int
@@ -555,6 +586,8 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         log(f"warning: {warning}. Check the labels, or try a lower --lr")
     return RunResult(test_accuracy=final_accuracy, test_accuracy_plain=history["eval_accuracy"][-1],
                      train_seconds=train_seconds, compile_seconds=compile_seconds, eval_seconds=eval_seconds,
-                     final_eval_seconds=final_eval_seconds, history=history,
+                     final_eval_seconds=final_eval_seconds,
+                     train_program_bytes=max(compiled_bytes(f) for f in train_fns.values()),
+                     history=history,
                      confusion=confusion_matrix(test_y, predictions, num_classes).tolist(), steps=total_steps,
                      state=state)
