@@ -384,3 +384,9 @@ def test_tensorboard_events_are_written_as_each_epoch_ends(tiny_dataset, tmp_pat
                        checkpoint_dir=tmp_path / "checkpoints")
     losses = [step for tag, step in _scalars(tmp_path / "tb") if tag == "train_loss"]
     assert sorted(losses) == [1, 2]  # the resumed run added epoch 2 only
+
+
+def test_the_experiment_runs_the_muon_record_by_default(tmp_path):
+    cfg, _, _ = cifar_experiment.parse_config(["--workdir", str(tmp_path / "run")])
+    assert cfg == PRESETS["airbench94_muon"] and cfg.optimizer == "muon"
+    assert cifar_experiment.parse_config(["--preset", "airbench94", "--workdir", str(tmp_path / "run")])[0] == CifarConfig()
