@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 import typing
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import jax
 import jaxlib
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from experiments import cli
 from fnlearn.checkpoint import CheckpointError
@@ -64,6 +66,7 @@ def parse_config(argv):
     parser.add_argument("--workdir", type=Path, default=Path("runs/cifar"),
                         help="where summary.json, plots, TensorBoard events and checkpoints go")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --workdir")
+    cli.process_flags(parser)
     hints = typing.get_type_hints(CifarConfig)
     for field in dataclasses.fields(CifarConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -149,20 +152,57 @@ def _devices():
     return str(devices[0]) if len(devices) == 1 else f"{len(devices)} devices ({devices[0].platform}, data parallel)"
 
 
-def run_one(cfg, dataset, workdir, run, resume):
-    """One run, its TensorBoard scalars written as each epoch ends (a killed run keeps its history)."""
-    scalars = TensorBoardScalars(workdir / "tensorboard" / f"run{run}")
+def run_one(cfg, dataset, workdir, run, resume, main_process=True):
+    """One run, its TensorBoard scalars written as each epoch ends (a killed run keeps its history);
+    only process 0 of a multi-process run logs and writes scalars."""
+    scalars = TensorBoardScalars(workdir / "tensorboard" / f"run{run}") if main_process else None
     try:
         result = train_and_evaluate(cfg, dataset, run=run, resume=resume, on_epoch=scalars,
-                                    checkpoint_dir=workdir / "checkpoints" / f"run{run}")
-        scalars(result.history.epochs, {"final/test_accuracy": result.test_accuracy})
+                                    checkpoint_dir=workdir / "checkpoints" / f"run{run}",
+                                    progress=main_process, log=print if main_process else _quiet)
+        if scalars:
+            scalars(result.history.epochs, {"final/test_accuracy": result.test_accuracy})
     finally:
-        scalars.close()
+        if scalars:
+            scalars.close()
     return result
+
+
+def _quiet(*args, **kwargs):
+    pass
 
 
 def main(argv=None):
     cfg, args, parser = parse_config(argv)
+    if not cli.join_processes(parser, args):
+        return run(cfg, args)
+    try:
+        return run(cfg, args, several=True)
+    except BaseException as e:
+        # Exit at once: a normal exit waits on JAX's shutdown barrier for every process, and a
+        # peer blocked in a collective with this one never gets there; exiting breaks its
+        # connections, so it fails as well instead of hanging.
+        if isinstance(e, SystemExit):
+            code = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        elif isinstance(e, jax.errors.JaxRuntimeError):
+            code = 1
+            print(f"error: process {jax.process_index()} lost touch with the run's other processes (did one "
+                  f"stop? its log says why): {str(e).splitlines()[0]}", file=sys.stderr)
+        else:
+            code = 1
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run(cfg, args, several=False):
+    """The runs of `cfg`, with the outputs to `args.workdir`; returns the summary (None in processes
+    other than process 0, which alone logs and writes)."""
+    main_process = jax.process_index() == 0
+    say = print if main_process else _quiet
     workdir = args.workdir
     try:
         # Refuse a changed config, a batch the devices cannot share or a clash with saved
@@ -171,18 +211,25 @@ def main(argv=None):
         for run in range(cfg.runs):
             check_resume(dataclasses.replace(cfg, seed=cfg.seed + run), workdir / "checkpoints" / f"run{run}",
                          args.resume)
+        if several and not main_process:
+            multihost_utils.sync_global_devices("data prepared")  # process 0 prepares it, once
         dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, skip_corrupt=cfg.skip_corrupt)
+        if several and main_process:
+            multihost_utils.sync_global_devices("data prepared")
     except (ConfigError, CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
     workdir.mkdir(parents=True, exist_ok=True)
-    print(_banner(cfg, dataset))
+    say(_banner(cfg, dataset))
+    if several and not main_process:
+        print(f"process {jax.process_index()} of {jax.process_count()}, on {jax.local_device_count()} of the run's "
+              f"{jax.device_count()} devices; process 0 logs and writes the outputs", flush=True)
     results = []
     for run in range(cfg.runs):
         if cfg.runs > 1:
-            print(f"run {run + 1}/{cfg.runs} (seed {cfg.seed + run})")
+            say(f"run {run + 1}/{cfg.runs} (seed {cfg.seed + run})")
         t0 = time.perf_counter()
         try:
-            result = run_one(cfg, dataset, workdir, run, args.resume)
+            result = run_one(cfg, dataset, workdir, run, args.resume, main_process)
         except (ConfigError, CheckpointError, TrainingDiverged) as e:
             sys.exit(f"error: {e}")
         except KeyboardInterrupt:
@@ -195,11 +242,13 @@ def main(argv=None):
         accuracy = f"test accuracy {result.test_accuracy:.4f}"
         if cfg.tta:
             accuracy += f" with TTA ({result.test_accuracy_plain:.4f} without)"
-        print(f"{accuracy}; training {result.train_seconds:.1f} s, compile {result.compile_seconds:.1f} s, "
-              f"evaluation {result.eval_seconds:.1f} s (the final{' TTA' if cfg.tta else ''} pass "
-              f"{result.final_eval_seconds:.1f} s), total {time.perf_counter() - t0:.1f} s; the compiled train "
-              f"program holds {result.train_program_bytes / 2**20:.0f} MiB a device")
+        say(f"{accuracy}; training {result.train_seconds:.1f} s, compile {result.compile_seconds:.1f} s, "
+            f"evaluation {result.eval_seconds:.1f} s (the final{' TTA' if cfg.tta else ''} pass "
+            f"{result.final_eval_seconds:.1f} s), total {time.perf_counter() - t0:.1f} s; the compiled train "
+            f"program holds {result.train_program_bytes / 2**20:.0f} MiB a device")
         results.append(result)
+    if not main_process:
+        return None
     summary = write_outputs(workdir, cfg, results, dataset)
     print(f"activations one batch keeps for its backward pass: {summary['backward_mib']:.0f} MiB"
           f"{' (with --remat)' if cfg.remat else ' (--remat cuts them)'}")

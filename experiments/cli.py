@@ -2,7 +2,11 @@
 and each flag's default, and number types that refuse bad values before any work starts."""
 import argparse
 import math
+import os
+import re
 from pathlib import Path
+
+import jax
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -61,3 +65,37 @@ def check_workdir(parser, workdir):
         what = "is a file, not a folder" if existing == workdir else f"lies inside the file {existing}"
         parser.error(f"--workdir {workdir} {what}: pass a folder (it is created if missing)")
     return workdir
+
+
+def process_flags(parser):
+    """`--coordinator`, `--num-processes`, `--process-id`: one run over several processes, as
+    torchrun's flags; each defaults to JAX's variable (JAX_COORDINATOR_ADDRESS, ...)."""
+    group = parser.add_argument_group("several processes (jax.distributed, torchrun's analogue; all three or none)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                       help="process 0's host and a free port, the same in every process "
+                            "(default: $JAX_COORDINATOR_ADDRESS; unset: this process alone)")
+    group.add_argument("--num-processes", type=positive_int, default=os.environ.get("JAX_NUM_PROCESSES"),
+                       help="processes in the run (default: $JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=non_negative_int, default=os.environ.get("JAX_PROCESS_ID"),
+                       help="this process's rank, 0 to N-1; process 0 writes the outputs (default: $JAX_PROCESS_ID)")
+
+
+def join_processes(parser, args):
+    """Joins the run's other processes through `jax.distributed.initialize` when `process_flags`
+    name them; after it, `jax.devices()` lists every process's devices. Call it before any
+    device is used. Returns whether it joined."""
+    flags = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    if all(value is None for value in flags.values()):
+        return False
+    if missing := [flag for flag, value in flags.items() if value is None]:
+        parser.error(f"a run of several processes needs {', '.join(missing)} too: pass all three of "
+                     f"--coordinator, --num-processes, --process-id, or none")
+    if not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", args.coordinator):
+        parser.error(f"--coordinator {args.coordinator!r} is not HOST:PORT: pass process 0's host and a free port, "
+                     f"e.g. 10.0.0.1:1234")
+    if args.process_id >= args.num_processes:
+        parser.error(f"--process-id {args.process_id} is not below --num-processes {args.num_processes}: "
+                     f"ranks run from 0 to {args.num_processes - 1}")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    return True

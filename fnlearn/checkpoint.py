@@ -35,8 +35,11 @@ class CheckpointError(RuntimeError):
 
 def _arrays(state):
     """The parts of a TrainState that are data (apply_fn and tx are code, rebuilt by the caller)."""
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-            "batch_stats": state.batch_stats, "ema_params": state.ema_params}
+    arrays = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+              "batch_stats": state.batch_stats, "ema_params": state.ema_params}
+    if state.loss_scale is not None:  # float16 runs only, so other checkpoints keep their layout
+        arrays["loss_scale"] = state.loss_scale
+    return arrays
 
 
 class Checkpoints:

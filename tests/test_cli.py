@@ -57,6 +57,10 @@ FILE = object()  # stands for the path of an existing file
     ("mnist", ["--lr", "0"], "--lr"),
     ("mnist", ["--batch-size", "-1"], "--batch-size"),
     ("mnist", ["--workdir", FILE], "--workdir"),
+    ("cifar", ["--coordinator", "127.0.0.1:1234"], "--num-processes, --process-id"),
+    ("cifar", ["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], "--coordinator"),
+    ("cifar", ["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id 2"),
+    ("cifar", ["--num-processes", "0"], "--num-processes"),
     ("benchmarks.__main__", ["--repeats", "0"], "--repeats"),
     ("benchmarks.__main__", ["--epoch-fraction", "1.5"], "--epoch-fraction"),
     ("benchmarks.__main__", ["no_such_workload"], "no_such_workload"),
@@ -146,3 +150,12 @@ def test_check_workdir(tmp_path, capsys):
             cli.check_workdir(parser, bad)
         assert exit_info.value.code == 2
         assert "--workdir" in capsys.readouterr().err
+
+
+def test_the_process_flags_default_to_jaxs_variables(monkeypatch, capsys):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    with pytest.raises(SystemExit):
+        main_of("cifar")([])
+    assert "--process-id 3 is not below --num-processes 2" in capsys.readouterr().err

@@ -18,14 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from fnlearn import models, parallel
 from fnlearn.checkpoint import Checkpoints
 from fnlearn.data import augment
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import confusion_matrix
-from fnlearn.train import (History, StepProgress, TrainingDiverged, TrainState, batched, chunks, cross_entropy,
-                           epoch_order, make_schedule, make_train_step, scan_steps)
+from fnlearn.train import (POLICIES, History, LossScale, StepProgress, TrainingDiverged, TrainState, batched, chunks,
+                           cross_entropy, epoch_order, make_schedule, make_train_step, scan_steps)
 from fnlearn.train.loop import first_nonfinite_step
 
 
@@ -71,7 +72,8 @@ class CifarConfig:
     translate: int = _field(2, "random shift in pixels, reflect-padded (0: off)")
     flip: str = _field("alternating", "alternating: each epoch flips the images the last one did not")
     tta: bool = _field(True, "test-time augmentation for the final evaluation: mirror and 1-pixel shifts")
-    precision: str = _field("fp32", "bf16: bfloat16 compute with float32 params")
+    precision: str = _field("fp32", "bf16: bfloat16 compute with float32 params; fp16: float16 compute "
+                                    "with a dynamic loss scale (fnlearn.train.precision)")
     accumulate: int = _field(1, "split each batch into this many micro-batches run one after another, and "
                                 "update once from their mean gradient: batch/K's memory, the batch's update "
                                 "(BatchNorm: each micro-batch by its own statistics)")
@@ -94,7 +96,7 @@ class CifarConfig:
     @property
     def compute_dtype(self):
         """The dtype activations are computed in under `precision`."""
-        return jnp.bfloat16 if self.precision == "bf16" else jnp.float32
+        return POLICIES[self.precision].compute_dtype
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
@@ -105,7 +107,7 @@ class CifarConfig:
                 raise ValueError(f"{flag} {value!r}: must be {_RULES[name][1]}")
 
 
-CHOICES = {"precision": ("fp32", "bf16"), "flip": ("alternating", "random", "none"), "optimizer": ("sgd", "muon"),
+CHOICES = {"precision": tuple(POLICIES), "flip": ("alternating", "random", "none"), "optimizer": ("sgd", "muon"),
            "model": tuple(models.names(task="image_classifier"))}
 
 
@@ -321,7 +323,8 @@ def create_state(cfg, key, train_images, num_classes, total_steps, steps_per_epo
         sample = jnp.asarray(train_images[:5000])
         variables = data_init(variables, augment.normalize(sample, augment.CIFAR10_MEAN, augment.CIFAR10_STD))
     tx = make_cifar_optimizer(cfg, variables["params"], total_steps, steps_per_epoch)
-    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
+    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx,
+                              loss_scale=LossScale.create() if POLICIES[cfg.precision].loss_scale else None)
     if cfg.lookahead_every:
         state = state.replace(ema_params=jax.tree.map(jnp.copy, state.variables))
     return state
@@ -512,6 +515,10 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     init_key, order_key, augment_key = run_keys(cfg.seed)
     state = create_state(cfg, init_key, whitening_sample(train_x, train_y), num_classes, total_steps,
                          steps_per_epoch)
+    if jax.process_count() > 1:
+        # Every process must put the same state: the whitening stem's eigenvectors can differ in
+        # their last bits with a host's threads, so all take process 0's.
+        state = multihost_utils.broadcast_one_to_all(state)
     # Placed before a restore, so the checkpoint is read straight into this layout.
     state_sharding = parallel.state_sharding(state, mesh, cfg.fsdp)
     state = jax.device_put(state, state_sharding)

@@ -16,6 +16,9 @@ from fnlearn.train.losses import mse
 from fnlearn.train.optim import decay_mask
 from fnlearn.train.optim import make_optimizer
 from fnlearn.train.optim import make_schedule
+from fnlearn.train.precision import POLICIES
+from fnlearn.train.precision import LossScale
+from fnlearn.train.precision import Policy
 from fnlearn.train.progress import StepProgress
 from fnlearn.train.state import TrainState
 from fnlearn.train.steps import make_eval_step

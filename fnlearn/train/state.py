@@ -12,7 +12,8 @@ class TrainState(struct.PyTreeNode):
 
     `apply_fn` and `tx` are static: they are part of the compiled program, not its data.
     `batch_stats` is None for models without BatchNorm; `ema_params` is None unless
-    an experiment keeps a weight average.
+    an experiment keeps a weight average; `loss_scale` (a `precision.LossScale`) is None
+    unless training computes in float16.
     """
 
     step: jax.Array
@@ -20,11 +21,12 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     batch_stats: Any = None
     ema_params: Any = None
+    loss_scale: Any = None
     apply_fn: Any = struct.field(pytree_node=False, default=None)
     tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, *, apply_fn, variables, tx, ema=False):
+    def create(cls, *, apply_fn, variables, tx, ema=False, loss_scale=None):
         """Builds a state from `model.init(...)` output and an optax transform."""
         params = variables["params"]
         return cls(
@@ -33,6 +35,7 @@ class TrainState(struct.PyTreeNode):
             opt_state=tx.init(params),
             batch_stats=variables.get("batch_stats"),
             ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+            loss_scale=loss_scale,
             apply_fn=apply_fn,
             tx=tx,
         )

@@ -71,18 +71,26 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
         updates its running averages once per micro-batch, as K PyTorch forward passes
         would. A scan rather than `optax.MultiSteps`, so the step count, the schedule
         and anything else keyed to the update (lookahead) stay those of batch B.
+    With `state.loss_scale` (float16, `precision.LossScale`), the loss is scaled before the
+    backward pass, the gradients unscaled, and a step whose gradients overflowed skipped.
     Returns:
-      metrics: `loss`, `grad_norm` (if asked for), and `accuracy` for integer-label classification.
+      metrics: `loss`, `grad_norm` (if asked for), `accuracy` for integer-label classification,
+        and `loss_scale` (the one this step used) with a loss scale.
     """
     def gradients(state, batch):
-        """`(loss, grads, new batch stats, accuracy or None)` for one (micro-)batch."""
+        """`(loss, grads, new batch stats, accuracy or None)` for one (micro-)batch; with a loss
+        scale, the gradients of the scaled loss, scaled back."""
         x, y = batch
+        scale = 1.0 if state.loss_scale is None else state.loss_scale.scale
 
         def objective(params):
             out, stats = _forward(state, params, x, train=True)
-            return loss_fn(out, y), (out, stats)
+            loss = loss_fn(out, y)
+            return loss * scale, (loss, out, stats)
 
-        (loss, (out, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (_, (loss, out, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        if state.loss_scale is not None:
+            grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
         return loss, grads, stats, accuracy(out, y) if _classification(out, y) else None
 
     def accumulated(state, batch):
@@ -111,9 +119,18 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
         new_state = state.apply_gradients(grads, batch_stats=stats)
         if acc is not None:
             metrics["accuracy"] = acc
+        if state.loss_scale is not None:
+            # GradScaler's rule: a step whose gradients overflowed is skipped and the scale adjusts.
+            grads_finite = jnp.all(jnp.stack(jax.tree.leaves(_all_finite(grads))))
+            new_state = jax.tree.map(lambda new, old: jnp.where(grads_finite, new, old), new_state, state)
+            new_state = new_state.replace(loss_scale=state.loss_scale.adjust(grads_finite))
+            metrics["loss_scale"] = state.loss_scale.scale
         if check_finite:
-            finite = jax.tree.map(jnp.logical_and, _all_finite(grads), _all_finite(new_state.params))
-            ok = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree.leaves(finite)))
+            # Under a loss scale an overflow is skipped, not a divergence: only the params count.
+            scaled = state.loss_scale is not None
+            finite = _all_finite(new_state.params) if scaled else jax.tree.map(
+                jnp.logical_and, _all_finite(grads), _all_finite(new_state.params))
+            ok = (scaled | jnp.isfinite(loss)) & jnp.all(jnp.stack(jax.tree.leaves(finite)))
             new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
             metrics.update(finite=finite, all_finite=ok)
         return new_state, metrics
