@@ -516,8 +516,8 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     state = create_state(cfg, init_key, whitening_sample(train_x, train_y), num_classes, total_steps,
                          steps_per_epoch)
     if jax.process_count() > 1:
-        # Every process must put the same state: the whitening stem's eigenvectors can differ in
-        # their last bits with a host's threads, so all take process 0's.
+        # Every process must put the same state, and the whitening stem's eigenvectors differ in
+        # their last bits with a process's device count (threads), so all take process 0's.
         state = multihost_utils.broadcast_one_to_all(state)
     # Placed before a restore, so the checkpoint is read straight into this layout.
     state_sharding = parallel.state_sharding(state, mesh, cfg.fsdp)
