@@ -183,10 +183,11 @@ def main(argv=None):
         # peer blocked in a collective with this one never gets there; exiting breaks its
         # connections, so it fails as well instead of hanging.
         if isinstance(e, SystemExit):
-            code = e.code if isinstance(e.code, int) else 1
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
             if isinstance(e.code, str):
                 print(e.code, file=sys.stderr)
-        elif isinstance(e, jax.errors.JaxRuntimeError):
+        elif isinstance(e, jax.errors.JaxRuntimeError) and any(
+                sign in str(e) for sign in ("Gloo", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Barrier", "Connection")):
             code = 1
             print(f"error: process {jax.process_index()} lost touch with the run's other processes (did one "
                   f"stop? its log says why): {str(e).splitlines()[0]}", file=sys.stderr)

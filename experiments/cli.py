@@ -91,7 +91,9 @@ def join_processes(parser, args):
     if missing := [flag for flag, value in flags.items() if value is None]:
         parser.error(f"a run of several processes needs {', '.join(missing)} too: pass all three of "
                      f"--coordinator, --num-processes, --process-id, or none")
-    if not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", args.coordinator):
+    host, _, port = args.coordinator.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")  # an IPv6 address, [::1]
+    if not (host and port.isdigit() and 0 < int(port) < 65536 and (bracketed or re.fullmatch(r"[\w.-]+", host))):
         parser.error(f"--coordinator {args.coordinator!r} is not HOST:PORT: pass process 0's host and a free port, "
                      f"e.g. 10.0.0.1:1234")
     if args.process_id >= args.num_processes:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,17 +122,20 @@ def test_the_experiment_over_two_processes_writes_from_process_0(data, alone, tm
 def test_a_dead_peer_ends_the_run_with_an_error(data, tmp_path, victim):
     workdir, port = tmp_path / "run", _free_port()
     processes = _start(*[_experiment(port, workdir, data, i, "--epochs", "1000") for i in range(2)])
+    # Should the run hang, this kills it: the loop below then ends without the row it waits for.
+    watchdog = threading.Timer(240, lambda: [p.kill() for p in processes])
+    watchdog.start()
     try:
         # Process 0 logs a row per epoch; kill one process once two epochs have trained.
-        for line in processes[0].stdout:
-            if line.split()[:1] == ["2"]:
-                break
+        trained = any(line.split()[:1] == ["2"] for line in processes[0].stdout)
+        assert trained, processes[0].stderr.read()[-2000:]
         processes[victim].kill()
         t0 = time.perf_counter()
         survivor = processes[1 - victim]
         code = survivor.wait(timeout=60)
         waited = time.perf_counter() - t0
     finally:
+        watchdog.cancel()
         for p in processes:
             p.kill()
     assert code != 0 and waited < 60

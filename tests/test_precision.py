@@ -40,18 +40,30 @@ def test_an_overflow_skips_the_step_halves_the_scale_and_it_grows_back():
     start = _state(LossScale.create(scale=1024.0, growth_interval=2))
     # 1e5 overflows float16 (largest finite: 65504), so the forward pass, and the gradients, are Inf/NaN.
     skipped, metrics = step(start, (x.at[0, 0].set(1e5), y))
-    assert not bool(jnp.all(jnp.isfinite(metrics["loss"]))) and bool(metrics["all_finite"])
-    for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(start.params), strict=True):
+    assert not bool(jnp.all(jnp.isfinite(metrics["loss"]))) and bool(metrics["skipped"])
+    assert bool(metrics["all_finite"])  # an overflow the scale absorbs is no divergence
+    for a, b in zip(jax.tree.leaves((skipped.params, skipped.opt_state)),
+                    jax.tree.leaves((start.params, start.opt_state)), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert int(skipped.step) == 0 and float(skipped.loss_scale.scale) == 512.0
-    once, _ = step(skipped, (x, y))
-    assert int(once.step) == 1 and float(once.loss_scale.scale) == 512.0 and int(once.loss_scale.good_steps) == 1
+    assert int(skipped.step) == 1 and float(skipped.loss_scale.scale) == 512.0
+    once, metrics = step(skipped, (x, y))
+    assert not bool(metrics["skipped"]) and float(once.loss_scale.scale) == 512.0
+    assert int(once.loss_scale.good_steps) == 1
     twice, _ = step(once, (x, y))
     assert float(twice.loss_scale.scale) == 1024.0 and int(twice.loss_scale.good_steps) == 0
     # A finite step's update is the unscaled one, to float16's rounding of the backward pass.
     plain, _ = step(_state(None), (x, y))
     for a, b in zip(jax.tree.leaves(once.params), jax.tree.leaves(plain.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_an_overflow_at_the_scale_floor_of_1_is_a_divergence():
+    step = jax.jit(make_train_step(check_finite=True))
+    x, y = jax.random.normal(jax.random.key(1), (8, 4)).at[0, 0].set(1e5), jnp.arange(8) % 3
+    at_two, metrics = step(_state(LossScale.create(scale=2.0)), (x, y))
+    assert bool(metrics["all_finite"]) and float(at_two.loss_scale.scale) == 1.0
+    at_one, metrics = step(at_two, (x, y))
+    assert not bool(metrics["all_finite"]) and float(at_one.loss_scale.scale) == 1.0
 
 
 @pytest.fixture(scope="module")

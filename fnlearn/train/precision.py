@@ -34,7 +34,9 @@ class LossScale(struct.PyTreeNode):
     `make_train_step` multiplies the loss by `scale` before differentiating and divides the
     gradients by it; a step whose gradients hold Inf or NaN is skipped. `adjust` then
     halves the scale after such a step and doubles it after `growth_interval` finite steps
-    in a row: GradScaler's defaults and rule.
+    in a row: GradScaler's defaults and rule, but for a floor of 1. Below 1 the scale would
+    shrink real gradients; an overflow at 1 is the gradients' own, a divergence (`diverged`),
+    where GradScaler would skip steps without end.
     """
     scale: jax.Array
     good_steps: jax.Array  # finite steps since the scale last changed
@@ -51,5 +53,9 @@ class LossScale(struct.PyTreeNode):
         """The scale after a step whose gradients were all finite (`finite`, a bool array) or not."""
         grow = finite & (self.good_steps + 1 >= self.growth_interval)
         scale = jnp.where(finite, jnp.where(grow, self.scale * self.growth_factor, self.scale),
-                          self.scale * self.backoff_factor)
+                          jnp.maximum(self.scale * self.backoff_factor, 1.0))
         return self.replace(scale=scale, good_steps=jnp.where(finite & ~grow, self.good_steps + 1, 0))
+
+    def diverged(self, skipped):
+        """Whether a step skipped (`skipped`) at this scale means the training diverged: at the floor."""
+        return skipped & (self.scale <= 1.0)

@@ -72,10 +72,11 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
         would. A scan rather than `optax.MultiSteps`, so the step count, the schedule
         and anything else keyed to the update (lookahead) stay those of batch B.
     With `state.loss_scale` (float16, `precision.LossScale`), the loss is scaled before the
-    backward pass, the gradients unscaled, and a step whose gradients overflowed skipped.
+    backward pass, the gradients unscaled, and a step whose gradients overflowed skipped (its
+    params, optimizer state and statistics kept; its step count advanced).
     Returns:
       metrics: `loss`, `grad_norm` (if asked for), `accuracy` for integer-label classification,
-        and `loss_scale` (the one this step used) with a loss scale.
+        and with a loss scale `loss_scale` (the one this step used) and `skipped`.
     """
     def gradients(state, batch):
         """`(loss, grads, new batch stats, accuracy or None)` for one (micro-)batch; with a loss
@@ -121,16 +122,20 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
             metrics["accuracy"] = acc
         if state.loss_scale is not None:
             # GradScaler's rule: a step whose gradients overflowed is skipped and the scale adjusts.
+            # The step count still moves on, as PyTorch's loop does, so anything keyed to it
+            # (lookahead's last sync) comes at its step.
             grads_finite = jnp.all(jnp.stack(jax.tree.leaves(_all_finite(grads))))
             new_state = jax.tree.map(lambda new, old: jnp.where(grads_finite, new, old), new_state, state)
-            new_state = new_state.replace(loss_scale=state.loss_scale.adjust(grads_finite))
-            metrics["loss_scale"] = state.loss_scale.scale
+            new_state = new_state.replace(step=state.step + 1, loss_scale=state.loss_scale.adjust(grads_finite))
+            metrics.update(loss_scale=state.loss_scale.scale, skipped=~grads_finite)
         if check_finite:
-            # Under a loss scale an overflow is skipped, not a divergence: only the params count.
+            # Under a loss scale an overflow is skipped, not a divergence, unless the scale is at
+            # its floor (`LossScale.diverged`).
             scaled = state.loss_scale is not None
             finite = _all_finite(new_state.params) if scaled else jax.tree.map(
                 jnp.logical_and, _all_finite(grads), _all_finite(new_state.params))
-            ok = (scaled | jnp.isfinite(loss)) & jnp.all(jnp.stack(jax.tree.leaves(finite)))
+            ok = jnp.all(jnp.stack(jax.tree.leaves(finite)))
+            ok &= ~state.loss_scale.diverged(~grads_finite) if scaled else jnp.isfinite(loss)
             new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
             metrics.update(finite=finite, all_finite=ok)
         return new_state, metrics
