@@ -177,7 +177,7 @@ def main(argv=None):
     if not cli.join_processes(parser, args):
         return run(cfg, args)
     try:
-        return run(cfg, args, several=True)
+        return run(cfg, args)
     except BaseException as e:
         # Exit at once: a normal exit waits on JAX's shutdown barrier for every process, and a
         # peer blocked in a collective with this one never gets there; exiting breaks its
@@ -199,10 +199,10 @@ def main(argv=None):
         os._exit(code)
 
 
-def run(cfg, args, several=False):
+def run(cfg, args):
     """The runs of `cfg`, with the outputs to `args.workdir`; returns the summary (None in processes
     other than process 0, which alone logs and writes)."""
-    main_process = jax.process_index() == 0
+    several, main_process = jax.process_count() > 1, jax.process_index() == 0
     say = print if main_process else _quiet
     workdir = args.workdir
     try:

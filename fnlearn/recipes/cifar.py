@@ -568,14 +568,15 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         metrics = jax.device_get(jax.tree.map(lambda *v: jnp.concatenate(v), *metrics))
         seconds = time.perf_counter() - t_epoch
         train_seconds += seconds
-        # Under a loss scale, a skipped step is an overflow the scale absorbs, not a divergence,
-        # unless the scale is at its floor; its loss stays out of the epoch's means.
-        kept = ~metrics["skipped"] if "skipped" in metrics else np.ones(len(metrics["loss"]), bool)
-        diverged = np.where(kept, metrics["loss"], np.where(metrics.get("loss_scale", 0.0) > 1.0, 0.0, np.nan))
-        if (bad := first_nonfinite_step(diverged)) is not None:
+        # Under a loss scale, a skipped step is an overflow the scale absorbed, a divergence only
+        # at the scale's floor; its loss stays out of the divergence check and the epoch's means.
+        skipped = metrics.get("skipped", np.zeros(len(metrics["loss"]), bool))
+        at_floor = LossScale.diverged(metrics.get("loss_scale", np.inf), skipped)
+        checked = np.where(skipped, np.where(at_floor, np.nan, 0.0), metrics["loss"])
+        if (bad := first_nonfinite_step(checked)) is not None:
             last_good = f"{checkpoints.directory}/{epoch}" if checkpoints and epoch else None
             raise TrainingDiverged(epoch * steps_per_epoch + bad, checkpoint=last_good, epoch=epoch + 1)
-        loss, accuracy = float(metrics["loss"][kept].mean()), float(metrics["accuracy"][kept].mean())
+        loss, accuracy = float(metrics["loss"][~skipped].mean()), float(metrics["accuracy"][~skipped].mean())
         if epoch and not warned:  # a first epoch may well end near chance
             warned = _chance_warning(num_classes, accuracy, loss)
             if warned:

@@ -56,6 +56,8 @@ class LossScale(struct.PyTreeNode):
                           jnp.maximum(self.scale * self.backoff_factor, 1.0))
         return self.replace(scale=scale, good_steps=jnp.where(finite & ~grow, self.good_steps + 1, 0))
 
-    def diverged(self, skipped):
-        """Whether a step skipped (`skipped`) at this scale means the training diverged: at the floor."""
-        return skipped & (self.scale <= 1.0)
+    @staticmethod
+    def diverged(scale, skipped):
+        """Whether steps skipped (`skipped`) at `scale` mean the training diverged: at the floor.
+        Takes arrays, device or host (a run's stacked metrics)."""
+        return skipped & (scale <= 1.0)

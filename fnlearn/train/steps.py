@@ -5,6 +5,7 @@ import optax
 
 from fnlearn.train.loop import batched
 from fnlearn.train.losses import accuracy, cross_entropy
+from fnlearn.train.precision import LossScale
 
 
 def leaf_names(tree, prefix="params"):
@@ -135,7 +136,7 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
             finite = _all_finite(new_state.params) if scaled else jax.tree.map(
                 jnp.logical_and, _all_finite(grads), _all_finite(new_state.params))
             ok = jnp.all(jnp.stack(jax.tree.leaves(finite)))
-            ok &= ~state.loss_scale.diverged(~grads_finite) if scaled else jnp.isfinite(loss)
+            ok &= ~LossScale.diverged(state.loss_scale.scale, ~grads_finite) if scaled else jnp.isfinite(loss)
             new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
             metrics.update(finite=finite, all_finite=ok)
         return new_state, metrics
