@@ -1,10 +1,9 @@
 """PyTorch references for fnlearn's models, for the parity tests and the benchmark.
 
-The nets are written out here (torchvision is not installed), laid out so that
-`torch_state_dict` maps Flax variables onto them one to one (`twin` builds one from
-fnlearn's variables). Layouts differ:
-images are NHWC in fnlearn and NCHW in torch, conv kernels HWIO and OIHW, Dense
-kernels (in, out) and Linear weights (out, in).
+The nets are written out here, laid out so that `torch_state_dict` (that is,
+`fnlearn.models.to_torchvision`) maps Flax variables onto them one to one (`twin` builds one
+from fnlearn's variables). Layouts differ: images are NHWC in fnlearn and NCHW in torch, conv
+kernels HWIO and OIHW, Dense kernels (in, out) and Linear weights (out, in).
 
 Also here: airbench's on-the-fly augmentation, optimizer groups, lookahead and test-time
 augmentation in torch, so the benchmark can run the fast CIFAR recipe (an
@@ -12,39 +11,17 @@ epoch, or the whole run) on both sides. They work on the device their tensors ar
 """
 import functools
 
-import jax
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from fnlearn.data.augment import CIFAR10_MEAN, CIFAR10_STD
+from fnlearn.models import to_torchvision
 
 
 def torch_state_dict(variables):
-    """Flax variables as a torch state_dict for the nets below (and torchvision's ResNets).
-
-    Args:
-      variables: {"params", optionally "batch_stats"} of a Flax model whose module names
-        follow torch's (`conv1`, `layer2_0/downsample_conv`, `fc`, ...).
-    Returns:
-      dict of float32 tensors: conv kernels OIHW, Linear weights (out, in), BatchNorm
-      scale as `weight` and statistics as `running_mean` / `running_var`.
-    """
-    renames = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1",
-               "scale": "weight", "mean": "running_mean", "var": "running_var"}
-    state = {}
-    for collection in ("params", "batch_stats"):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]:
-            names = [k.key for k in path]
-            a = np.array(leaf, np.float32)  # a writable copy, as torch.from_numpy wants
-            if names[-1] == "kernel":  # conv HWIO -> OIHW; Dense (in, out) -> (out, in)
-                a = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T
-                names[-1] = "weight"
-            key = ".".join(renames.get(n, n.replace("_", ".") if n.startswith("layer") else n)
-                           for n in names)
-            state[key] = torch.from_numpy(np.ascontiguousarray(a))
-    return state
+    """`fnlearn.models.to_torchvision(variables)` as tensors, as `load_state_dict` wants them."""
+    return {key: torch.from_numpy(a) for key, a in to_torchvision(variables).items()}
 
 
 class TorchCNN(nn.Module):
@@ -113,19 +90,24 @@ class TorchFastNet(nn.Module):
         return self.fc(x.amax(dim=(2, 3))) / 9
 
 
+def projection(c_in, c_out, stride):
+    """torchvision's shortcut: None (identity) where the shape stays, else a 1x1 strided conv + BN."""
+    if stride == 1 and c_in == c_out:
+        return None
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+
 class TorchBasicBlock(nn.Module):
     """torchvision's BasicBlock: two 3x3 convs with BN, identity or 1x1 projection shortcut."""
+    expansion = 1
 
-    def __init__(self, c_in, c_out, stride):
+    def __init__(self, c_in, width, stride):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                            nn.BatchNorm2d(c_out))
+        self.conv1 = nn.Conv2d(c_in, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = projection(c_in, width, stride)
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -133,10 +115,37 @@ class TorchBasicBlock(nn.Module):
         return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
 
 
-class TorchResNet(nn.Module):
-    """torchvision's ResNet with BasicBlocks, with the CIFAR (3x3, no pool) or ImageNet stem."""
+class TorchBottleneck(nn.Module):
+    """torchvision's Bottleneck (v1.5: the stride on the 3x3 conv): 1x1 reduce, 3x3, 1x1 expand by 4."""
+    expansion = 4
 
-    def __init__(self, stage_sizes=(2, 2, 2, 2), width=64, stem="cifar", num_classes=10):
+    def __init__(self, c_in, width, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width * 4)
+        self.downsample = projection(c_in, width * 4, stride)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNet(nn.Module):
+    """torchvision's ResNet, with the CIFAR (3x3, no pool) or ImageNet stem, and its parameter names.
+
+    It stands in for torchvision, whose wheel does not import with the CPU torch installed here
+    ("operator torchvision::nms does not exist"): with the ImageNet stem and 1000 classes,
+    stage sizes (2, 2, 2, 2), (3, 4, 6, 3), and (3, 4, 6, 3) with `TorchBottleneck` are
+    torchvision's resnet18, resnet34 and resnet50.
+    """
+
+    def __init__(self, stage_sizes=(2, 2, 2, 2), width=64, stem="cifar", num_classes=10, block=TorchBasicBlock):
         super().__init__()
         if stem == "cifar":
             self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
@@ -147,8 +156,8 @@ class TorchResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         c_in = width
         for i, n in enumerate(stage_sizes):
-            c_out = width * 2 ** i
-            blocks = [TorchBasicBlock(c_in if j == 0 else c_out, c_out, 2 if i > 0 and j == 0 else 1)
+            c_out = width * 2 ** i * block.expansion
+            blocks = [block(c_in if j == 0 else c_out, width * 2 ** i, 2 if i > 0 and j == 0 else 1)
                       for j in range(n)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             c_in = c_out

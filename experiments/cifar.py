@@ -16,7 +16,6 @@ On a 2-core CPU the default recipe takes about half an hour and reaches about 90
 TTA, as airbench94 does in a fifth more time; `--preset smoke` takes under a minute and
 reaches about 55% on a class-balanced test subset. The README has the measured figures.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -24,7 +23,6 @@ import platform
 import sys
 import time
 import traceback
-import typing
 from pathlib import Path
 
 import flax
@@ -67,21 +65,10 @@ def parse_config(argv):
                         help="where summary.json, plots, TensorBoard events and checkpoints go")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --workdir")
     cli.process_flags(parser)
-    hints = typing.get_type_hints(CifarConfig)
-    for field in dataclasses.fields(CifarConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if hints[field.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=_help(field))
-        else:
-            kind = {int: int, float: float}.get(hints[field.name], str)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=CHOICES.get(field.name),
-                                metavar=field.name.upper() if field.name in CHOICES else None,
-                                help=_help(field))
+    cli.add_config_flags(parser, CifarConfig, _help, CHOICES)
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(CifarConfig) if hasattr(args, f.name)}
     try:
-        cfg = dataclasses.replace(PRESETS[args.preset], **overrides)
+        cfg = dataclasses.replace(PRESETS[args.preset], **cli.config_overrides(args, CifarConfig))
     except ValueError as e:
         parser.error(str(e))
     cli.check_workdir(parser, args.workdir)

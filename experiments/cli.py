@@ -1,9 +1,11 @@
 """What every experiment's command line shares: a `--help` that shows the module's usage
 and each flag's default, and number types that refuse bad values before any work starts."""
 import argparse
+import dataclasses
 import math
 import os
 import re
+import typing
 from pathlib import Path
 
 import jax
@@ -55,6 +57,28 @@ def int_between(low, high):
 
 
 seed = int_between(0, 2**32 - 1)  # the usual seed range; jax.random.key overflows past 2**63
+
+
+def add_config_flags(parser, config_cls, help, choices=None):
+    """A `--field-name` flag for each field of the dataclass `config_cls` (a bool one as
+    `--x/--no-x`), with `help(field)` as its help. None has a default: `config_overrides`
+    returns the fields given, to apply to a preset or the defaults with `dataclasses.replace`."""
+    choices = choices or {}
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        flag = "--" + field.name.replace("_", "-")
+        if hints[field.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help(field))
+        else:
+            kind = {int: int, float: float}.get(hints[field.name], str)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices.get(field.name),
+                                metavar=field.name.upper() if field.name in choices else None, help=help(field))
+
+
+def config_overrides(args, config_cls):
+    """The fields of `config_cls` given on the command line (see `add_config_flags`), by name."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
 
 
 def check_workdir(parser, workdir):

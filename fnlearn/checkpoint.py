@@ -1,4 +1,5 @@
-"""Checkpoints of a training state with orbax: one per epoch, written atomically."""
+"""Checkpoints with orbax, written atomically: a training state per epoch (`Checkpoints`),
+and a model's variables alone, for sharing (`save_variables` / `load_variables`)."""
 import pathlib
 import sys
 import traceback
@@ -30,7 +31,42 @@ def _ignoring_failed_reads(hook):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be read; the message names its folder."""
+    """A checkpoint could not be read, or does not fit the model; the message names its folder."""
+
+
+def _key_name(key):
+    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+
+def leaf_shapes(tree):
+    """`{"params/fc/kernel": shape}` for each leaf of `tree`: arrays, ShapeDtypeStructs or orbax's
+    array metadata (empty nodes, such as a frozen leaf's optimizer state, have no leaves)."""
+    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def shape_mismatches(saved, wanted, source="checkpoint"):
+    """What keeps `saved` from loading as `wanted` (both `leaf_shapes` dicts), as lines: each leaf whose
+    shape differs (`params/fc/kernel: saved (256, 10), model (256, 5)`), then the missing and extra ones."""
+    lines = [f"{path}: saved {saved[path]}, model {shape}"
+             for path, shape in wanted.items() if path in saved and saved[path] != shape]
+    if missing := [path for path in wanted if path not in saved]:
+        lines.append(f"missing from the {source}: {', '.join(missing)}")
+    if extra := [path for path in saved if path not in wanted]:
+        lines.append(f"not in the model: {', '.join(extra)}")
+    return lines
+
+
+def _handlers(item):
+    """Orbax's handlers for a checkpoint of the arrays `item` and its JSON "meta", so its metadata reads
+    before anything is restored."""
+    return {item: ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def _check_fits(saved_tree, template, path):
+    """Raises CheckpointError listing every leaf of the checkpoint at `path` that does not fit `template`."""
+    if lines := shape_mismatches(leaf_shapes(saved_tree), leaf_shapes(template)):
+        raise CheckpointError(f"checkpoint {path} does not fit the model:\n  " + "\n  ".join(lines))
 
 
 def _arrays(state):
@@ -52,7 +88,8 @@ class Checkpoints:
     def __init__(self, directory, max_to_keep=2, create=True):
         self.directory = pathlib.Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
+            item_handlers=_handlers("state"))
 
     def save(self, epoch, state, meta):
         """Saves the state after `epoch` (1-based) with a JSON-able `meta` dict, and waits for it."""
@@ -78,6 +115,12 @@ class Checkpoints:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         path = self.directory / str(epoch)
         template = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(state))
+        try:
+            saved = self._manager.item_metadata(epoch)["state"].tree
+        except Exception:  # unreadable metadata: the restore below reports it
+            saved = None
+        if saved is not None:
+            _check_fits(saved, template, path)
         previous_hook, sys.unraisablehook = sys.unraisablehook, _ignoring_failed_reads(sys.unraisablehook)
         try:
             restored = self._manager.restore(epoch, args=ocp.args.Composite(
@@ -93,3 +136,49 @@ class Checkpoints:
 
     def close(self):
         self._manager.close()
+
+
+def save_variables(path, variables, meta):
+    """Writes a model's `variables` (params, BatchNorm statistics) and a JSON-able `meta` dict (say,
+    the model's name and classes) to the folder `path`, replacing what is there: weights to share or
+    fine-tune from, without the optimizer state. Orbax writes a temporary folder and renames it."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(pathlib.Path(path).absolute(), force=True, args=ocp.args.Composite(
+            variables=ocp.args.StandardSave(dict(variables)), meta=ocp.args.JsonSave(meta)))
+
+
+def load_variables(path, like=None):
+    """Reads `(variables, meta)` from the folder `save_variables` wrote, or the params and BatchNorm
+    statistics from a `Checkpoints` folder's last epoch, or from one epoch's folder (`meta` then holds
+    that epoch's JSON dict).
+
+    Args:
+      path: the folder.
+      like: optional variables to check the saved ones against (e.g. `jax.eval_shape` of `model.init`):
+        a mismatch raises CheckpointError listing each leaf that does not fit.
+    Raises:
+      CheckpointError: `path` holds neither, cannot be read, or does not fit `like`.
+    """
+    path = pathlib.Path(path).absolute()
+    epochs = [int(p.parent.name) for p in path.glob("*/state") if p.parent.name.isdigit()] if path.is_dir() else []
+    if epochs:  # a `Checkpoints` folder: its last epoch
+        return load_variables(path / str(max(epochs)), like)
+    item = next((name for name in ("variables", "state") if (path / name).is_dir()), None)
+    if item is None:
+        raise CheckpointError(f"{path} is not an fnlearn checkpoint: expected a folder written by save_variables "
+                              f"or a Checkpoints epoch folder (<workdir>/checkpoints/<epoch>)")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers(item))) as checkpointer:
+        try:
+            saved = checkpointer.metadata(path).item_metadata[item].tree
+            if item == "state":
+                saved = {k: v for k, v in saved.items() if k in ("params", "batch_stats") and v is not None}
+            if like is not None:
+                _check_fits(saved, like, path)
+            restored = checkpointer.restore(path, args=ocp.args.Composite(**{
+                item: ocp.args.StandardRestore(), "meta": ocp.args.JsonRestore()}))
+        except CheckpointError:
+            raise
+        except Exception as e:  # orbax raises many types; the user needs the path and the cause
+            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+    variables = {k: v for k, v in restored[item].items() if k in ("params", "batch_stats") and v is not None}
+    return variables, restored["meta"]

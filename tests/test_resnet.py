@@ -119,10 +119,7 @@ def test_eval_logits_match_torch(torch, model, stage_sizes, width, stem, size):
     logits = model.apply(variables, x)
 
     torch_model = TorchResNet(stage_sizes, width, stem)
-    state = torch_state_dict(variables)
-    expected_keys = {k for k in torch_model.state_dict() if not k.endswith("num_batches_tracked")}
-    assert set(state) == expected_keys  # every torch tensor is set, and nothing else
-    torch_model.load_state_dict(state, strict=False)
+    torch_model.load_state_dict(torch_state_dict(variables))  # strict: every tensor set, nothing else
     with torch.no_grad():
         torch_logits = torch_model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2))
     np.testing.assert_allclose(logits, torch_logits.numpy(), rtol=1e-4, atol=1e-4)
@@ -136,7 +133,7 @@ def test_train_mode_matches_torch(torch, tiny):
     logits, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
 
     torch_model = TorchResNet((1, 1), 8, "cifar")
-    torch_model.load_state_dict(torch_state_dict(variables), strict=False)
+    torch_model.load_state_dict(torch_state_dict(variables))
     torch_logits = torch_model.train()(torch.from_numpy(x).permute(0, 3, 1, 2))
     np.testing.assert_allclose(logits, torch_logits.detach().numpy(), rtol=1e-4, atol=1e-4)
     # Running means agree; running variances differ by flax's biased vs torch's unbiased estimate.

@@ -36,6 +36,9 @@ from fnlearn.models.resnet import ResNet34ImageNet
 from fnlearn.models.resnet import ResNet50
 from fnlearn.models.resnet import ResNet50ImageNet
 from fnlearn.models.resnet import ResNetTiny
+from fnlearn.models.torchvision import WeightsError
+from fnlearn.models.torchvision import from_torchvision
+from fnlearn.models.torchvision import to_torchvision
 
 register("linear_regression", LinearRegression)
 register("regression_net", RegressionNet)

@@ -16,22 +16,24 @@ from fnlearn.models import layers
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def batch_norm(train, dtype, param_dtype, name):
+def batch_norm(x, train, dtype, param_dtype, name):
     """BatchNorm with PyTorch's defaults (torch momentum 0.1 == flax momentum 0.9, eps 1e-5).
 
     Flax keeps the biased batch variance in `batch_stats/var` where torch keeps the
     unbiased one, so running variances differ by n / (n - 1); eval outputs from the
-    same stored statistics are identical.
+    same stored statistics are identical. The mode is a call argument, so
+    `train.freeze_batch_norm` can keep a frozen layer in inference mode.
 
     Args:
+      x: (..., C) activations.
       train: normalise with batch statistics and update `batch_stats` when True.
       dtype, param_dtype: compute and storage dtypes.
       name: the module's name (torchvision's, e.g. "bn1").
     Returns:
-      a `layers.BatchNorm` over the last (channel) axis.
+      x normalised over the last (channel) axis by a `layers.BatchNorm`.
     """
-    return layers.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                            dtype=dtype, param_dtype=param_dtype, name=name)
+    return layers.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                            name=name)(x, use_running_average=not train)
 
 
 def shortcut(x, features, strides, conv, norm):
@@ -41,13 +43,13 @@ def shortcut(x, features, strides, conv, norm):
       x: (B, H, W, C_in) block input.
       features: channels of the residual branch's output.
       strides: stride of the residual branch.
-      conv, norm: the block's conv and BatchNorm constructors (carry the dtype policy).
+      conv, norm: the block's conv constructor and BatchNorm (`batch_norm`; both carry the dtype policy).
     Returns:
       (B, H / strides, W / strides, features) shortcut activations.
     """
     if strides == 1 and x.shape[-1] == features:
         return x
-    return norm(name="downsample_bn")(conv(features, (1, 1), strides, name="downsample_conv")(x))
+    return norm(conv(features, (1, 1), strides, name="downsample_conv")(x), name="downsample_bn")
 
 
 class BasicBlock(nn.Module):
@@ -78,9 +80,9 @@ class BasicBlock(nn.Module):
         # Explicit padding, not "SAME": for stride 2 on even sizes "SAME" pads (0, 1)
         # where torch pads (1, 1), which shifts the sampling grid.
         y = conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv1")(x)
-        y = nn.relu(norm(name="bn1")(y))
+        y = nn.relu(norm(y, name="bn1"))
         y = conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
-        y = norm(name="bn2")(y)
+        y = norm(y, name="bn2")
         return nn.relu(y + shortcut(x, y.shape[-1], self.strides, conv, norm))
 
 
@@ -110,10 +112,10 @@ class Bottleneck(nn.Module):
         conv = partial(layers.Conv, use_bias=False, kernel_init=conv_init,
                        dtype=self.dtype, param_dtype=self.param_dtype)
         norm = partial(batch_norm, train=train, dtype=self.dtype, param_dtype=self.param_dtype)
-        y = nn.relu(norm(name="bn1")(conv(self.features, (1, 1), name="conv1")(x)))
+        y = nn.relu(norm(conv(self.features, (1, 1), name="conv1")(x), name="bn1"))
         y = conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv2")(y)
-        y = nn.relu(norm(name="bn2")(y))
-        y = norm(name="bn3")(conv(self.features * self.expansion, (1, 1), name="conv3")(y))
+        y = nn.relu(norm(y, name="bn2"))
+        y = norm(conv(self.features * self.expansion, (1, 1), name="conv3")(y), name="bn3")
         return nn.relu(y + shortcut(x, y.shape[-1], self.strides, conv, norm))
 
 
@@ -161,7 +163,7 @@ class ResNet(nn.Module):
             x = conv((7, 7), 2, padding=((3, 3), (3, 3)))(x)
         else:
             raise ValueError(f"unknown stem {self.stem!r}; use 'cifar' or 'imagenet'")
-        x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="bn1")(x))
+        x = nn.relu(batch_norm(x, train, self.dtype, self.param_dtype, name="bn1"))
         if self.stem == "imagenet":
             x = layers.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         block = layers.remat_block(self.block_cls) if self.remat else self.block_cls

@@ -479,7 +479,7 @@ class RunResult:
 
 
 def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False, mesh=None, log=print,
-                       progress=True, on_epoch=None):
+                       progress=True, on_epoch=None, make_state=create_state):
     """Trains one run of `cfg` on `dataset` and evaluates it; returns a `RunResult`.
 
     Args:
@@ -495,6 +495,8 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
       log: where the per-epoch table and warnings go.
       on_epoch: called as `on_epoch(epoch, record)` after each epoch trained in this
         call (1-based epoch; `record` maps each history name to the epoch's value).
+      make_state: builds the starting TrainState, with `create_state`'s arguments (the
+        transfer recipe passes one that loads pretrained weights and freezes some of them).
     Raises:
       ConfigError: the config does not fit the data or the saved run.
       TrainingDiverged: the training loss became NaN or Inf.
@@ -513,8 +515,7 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         return min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
 
     init_key, order_key, augment_key = run_keys(cfg.seed)
-    state = create_state(cfg, init_key, whitening_sample(train_x, train_y), num_classes, total_steps,
-                         steps_per_epoch)
+    state = make_state(cfg, init_key, whitening_sample(train_x, train_y), num_classes, total_steps, steps_per_epoch)
     if jax.process_count() > 1:
         # Every process must put the same state, and the whitening stem's eigenvectors differ in
         # their last bits with a process's device count (threads), so all take process 0's.
@@ -605,7 +606,7 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     return RunResult(test_accuracy=final_accuracy, test_accuracy_plain=history["eval_accuracy"][-1],
                      train_seconds=train_seconds, compile_seconds=compile_seconds, eval_seconds=eval_seconds,
                      final_eval_seconds=final_eval_seconds,
-                     train_program_bytes=max(compiled_bytes(f) for f in train_fns.values()),
+                     train_program_bytes=max((compiled_bytes(f) for f in train_fns.values()), default=0),
                      history=history,
                      confusion=confusion_matrix(test_y, predictions, num_classes).tolist(), steps=total_steps,
                      state=state)

@@ -1,0 +1,213 @@
+"""Transfer learning, the seeds' workflow: pretrained weights, a new head, three ways to fine-tune.
+
+The source task is some classes of a data set (CIFAR-10's 0-4 by default), the target task the
+others with a tenth of their training labels. The network is pretrained on the source (or
+comes from `--weights`: a torchvision file or an fnlearn checkpoint), gets a fresh head for the
+target's classes, and is trained three ways for the same number of steps: the head alone
+(the backbone frozen, its BatchNorm in inference mode), everything with the backbone at a
+lower learning rate, and from scratch. Each run is `recipes.cifar.train_and_evaluate`: the same
+loop, augmentation, evaluation and checkpoints as the main job.
+"""
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnlearn import models
+from fnlearn.checkpoint import load_variables, save_variables
+from fnlearn.data.dataset import Dataset
+from fnlearn.data.subset import stratified_subset
+from fnlearn.recipes.cifar import (PRESETS, ConfigError, check_resume, create_state, make_cifar_optimizer,
+                                   train_and_evaluate)
+from fnlearn.train import FROZEN, TrainState, freeze_batch_norm, load_pretrained, partition
+
+MODES = ("head_only", "full_finetune", "scratch")
+
+
+def _field(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _classes(text):
+    return tuple(int(c) for c in text.split(","))
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    """The whole transfer experiment. Each field's help is its `--flag`'s in `python -m experiments.transfer`."""
+    data: str = _field("cifar10", "a TFDS name (cifar10, downloaded), or a folder or .tar.gz of "
+                                  "<root>/{train,test}/<class>/*.jpg")
+    data_dir: str | None = _field(None, "where prepared array_record files and extracted archives are kept "
+                                        "(default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    model: str = _field("resnet18_imagenet", "the network: torchvision's ResNet-18 by default, so --weights "
+                                             "can be torchvision's own file")
+    weights: str | None = _field(None, "start from these weights instead of pretraining on the source classes: "
+                                       "a torchvision state_dict (.pth, .pt, .safetensors) or an fnlearn "
+                                       "checkpoint folder")
+    source_classes: str = _field("0,1,2,3,4", "the pretraining task's classes, comma-separated indices")
+    target_classes: str = _field("5,6,7,8,9", "the transfer task's classes, comma-separated indices")
+    label_fraction: float = _field(0.1, "the share of the target classes' training images that keep their "
+                                        "labels (a class-balanced sample)")
+    pretrain_epochs: float = _field(4.0, "passes over the source classes' training images")
+    pretrain_batch_size: int = _field(256, "examples per pretraining step")
+    epochs: float = _field(15.0, "passes over the labelled target images, the same for each of the three runs")
+    batch_size: int = _field(128, "examples per transfer step")
+    lr: float = _field(4.4, "peak learning rate of the head, and of the whole network from scratch, in "
+                            "experiments.cifar's unit (per 1024 examples of a summed loss; 4.4 is 0.05 at batch 128)")
+    backbone_lr_scale: float = _field(0.1, "full fine-tuning: the backbone's learning rate as a multiple of --lr")
+    head: str = _field("fc", "the head's path pattern: re-initialised for the target classes, and the only part "
+                             "head-only fine-tuning trains")
+    seed: int = _field(0, "seed of every run's init, order and augmentation")
+
+    def __post_init__(self):
+        try:
+            source, target = _classes(self.source_classes), _classes(self.target_classes)
+        except ValueError:
+            raise ValueError(f"--source-classes {self.source_classes!r} / --target-classes {self.target_classes!r}: "
+                             f"pass comma-separated class indices, e.g. 0,1,2") from None
+        if not source or not target or set(source) & set(target) or min(source + target) < 0:
+            raise ValueError("--source-classes and --target-classes must be disjoint, non-empty lists of "
+                             "class indices >= 0")
+        if len(set(target)) < 2 or len(set(target)) != len(target) or len(set(source)) != len(source):
+            raise ValueError("--target-classes needs at least 2 classes, and neither list may repeat one")
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"--label-fraction {self.label_fraction}: must be in (0, 1]")
+        if not 0 < self.backbone_lr_scale < math.inf:
+            raise ValueError(f"--backbone-lr-scale {self.backbone_lr_scale}: must be a finite number > 0")
+        if self.model not in models.names(task="image_classifier"):
+            raise ValueError(f"unknown --model {self.model!r}: choose from "
+                             f"{', '.join(models.names(task='image_classifier'))}")
+        self.run_config("pretrain")  # CifarConfig checks the numbers it takes
+
+
+    def run_config(self, phase):
+        """The `recipes.cifar.CifarConfig` of "pretrain" or one of `MODES`: the resnet18 preset's
+        recipe (Nesterov SGD on a triangular schedule, label smoothing, flip and translate 4),
+        without TTA, at this config's sizes."""
+        base = dataclasses.replace(PRESETS["resnet18"], data=self.data, data_dir=self.data_dir, model=self.model,
+                                   seed=self.seed, tta=False)
+        if phase == "pretrain":
+            return dataclasses.replace(base, epochs=self.pretrain_epochs, batch_size=self.pretrain_batch_size)
+        return dataclasses.replace(base, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
+
+
+def class_subset(dataset, classes, label_fraction=1.0, seed=0):
+    """The images of `classes` (indices into `dataset.class_names`), relabelled 0..len(classes)-1 in
+    that order; of the training images, a class-balanced `label_fraction` sample."""
+    classes = np.asarray(classes)
+    if classes.max() >= len(dataset.class_names):
+        raise ConfigError(f"class {classes.max()} does not exist: {dataset.source} has "
+                          f"{len(dataset.class_names)} classes, 0..{len(dataset.class_names) - 1}")
+    relabel = np.full(len(dataset.class_names), -1)
+    relabel[classes] = np.arange(len(classes))
+
+    def pick(images, labels, fraction):
+        keep = np.flatnonzero(np.isin(labels, classes))
+        if fraction < 1:
+            keep = keep[stratified_subset(labels[keep], max(len(classes), round(fraction * len(keep))), seed)]
+        return images[keep], relabel[labels[keep]].astype(np.int32)
+
+    train = pick(dataset.train_images, dataset.train_labels, label_fraction)
+    test = pick(dataset.test_images, dataset.test_labels, 1.0)
+    return Dataset(*train, *test, tuple(dataset.class_names[c] for c in classes), dataset.source)
+
+
+def load_weights(cfg):
+    """The variables `--weights` names: a torchvision state_dict file, or an fnlearn checkpoint folder
+    (`save_variables`'s, or a training run's checkpoints)."""
+    path = Path(cfg.weights)
+    if path.is_file():
+        name = cfg.model.removesuffix("_imagenet")
+        if not cfg.model.endswith("_imagenet") or name not in ("resnet18", "resnet34", "resnet50"):
+            raise ConfigError(f"--weights {path} is a file, read as torchvision's: it needs --model "
+                              f"resnet18_imagenet, resnet34_imagenet or resnet50_imagenet, not {cfg.model}")
+        return models.from_torchvision(name, path)[1]
+    if not path.is_dir():
+        raise ConfigError(f"--weights {path} does not exist: pass a torchvision file or an fnlearn checkpoint folder")
+    variables, meta = load_variables(path)
+    saved_model = meta.get("model", meta.get("config", {}).get("model"))
+    if saved_model not in (None, cfg.model):
+        raise ConfigError(f"--weights {path} holds a {saved_model}, not the --model {cfg.model}: pass "
+                          f"--model {saved_model}")
+    return variables
+
+
+def transfer_state(mode, pretrained, cfg):
+    """A `make_state` for `train_and_evaluate` (see `recipes.cifar.create_state`) that starts run `mode`.
+
+    head_only: the pretrained network with a fresh head; only the head trains, and the frozen
+    backbone's BatchNorm stays in inference mode. full_finetune: the same start, everything
+    trains, the backbone at `cfg.backbone_lr_scale` times the rate. scratch: a fresh network.
+    """
+    def make_state(run_cfg, key, sample, num_classes, total_steps, steps_per_epoch):
+        if mode == "scratch":
+            return create_state(run_cfg, key, sample, num_classes, total_steps, steps_per_epoch)
+        model = models.get(run_cfg.model, num_classes=num_classes, dtype=run_cfg.compute_dtype)
+        variables = model.init(key, jnp.zeros((1, *sample.shape[1:]), jnp.float32))
+        try:
+            variables = load_pretrained(variables, pretrained, fresh=(cfg.head,))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        rules = [(cfg.head, "head")]
+        transforms = {"head": make_cifar_optimizer(run_cfg, variables["params"], total_steps, steps_per_epoch)}
+        if mode == "head_only":
+            default = FROZEN
+        else:
+            scale = cfg.backbone_lr_scale  # decay scales too: its coefficient is weight_decay / lr
+            backbone = dataclasses.replace(run_cfg, lr=run_cfg.lr * scale, weight_decay=run_cfg.weight_decay * scale)
+            transforms["backbone"], default = make_cifar_optimizer(backbone, variables["params"], total_steps,
+                                                                   steps_per_epoch), "backbone"
+        return TrainState.create(apply_fn=freeze_batch_norm(model.apply, rules, default), variables=variables,
+                                 tx=partition(transforms, variables["params"], rules, default))
+
+    return make_state
+
+
+def check_resumes(cfg, workdir, resume):
+    """Raises ConfigError, before any data is loaded, where a phase's checkpoints clash with `resume`
+    or with `cfg` (`recipes.cifar.check_resume`)."""
+    phases = MODES if cfg.weights else ("pretrain", *MODES)
+    for phase in phases:
+        check_resume(cfg.run_config(phase), Path(workdir) / phase, resume)
+
+
+def run_transfer(cfg, dataset, workdir, *, pretrained=None, resume=False, log=print, progress=True):
+    """Pretrains (unless given `pretrained` variables), then runs each of `MODES`; returns a dict of results.
+
+    Writes under `workdir`: `pretrain/` (its checkpoints), `pretrained/` (the pretrained variables,
+    `checkpoint.save_variables`), and one checkpoint folder per mode.
+    Args:
+      cfg: a `TransferConfig`.
+      dataset: a `fnlearn.data.Dataset` holding the source and target classes.
+      workdir: the folder for the outputs.
+      pretrained: variables to transfer from (`load_weights(cfg)` reads `cfg.weights`); None:
+        pretrain on the source classes.
+      resume: continue each run from its checkpoints (`recipes.cifar.check_resume`).
+    Returns:
+      {"pretrain": RunResult or None, mode: RunResult for each of MODES}.
+    """
+    workdir = Path(workdir)
+    source = class_subset(dataset, _classes(cfg.source_classes))
+    target = class_subset(dataset, _classes(cfg.target_classes), cfg.label_fraction, cfg.seed)
+    results = {"pretrain": None}
+    if pretrained is None:
+        log(f"pretraining {cfg.model} on {len(source.train_images)} images of {', '.join(source.class_names)}")
+        run_cfg = cfg.run_config("pretrain")
+        results["pretrain"] = train_and_evaluate(run_cfg, source, checkpoint_dir=workdir / "pretrain", resume=resume,
+                                                 log=log, progress=progress)
+        state = results["pretrain"].state
+        pretrained = jax.device_get(state.variables)
+        save_variables(workdir / "pretrained", pretrained, {
+            "model": cfg.model, "class_names": list(source.class_names),
+            "test_accuracy": results["pretrain"].test_accuracy})
+        log(f"pretrained: test accuracy {results['pretrain'].test_accuracy:.4f} on {len(source.test_images)} "
+            f"images; weights in {workdir / 'pretrained'}")
+    for mode in MODES:
+        log(f"{mode}: {len(target.train_images)} labelled images of {', '.join(target.class_names)}")
+        results[mode] = train_and_evaluate(cfg.run_config(mode), target, checkpoint_dir=workdir / mode,
+                                           resume=resume, log=log, progress=progress,
+                                           make_state=transfer_state(mode, pretrained, cfg))
+    return results

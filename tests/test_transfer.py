@@ -1,0 +1,116 @@
+"""The transfer experiment on a tiny generated image tree: pretrain, three fine-tuning runs, weights in and out."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import transfer as transfer_experiment
+from fnlearn import models
+from fnlearn.checkpoint import load_variables
+from fnlearn.data import load_dataset
+from fnlearn.recipes.cifar import ConfigError
+from fnlearn.recipes.transfer import TransferConfig, class_subset, load_weights, transfer_state
+
+TINY = ["--model", "resnet_tiny", "--source-classes", "0,1", "--target-classes", "2,3", "--label-fraction", "0.5",
+        "--pretrain-epochs", "1", "--pretrain-batch-size", "16", "--epochs", "2", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory, write_tree):
+    root = tmp_path_factory.mktemp("tree")
+    return str(write_tree(root / "src"))
+
+
+def test_class_subsets_relabel_and_keep_a_balanced_fraction(tree, tmp_path):
+    dataset = load_dataset(tree, data_dir=tmp_path)
+    target = class_subset(dataset, (3, 1), label_fraction=0.25)
+    assert target.class_names == ("class3", "class1")
+    assert np.bincount(target.train_labels).tolist() == [6, 6]  # a quarter of 24 per class
+    assert np.bincount(target.test_labels).tolist() == [8, 8]  # every test image of both
+    # Relabelled in the order given: label 0 is class3's colour (yellow: high red and green, low blue).
+    assert target.train_images[target.train_labels == 0][..., 2].mean() < 120
+    with pytest.raises(ConfigError, match="class 7 does not exist"):
+        class_subset(dataset, (0, 7))
+
+
+def test_the_experiment_end_to_end(tree, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    summary = transfer_experiment.main(["--data", tree, "--data-dir", str(tmp_path / "tfds"),
+                                        "--workdir", str(workdir), *TINY])
+    on_disk = json.loads((workdir / "summary.json").read_text())
+    for mode in ("head_only", "full_finetune", "scratch"):
+        assert 0 <= on_disk[mode] <= 1 and on_disk[mode] == summary[mode]
+        assert len(on_disk["history"][mode]["eval_accuracy"]) == 2
+    assert on_disk["steps"] == 6  # 2 epochs of 24 labelled images (half of 2 x 24) in batches of 8
+    assert (workdir / "transfer.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "head_only" in out and "transfer beats scratch by" in out
+
+    pretrained, meta = load_variables(workdir / "pretrained")
+    assert meta["model"] == "resnet_tiny" and meta["class_names"] == ["class0", "class1"]
+    head_only, _ = load_variables(workdir / "head_only")
+    full, _ = load_variables(workdir / "full_finetune")
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    for collection in ("params", "batch_stats"):  # the frozen backbone came through untouched
+        assert same({k: v for k, v in head_only[collection].items() if k != "fc"},
+                    {k: v for k, v in pretrained[collection].items() if k != "fc"})
+    assert not same(full["params"]["layer1_0"], pretrained["params"]["layer1_0"])
+    assert head_only["params"]["fc"]["kernel"].shape == (16, 2)
+
+    # A finished experiment is not overwritten; --resume continues it (here: nothing left to train).
+    with pytest.raises(SystemExit, match="pass --resume"):
+        transfer_experiment.main(["--data", tree, "--data-dir", str(tmp_path / "tfds"), "--workdir", str(workdir),
+                                  *TINY])
+    again = transfer_experiment.main(["--data", tree, "--data-dir", str(tmp_path / "tfds"), "--workdir",
+                                      str(workdir), "--resume", *TINY])
+    assert [again[m] for m in ("head_only", "full_finetune", "scratch")] == \
+        [summary[m] for m in ("head_only", "full_finetune", "scratch")]
+
+    # Its pretrained weights start another experiment, which then skips pretraining.
+    other = transfer_experiment.main(["--data", tree, "--data-dir", str(tmp_path / "tfds"), "--workdir",
+                                      str(tmp_path / "other"), "--weights", str(workdir / "pretrained"), *TINY])
+    assert other["pretrain_test_accuracy"] is None and not (tmp_path / "other" / "pretrain").exists()
+    assert other["head_only"] == summary["head_only"]  # same weights, same seed: the same run
+
+
+def test_torchvision_weights_start_the_transfer(tmp_path):
+    model = models.get("resnet18_imagenet", num_classes=1000)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(shapes))))
+    variables = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape, s.dtype), shapes)
+    models.to_torchvision(variables, tmp_path / "resnet18.safetensors")
+    cfg = TransferConfig(weights=str(tmp_path / "resnet18.safetensors"))
+    pretrained = load_weights(cfg)
+    run_cfg = cfg.run_config("full_finetune")
+    state = transfer_state("head_only", pretrained, cfg)(run_cfg, jax.random.key(2), np.zeros((1, 32, 32, 3)), 5,
+                                                         total_steps=10, steps_per_epoch=5)
+    assert state.params["fc"]["kernel"].shape == (512, 5)
+    np.testing.assert_array_equal(state.params["layer4_1"]["conv2"]["kernel"],
+                                  variables["params"]["layer4_1"]["conv2"]["kernel"])
+    np.testing.assert_array_equal(state.batch_stats["bn1"]["var"], variables["batch_stats"]["bn1"]["var"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--weights", "nowhere"], "--weights nowhere does not exist"),
+    (["--source-classes", "0,1", "--target-classes", "1,2"], "must be disjoint"),
+    (["--target-classes", "a,b"], "pass comma-separated class indices"),
+    (["--label-fraction", "0"], "--label-fraction 0.0: must be in (0, 1]"),
+    (["--model", "simple_net"], "unknown --model 'simple_net'"),
+])
+def test_bad_arguments_are_refused_in_one_line(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        transfer_experiment.main(["--data", "unused", "--workdir", str(tmp_path), *flags])
+    error = str(exit.value.code) if exit.value.code not in (1, 2) else capsys.readouterr().err
+    assert message in error
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    file = tmp_path / "w.safetensors"
+    file.write_bytes(b"")
+    with pytest.raises(ConfigError, match="needs --model resnet18_imagenet, resnet34_imagenet or resnet50_imagenet"):
+        load_weights(TransferConfig(model="resnet_tiny", weights=str(file)))
