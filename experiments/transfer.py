@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from experiments import cli
 from fnlearn.checkpoint import CheckpointError
 from fnlearn.data import DataError, load_dataset
+from fnlearn import models
 from fnlearn.models import WeightsError
 from fnlearn.recipes.cifar import ConfigError, TrainingDiverged
 from fnlearn.recipes.transfer import MODES, TransferConfig, check_resumes, load_weights, run_transfer
@@ -48,7 +49,7 @@ def parse_config(argv):
     parser.add_argument("--workdir", type=Path, default=Path("runs/transfer"),
                         help="where summary.json, transfer.png, the pretrained weights and checkpoints go")
     parser.add_argument("--resume", action="store_true", help="continue the experiment saved in --workdir")
-    cli.add_config_flags(parser, TransferConfig, _help)
+    cli.add_config_flags(parser, TransferConfig, _help, {"model": tuple(models.names(task="image_classifier"))})
     args = parser.parse_args(argv)
     try:
         cfg = TransferConfig(**cli.config_overrides(args, TransferConfig))
@@ -91,7 +92,7 @@ def main(argv=None):
             print(f"{cfg.model} from {cfg.weights}")
         dataset = load_dataset(cfg.data, data_dir=cfg.data_dir)
         results = run_transfer(cfg, dataset, args.workdir, pretrained=pretrained, resume=args.resume)
-    except (ConfigError, CheckpointError, DataError, WeightsError, TrainingDiverged) as e:
+    except (ConfigError, CheckpointError, DataError, WeightsError, TrainingDiverged, ImportError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print(f"\ninterrupted; the checkpoints in {args.workdir} are intact: rerun with --resume to continue",

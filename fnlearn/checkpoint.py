@@ -1,11 +1,15 @@
 """Checkpoints with orbax, written atomically: a training state per epoch (`Checkpoints`),
 and a model's variables alone, for sharing (`save_variables` / `load_variables`)."""
 import pathlib
+import shutil
 import sys
 import traceback
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from fnlearn.pytrees import leaf_shapes, shape_mismatches
 
 
 def _first_line(error):
@@ -32,29 +36,6 @@ def _ignoring_failed_reads(hook):
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read, or does not fit the model; the message names its folder."""
-
-
-def _key_name(key):
-    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
-
-
-def leaf_shapes(tree):
-    """`{"params/fc/kernel": shape}` for each leaf of `tree`: arrays, ShapeDtypeStructs or orbax's
-    array metadata (empty nodes, such as a frozen leaf's optimizer state, have no leaves)."""
-    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def shape_mismatches(saved, wanted, source="checkpoint"):
-    """What keeps `saved` from loading as `wanted` (both `leaf_shapes` dicts), as lines: each leaf whose
-    shape differs (`params/fc/kernel: saved (256, 10), model (256, 5)`), then the missing and extra ones."""
-    lines = [f"{path}: saved {saved[path]}, model {shape}"
-             for path, shape in wanted.items() if path in saved and saved[path] != shape]
-    if missing := [path for path in wanted if path not in saved]:
-        lines.append(f"missing from the {source}: {', '.join(missing)}")
-    if extra := [path for path in saved if path not in wanted]:
-        lines.append(f"not in the model: {', '.join(extra)}")
-    return lines
 
 
 def _handlers(item):
@@ -116,8 +97,8 @@ class Checkpoints:
         path = self.directory / str(epoch)
         template = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(state))
         try:
-            saved = self._manager.item_metadata(epoch)["state"].tree
-        except Exception:  # unreadable metadata: the restore below reports it
+            saved = self._manager.metadata(epoch).item_metadata["state"].tree
+        except Exception:  # orbax raises many types; a checkpoint this unreadable fails the restore below
             saved = None
         if saved is not None:
             _check_fits(saved, template, path)
@@ -140,17 +121,25 @@ class Checkpoints:
 
 def save_variables(path, variables, meta):
     """Writes a model's `variables` (params, BatchNorm statistics) and a JSON-able `meta` dict (say,
-    the model's name and classes) to the folder `path`, replacing what is there: weights to share or
-    fine-tune from, without the optimizer state. Orbax writes a temporary folder and renames it."""
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(pathlib.Path(path).absolute(), force=True, args=ocp.args.Composite(
+    the model's name and classes) to the folder `path`: weights to share or fine-tune from, without
+    the optimizer state. What `path` held is replaced only once the new folder is complete (orbax
+    writes it as `path.new`, then two renames swap it in)."""
+    path = pathlib.Path(path).absolute()
+    new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers("variables"))) as checkpointer:
+        checkpointer.save(new, force=True, args=ocp.args.Composite(
             variables=ocp.args.StandardSave(dict(variables)), meta=ocp.args.JsonSave(meta)))
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    new.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_variables(path, like=None):
     """Reads `(variables, meta)` from the folder `save_variables` wrote, or the params and BatchNorm
-    statistics from a `Checkpoints` folder's last epoch, or from one epoch's folder (`meta` then holds
-    that epoch's JSON dict).
+    statistics alone from a `Checkpoints` folder's last epoch, or from one epoch's folder (`meta`
+    then holds that epoch's JSON dict). Arrays come back as NumPy arrays.
 
     Args:
       path: the folder.
@@ -167,18 +156,20 @@ def load_variables(path, like=None):
     if item is None:
         raise CheckpointError(f"{path} is not an fnlearn checkpoint: expected a folder written by save_variables "
                               f"or a Checkpoints epoch folder (<workdir>/checkpoints/<epoch>)")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers(item))) as checkpointer:
-        try:
-            saved = checkpointer.metadata(path).item_metadata[item].tree
-            if item == "state":
-                saved = {k: v for k, v in saved.items() if k in ("params", "batch_stats") and v is not None}
+    try:
+        # A training state's item holds the optimizer state too: read params and statistics alone.
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            saved = checkpointer.metadata(path / item).item_metadata.tree
+            saved = {k: saved[k] for k in ("params", "batch_stats") if saved.get(k) is not None}
             if like is not None:
                 _check_fits(saved, like, path)
-            restored = checkpointer.restore(path, args=ocp.args.Composite(**{
-                item: ocp.args.StandardRestore(), "meta": ocp.args.JsonRestore()}))
-        except CheckpointError:
-            raise
-        except Exception as e:  # orbax raises many types; the user needs the path and the cause
-            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
-    variables = {k: v for k, v in restored[item].items() if k in ("params", "batch_stats") and v is not None}
-    return variables, restored["meta"]
+            variables = checkpointer.restore(path / item, args=ocp.args.PyTreeRestore(
+                item=jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved), partial_restore=True,
+                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)))
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler(meta=ocp.JsonCheckpointHandler())) as checkpointer:
+            meta = checkpointer.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax raises many types; the user needs the path and the cause
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+    return variables, meta

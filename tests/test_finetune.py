@@ -51,7 +51,7 @@ def test_groups_take_the_first_matching_rule():
 def test_head_only_leaves_the_frozen_backbone_and_its_statistics_unchanged():
     model, variables = _tiny()
     rules = [("fc", "head")]
-    state = TrainState.create(apply_fn=freeze_batch_norm(model.apply, rules, FROZEN), variables=variables,
+    state = TrainState.create(apply_fn=freeze_batch_norm(model.apply, variables["params"], rules, FROZEN), variables=variables,
                               tx=partition({"head": optax.sgd(0.1, momentum=0.9)}, variables["params"], rules, FROZEN))
     trained = _train(state)
     changed = _changed(state.params, trained.params)
@@ -77,7 +77,7 @@ def test_without_freezing_batch_norm_its_statistics_move():
 def test_a_frozen_stage_is_unchanged_and_the_rest_trains():
     model, variables = _tiny()
     rules = [("conv1", FROZEN), ("bn1", FROZEN), ("layer1_*", FROZEN)]
-    state = TrainState.create(apply_fn=freeze_batch_norm(model.apply, rules, "train"), variables=variables,
+    state = TrainState.create(apply_fn=freeze_batch_norm(model.apply, variables["params"], rules, "train"), variables=variables,
                               tx=partition({"train": optax.adam(1e-2)}, variables["params"], rules, "train"))
     trained = _train(state)
     for path, changed in _changed(state.params, trained.params).items():
@@ -102,10 +102,22 @@ def test_the_backbone_trains_at_its_own_rate():
                                rtol=1e-4, atol=1e-7)  # float32 rounding of params - old params
 
 
-def test_a_group_without_a_transform_is_refused():
+def test_a_group_without_a_transform_or_a_transform_without_a_group_is_refused():
     _, variables = _tiny()
     with pytest.raises(ValueError, match=r"no transform for the parameter groups \['backbone'\]"):
         partition({"head": optax.sgd(0.1)}, variables["params"], [("fc", "head")], "backbone")
+    with pytest.raises(ValueError, match=r"no parameter is in the groups \['head'\]"):  # a typo in a pattern
+        partition({"head": optax.sgd(0.1)}, variables["params"], [("fx", "head")], FROZEN)
+
+
+def test_batch_norm_is_frozen_only_where_all_its_params_are():
+    model, variables = _tiny()
+    rules = [("*/scale", FROZEN), ("layer1_0/bn1", FROZEN), ("bn1/*", FROZEN)]
+    apply = freeze_batch_norm(model.apply, variables["params"], rules, "train")
+    _, updates = apply(variables, X, train=True, mutable=["batch_stats"])
+    changed = _changed(variables["batch_stats"], updates["batch_stats"])
+    for path, moved in changed.items():  # bn1 and layer1_0/bn1 are frozen whole; the others' biases train
+        assert moved == (not path.startswith(("bn1/", "layer1_0/bn1/"))), path
 
 
 def test_pretrained_weights_under_a_new_head():
@@ -122,3 +134,5 @@ def test_pretrained_weights_under_a_new_head():
     deeper = models.ResNet(stage_sizes=(1, 1, 1), block_cls=models.BasicBlock, width=8, num_classes=3)
     with pytest.raises(ValueError, match=r"missing from the pretrained weights: .*params/layer3_0/conv1/kernel"):
         load_pretrained(deeper.init(jax.random.key(0), X[:1]), pretrained, fresh=("fc",))
+    with pytest.raises(ValueError, match="the head pattern 'head' matches no parameter"):
+        load_pretrained(fresh, pretrained, fresh=("head",))

@@ -1,4 +1,5 @@
 """The transfer experiment on a tiny generated image tree: pretrain, three fine-tuning runs, weights in and out."""
+import dataclasses
 import json
 
 import jax
@@ -10,8 +11,8 @@ from experiments import transfer as transfer_experiment
 from fnlearn import models
 from fnlearn.checkpoint import load_variables
 from fnlearn.data import load_dataset
-from fnlearn.recipes.cifar import ConfigError
-from fnlearn.recipes.transfer import TransferConfig, class_subset, load_weights, transfer_state
+from fnlearn.recipes.cifar import ConfigError, train_and_evaluate
+from fnlearn.recipes.transfer import TransferConfig, check_resumes, class_subset, load_weights, transfer_state
 
 TINY = ["--model", "resnet_tiny", "--source-classes", "0,1", "--target-classes", "2,3", "--label-fraction", "0.5",
         "--pretrain-epochs", "1", "--pretrain-batch-size", "16", "--epochs", "2", "--batch-size", "8"]
@@ -78,6 +79,38 @@ def test_the_experiment_end_to_end(tree, tmp_path, capsys):
     assert other["head_only"] == summary["head_only"]  # same weights, same seed: the same run
 
 
+@pytest.mark.parametrize("mode", ["head_only", "full_finetune"])
+def test_a_resumed_fine_tuning_run_is_the_same_run(mode, tree, tmp_path):
+    cfg = TransferConfig(model="resnet_tiny", source_classes="0,1", target_classes="2,3", epochs=2, batch_size=8)
+    dataset = class_subset(load_dataset(tree, data_dir=tmp_path / "tfds"), (2, 3), 0.5)
+    pretrained = models.get("resnet_tiny", num_classes=7).init(jax.random.key(5), jnp.zeros((1, 32, 32, 3)))
+
+    def run(folder, **kwargs):
+        return train_and_evaluate(cfg.run_config(mode), dataset, checkpoint_dir=tmp_path / folder, progress=False,
+                                  make_state=transfer_state(mode, pretrained, cfg), **kwargs)
+
+    def killed_after_first_epoch(line):
+        if line.lstrip().startswith("1 "):
+            raise KeyboardInterrupt
+
+    straight = run("a", log=lambda _: None)
+    with pytest.raises(KeyboardInterrupt):
+        run("b", log=killed_after_first_epoch)
+    resumed = run("b", log=lambda _: None, resume=True)
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert resumed.history["train_loss"] == straight.history["train_loss"]
+
+
+def test_resuming_with_changed_transfer_settings_is_refused(tmp_path):
+    cfg = TransferConfig(model="resnet_tiny")
+    (tmp_path / "transfer_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    changed = dataclasses.replace(cfg, label_fraction=0.2, data="elsewhere")
+    with pytest.raises(ConfigError, match=r"--label-fraction 0.1 \(saved\) != 0.2\. Pass the saved values"):
+        check_resumes(changed, tmp_path, resume=True)
+    check_resumes(dataclasses.replace(cfg, data="elsewhere"), tmp_path, resume=True)  # the data may move
+
+
 def test_torchvision_weights_start_the_transfer(tmp_path):
     model = models.get("resnet18_imagenet", num_classes=1000)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
@@ -86,7 +119,7 @@ def test_torchvision_weights_start_the_transfer(tmp_path):
     models.to_torchvision(variables, tmp_path / "resnet18.safetensors")
     cfg = TransferConfig(weights=str(tmp_path / "resnet18.safetensors"))
     pretrained = load_weights(cfg)
-    run_cfg = cfg.run_config("full_finetune")
+    run_cfg = cfg.run_config("head_only")
     state = transfer_state("head_only", pretrained, cfg)(run_cfg, jax.random.key(2), np.zeros((1, 32, 32, 3)), 5,
                                                          total_steps=10, steps_per_epoch=5)
     assert state.params["fc"]["kernel"].shape == (512, 5)
@@ -100,7 +133,9 @@ def test_torchvision_weights_start_the_transfer(tmp_path):
     (["--source-classes", "0,1", "--target-classes", "1,2"], "must be disjoint"),
     (["--target-classes", "a,b"], "pass comma-separated class indices"),
     (["--label-fraction", "0"], "--label-fraction 0.0: must be in (0, 1]"),
-    (["--model", "simple_net"], "unknown --model 'simple_net'"),
+    (["--model", "simple_net"], "argument --model: invalid choice: 'simple_net'"),
+    (["--pretrain-epochs", "0"], "--pretrain-epochs 0.0: must be a finite number > 0"),
+    (["--batch-size", "0"], "--batch-size 0: must be a finite number > 0"),
 ])
 def test_bad_arguments_are_refused_in_one_line(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -109,8 +144,8 @@ def test_bad_arguments_are_refused_in_one_line(flags, message, tmp_path, capsys)
     assert message in error
 
 
-def test_weights_of_another_model_are_refused(tmp_path):
+def test_a_torchvision_file_for_a_model_torchvision_lacks_is_refused(tmp_path):
     file = tmp_path / "w.safetensors"
     file.write_bytes(b"")
-    with pytest.raises(ConfigError, match="needs --model resnet18_imagenet, resnet34_imagenet or resnet50_imagenet"):
+    with pytest.raises(ConfigError, match="needs --model resnet18_imagenet, resnet34_imagenet, resnet50_imagenet, not resnet_tiny"):
         load_weights(TransferConfig(model="resnet_tiny", weights=str(file)))

@@ -9,6 +9,7 @@ lower learning rate, and from scratch. Each run is `recipes.cifar.train_and_eval
 loop, augmentation, evaluation and checkpoints as the main job.
 """
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from fnlearn import models
 from fnlearn.checkpoint import load_variables, save_variables
 from fnlearn.data.dataset import Dataset
 from fnlearn.data.subset import stratified_subset
+from fnlearn.models.torchvision import RESNETS
 from fnlearn.recipes.cifar import (PRESETS, ConfigError, check_resume, create_state, make_cifar_optimizer,
                                    train_and_evaluate)
-from fnlearn.train import FROZEN, TrainState, freeze_batch_norm, load_pretrained, partition
+from fnlearn.train import FROZEN, freeze_batch_norm, load_pretrained, partition
 
 MODES = ("head_only", "full_finetune", "scratch")
 
@@ -75,13 +77,15 @@ class TransferConfig:
             raise ValueError("--target-classes needs at least 2 classes, and neither list may repeat one")
         if not 0 < self.label_fraction <= 1:
             raise ValueError(f"--label-fraction {self.label_fraction}: must be in (0, 1]")
-        if not 0 < self.backbone_lr_scale < math.inf:
-            raise ValueError(f"--backbone-lr-scale {self.backbone_lr_scale}: must be a finite number > 0")
+        for name in ("backbone_lr_scale", "lr", "epochs", "batch_size", "pretrain_epochs", "pretrain_batch_size"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:  # NaN fails too
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be a finite number > 0")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed {self.seed}: must be a whole number in 0..2**32-1")
         if self.model not in models.names(task="image_classifier"):
             raise ValueError(f"unknown --model {self.model!r}: choose from "
                              f"{', '.join(models.names(task='image_classifier'))}")
-        self.run_config("pretrain")  # CifarConfig checks the numbers it takes
-
 
     def run_config(self, phase):
         """The `recipes.cifar.CifarConfig` of "pretrain" or one of `MODES`: the resnet18 preset's
@@ -121,9 +125,9 @@ def load_weights(cfg):
     path = Path(cfg.weights)
     if path.is_file():
         name = cfg.model.removesuffix("_imagenet")
-        if not cfg.model.endswith("_imagenet") or name not in ("resnet18", "resnet34", "resnet50"):
+        if not cfg.model.endswith("_imagenet") or name not in RESNETS:
             raise ConfigError(f"--weights {path} is a file, read as torchvision's: it needs --model "
-                              f"resnet18_imagenet, resnet34_imagenet or resnet50_imagenet, not {cfg.model}")
+                              f"{', '.join(n + '_imagenet' for n in RESNETS)}, not {cfg.model}")
         return models.from_torchvision(name, path)[1]
     if not path.is_dir():
         raise ConfigError(f"--weights {path} does not exist: pass a torchvision file or an fnlearn checkpoint folder")
@@ -136,41 +140,56 @@ def load_weights(cfg):
 
 
 def transfer_state(mode, pretrained, cfg):
-    """A `make_state` for `train_and_evaluate` (see `recipes.cifar.create_state`) that starts run `mode`.
+    """A `make_state` for `train_and_evaluate` that starts run `mode`: `recipes.cifar.create_state`'s
+    state (model, precision policy, weight average), with for
 
-    head_only: the pretrained network with a fresh head; only the head trains, and the frozen
+    head_only: the pretrained network under a fresh head; only the head trains, and the frozen
     backbone's BatchNorm stays in inference mode. full_finetune: the same start, everything
-    trains, the backbone at `cfg.backbone_lr_scale` times the rate. scratch: a fresh network.
+    trains, the backbone at `cfg.backbone_lr_scale` times the rate. scratch: nothing changed.
     """
     def make_state(run_cfg, key, sample, num_classes, total_steps, steps_per_epoch):
+        state = create_state(run_cfg, key, sample, num_classes, total_steps, steps_per_epoch)
         if mode == "scratch":
-            return create_state(run_cfg, key, sample, num_classes, total_steps, steps_per_epoch)
-        model = models.get(run_cfg.model, num_classes=num_classes, dtype=run_cfg.compute_dtype)
-        variables = model.init(key, jnp.zeros((1, *sample.shape[1:]), jnp.float32))
+            return state
         try:
-            variables = load_pretrained(variables, pretrained, fresh=(cfg.head,))
+            variables = load_pretrained(state.variables, pretrained, fresh=(cfg.head,))
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"--weights / --head: {e}") from None
+        params = variables["params"]
         rules = [(cfg.head, "head")]
-        transforms = {"head": make_cifar_optimizer(run_cfg, variables["params"], total_steps, steps_per_epoch)}
-        if mode == "head_only":
-            default = FROZEN
-        else:
+        transforms = {"head": make_cifar_optimizer(run_cfg, params, total_steps, steps_per_epoch)}
+        default = FROZEN
+        if mode == "full_finetune":
             scale = cfg.backbone_lr_scale  # decay scales too: its coefficient is weight_decay / lr
             backbone = dataclasses.replace(run_cfg, lr=run_cfg.lr * scale, weight_decay=run_cfg.weight_decay * scale)
-            transforms["backbone"], default = make_cifar_optimizer(backbone, variables["params"], total_steps,
-                                                                   steps_per_epoch), "backbone"
-        return TrainState.create(apply_fn=freeze_batch_norm(model.apply, rules, default), variables=variables,
-                                 tx=partition(transforms, variables["params"], rules, default))
+            transforms["backbone"] = make_cifar_optimizer(backbone, params, total_steps, steps_per_epoch)
+            default = "backbone"
+        tx = partition(transforms, params, rules, default)
+        return state.replace(params=params, batch_stats=variables.get("batch_stats"), tx=tx, opt_state=tx.init(params),
+                             apply_fn=freeze_batch_norm(state.apply_fn, params, rules, default),
+                             ema_params=None if state.ema_params is None else jax.tree.map(jnp.copy, variables))
 
     return make_state
 
 
+# What a resumed experiment may change: where the data comes from.
+RESUMABLE_CHANGES = frozenset({"data", "data_dir"})
+
+
 def check_resumes(cfg, workdir, resume):
-    """Raises ConfigError, before any data is loaded, where a phase's checkpoints clash with `resume`
-    or with `cfg` (`recipes.cifar.check_resume`)."""
-    phases = MODES if cfg.weights else ("pretrain", *MODES)
-    for phase in phases:
+    """Raises ConfigError, before any data is loaded, where the checkpoints in `workdir` clash with
+    `resume` or with `cfg`: the experiment's own fields (saved as `transfer_config.json`) and each
+    run's (`recipes.cifar.check_resume`), naming each changed field."""
+    saved_file = Path(workdir) / "transfer_config.json"
+    if resume and saved_file.is_file():
+        saved = json.loads(saved_file.read_text())
+        changed = [f"--{name.replace('_', '-')} {saved.get(name)!r} (saved) != {value!r}"
+                   for name, value in dataclasses.asdict(cfg).items()
+                   if name not in RESUMABLE_CHANGES and saved.get(name) != value]
+        if changed:
+            raise ConfigError(f"--resume with a config that differs from the experiment saved in {workdir}: "
+                              f"{'; '.join(changed)}. Pass the saved values, or choose another --workdir")
+    for phase in MODES if cfg.weights else ("pretrain", *MODES):
         check_resume(cfg.run_config(phase), Path(workdir) / phase, resume)
 
 
@@ -190,6 +209,10 @@ def run_transfer(cfg, dataset, workdir, *, pretrained=None, resume=False, log=pr
       {"pretrain": RunResult or None, mode: RunResult for each of MODES}.
     """
     workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_file = workdir / "transfer_config.json"
+    config_file.with_suffix(".tmp").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    config_file.with_suffix(".tmp").replace(config_file)
     source = class_subset(dataset, _classes(cfg.source_classes))
     target = class_subset(dataset, _classes(cfg.target_classes), cfg.label_fraction, cfg.seed)
     results = {"pretrain": None}

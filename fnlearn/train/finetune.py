@@ -9,15 +9,12 @@ import fnmatch
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
-from fnlearn.checkpoint import leaf_shapes, shape_mismatches
+from fnlearn.pytrees import leaf_paths, leaf_shapes, path_name, shape_mismatches
 
 FROZEN = "frozen"
-
-
-def _path(keys):
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
 
 
 def matches(path, pattern):
@@ -33,38 +30,53 @@ def group_of(path, rules, default):
 
 def param_groups(params, rules, default):
     """A tree like `params` holding each leaf's group name (`optax.multi_transform`'s labels)."""
-    return jax.tree_util.tree_map_with_path(lambda keys, _: group_of(_path(keys), rules, default), params)
+    return jax.tree_util.tree_map_with_path(lambda keys, _: group_of(path_name(keys), rules, default), params)
 
 
 def partition(transforms, params, rules, default):
     """One optax transform per group, as `optax.multi_transform`; the group `FROZEN` needs none
-    (it gets `optax.set_to_zero`, and so no optimizer state), and a group no leaf is in is dropped.
+    (it gets `optax.set_to_zero`, and so no optimizer state).
 
     Args:
       transforms: group name -> optax transform.
       params: the params tree the transform will update.
       rules, default: how each leaf gets its group (see the module docstring).
+    Raises:
+      ValueError: a group has no transform, or a transform no leaf (a pattern that matches nothing).
     """
-    labels = param_groups(params, rules, default)
-    used = set(jax.tree.leaves(labels))
-    transforms = {FROZEN: optax.set_to_zero(), **transforms}
-    if missing := used - set(transforms):
+    used = set(jax.tree.leaves(param_groups(params, rules, default)))
+    if missing := used - set(transforms) - {FROZEN}:
         raise ValueError(f"no transform for the parameter groups {sorted(missing)}")
-    return optax.multi_transform({g: t for g, t in transforms.items() if g in used}, labels)
+    if unused := set(transforms) - used:
+        raise ValueError(f"no parameter is in the groups {sorted(unused)}: check the patterns {rules}")
+    groups = {FROZEN: optax.set_to_zero(), **transforms}
+    return optax.multi_transform({g: t for g, t in groups.items() if g in used},
+                                 param_groups(params, rules, default))
 
 
-def freeze_batch_norm(apply_fn, rules, default):
-    """`apply_fn` with the BatchNorm layers whose params are in the `FROZEN` group kept in inference
-    mode under `train=True`: they normalise with their running statistics and leave them as they
-    are, as a frozen layer should (PyTorch needs `module.eval()` on each for this).
+def frozen_modules(params, rules, default):
+    """Paths of the modules (`layer1_0/bn1`) whose params are all in the `FROZEN` group."""
+    groups = {}
+    for path, group in zip(leaf_paths(params), jax.tree.leaves(param_groups(params, rules, default))):
+        module = path.rpartition("/")[0]
+        groups.setdefault(module, set()).add(group)
+    return {module for module, found in groups.items() if found == {FROZEN}}
 
-    Done with `nn.intercept_methods`, so the model needs no flag for it. Jit-safe: the choice is
-    made while tracing.
+
+def freeze_batch_norm(apply_fn, params, rules, default):
+    """`apply_fn` with the BatchNorm layers whose params are all in the `FROZEN` group kept in
+    inference mode under `train=True`: they normalise with their running statistics and leave them
+    as they are, as a frozen layer should (PyTorch needs `module.eval()` on each for this).
+
+    Done with `nn.intercept_methods`, so the model needs no flag of its own, but its BatchNorm must
+    take `use_running_average` at call time (the zoo's do). Jit-safe: the choice is made while tracing.
     """
+    frozen = frozen_modules(params, rules, default)
+
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"
-                and group_of("/".join(module.path), rules, default) == FROZEN):
+                and "/".join(module.path) in frozen):
             kwargs = {**kwargs, "use_running_average": True}
         return next_fun(*args, **kwargs)
 
@@ -80,24 +92,22 @@ def load_pretrained(variables, pretrained, fresh=()):
     under the `fresh` patterns, which keep their new init: a new head for a new class count.
 
     Raises:
-      ValueError: a leaf outside `fresh` is missing from `pretrained` or has another shape; the
-        message lists each (`params/fc/kernel: saved (512, 10), model (512, 5)`).
+      ValueError: a `fresh` pattern matches no leaf, or a leaf outside `fresh` is missing from
+        `pretrained` or has another shape; the message lists each
+        (`params/fc/kernel: saved (512, 10), model (512, 5)`).
     """
-    def is_fresh(path):  # the patterns are module paths, under any collection (params, batch_stats)
-        return any(matches(path.split("/", 1)[-1], p) for p in fresh)
+    def is_fresh(path, patterns=fresh):  # module paths, under any collection (params, batch_stats)
+        return any(matches(path.split("/", 1)[-1], p) for p in patterns)
 
-    def keep(tree):
-        return {path: shape for path, shape in leaf_shapes(tree).items() if not is_fresh(path)}
-
-    if lines := shape_mismatches(keep(pretrained), keep(variables), source="pretrained weights"):
+    paths = leaf_paths(variables)
+    if unmatched := [p for p in fresh if not any(is_fresh(path, (p,)) for path in paths)]:
+        raise ValueError(f"the head pattern {unmatched[0]!r} matches no parameter of the model")
+    kept = {path: shape for path, shape in leaf_shapes(variables).items() if not is_fresh(path)}
+    offered = {path: shape for path, shape in leaf_shapes(pretrained).items() if not is_fresh(path)}
+    if lines := shape_mismatches(offered, kept, source="pretrained weights"):
         raise ValueError("the pretrained weights do not fit the model:\n  " + "\n  ".join(lines))
-
-    def take(keys, leaf):
-        if is_fresh(_path(keys)):
-            return leaf
-        source = pretrained
-        for k in keys:
-            source = source[getattr(k, "key", k)]
-        return jax.numpy.asarray(source, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(take, dict(variables))
+    flat = dict(zip(leaf_paths(pretrained), jax.tree.leaves(pretrained)))
+    # Copies (jnp.array, not asarray): a train step donates its state, which must not take `pretrained` with it.
+    return jax.tree_util.tree_map_with_path(
+        lambda keys, leaf: leaf if is_fresh(path_name(keys)) else jnp.array(flat[path_name(keys)], leaf.dtype),
+        dict(variables))

@@ -3,23 +3,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fnlearn.pytrees import leaf_paths
 from fnlearn.train.loop import batched
 from fnlearn.train.losses import accuracy, cross_entropy
 from fnlearn.train.precision import LossScale
 
 
-def leaf_names(tree, prefix="params"):
-    """'params/Dense_0/kernel'-style names of a pytree's leaves, in flatten order."""
-    def name(path):
-        return "/".join([prefix] + [str(getattr(k, "key", getattr(k, "idx", k))) for k in path])
-    return [name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def first_nonfinite(finite_tree, prefix="params"):
     """Name of the first False leaf of a tree of booleans (host values), or None."""
-    for name, ok in zip(leaf_names(finite_tree, prefix), jax.tree.leaves(finite_tree)):
+    for name, ok in zip(leaf_paths(finite_tree), jax.tree.leaves(finite_tree)):
         if not bool(ok):
-            return name
+            return f"{prefix}/{name}"
     return None
 
 
