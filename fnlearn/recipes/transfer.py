@@ -53,9 +53,10 @@ class TransferConfig:
     target_classes: str = _field("5,6,7,8,9", "the transfer task's classes, comma-separated indices")
     label_fraction: float = _field(0.1, "the share of the target classes' training images that keep their "
                                         "labels (a class-balanced sample)")
-    pretrain_epochs: float = _field(4.0, "passes over the source classes' training images")
+    pretrain_epochs: float = _field(6.0, "passes over the source classes' training images")
     pretrain_batch_size: int = _field(256, "examples per pretraining step")
-    epochs: float = _field(15.0, "passes over the labelled target images, the same for each of the three runs")
+    epochs: float = _field(4.0, "passes over the labelled target images, the same for each of the three runs: a "
+                                "fine-tuning budget (76 steps at the defaults)")
     batch_size: int = _field(128, "examples per transfer step")
     lr: float = _field(4.4, "peak learning rate of the head, and of the whole network from scratch, in "
                             "experiments.cifar's unit (per 1024 examples of a summed loss; 4.4 is 0.05 at batch 128)")
