@@ -8,11 +8,12 @@ ResNet-18 (torchvision's, ImageNet stem) is pretrained on CIFAR-10's classes 0-4
 from `--weights` (a torchvision state_dict, or an fnlearn checkpoint folder such as the
 `pretrained/` this writes). It then gets a new head for classes 5-9, of which 10% of the
 training images keep their labels, and trains for the same number of steps three ways: the
-head alone, everything (the backbone at a tenth of the rate), and from scratch. Prints a
+head alone, everything (the backbone at the head's rate, or `--backbone-lr-scale` times it),
+and from scratch. Prints a
 table; writes to `--workdir` summary.json (`head_only`, `full_finetune`, `scratch`: each
 final test accuracy as a fraction), transfer.png (the three test-accuracy curves), the
 pretrained weights and every run's checkpoints (`--resume` continues a killed experiment).
-On the 2-core CPU it takes about half an hour; the README has the measured figures.
+On the 2-core CPU it takes about 32 minutes; the README has the measured figures.
 """
 import dataclasses
 import json
@@ -29,9 +30,9 @@ import optax
 from matplotlib.figure import Figure
 
 from experiments import cli
+from fnlearn import models
 from fnlearn.checkpoint import CheckpointError
 from fnlearn.data import DataError, load_dataset
-from fnlearn import models
 from fnlearn.models import WeightsError
 from fnlearn.recipes.cifar import ConfigError, TrainingDiverged
 from fnlearn.recipes.transfer import MODES, TransferConfig, check_resumes, load_weights, run_transfer

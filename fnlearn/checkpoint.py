@@ -123,8 +123,11 @@ def save_variables(path, variables, meta):
     """Writes a model's `variables` (params, BatchNorm statistics) and a JSON-able `meta` dict (say,
     the model's name and classes) to the folder `path`: weights to share or fine-tune from, without
     the optimizer state. What `path` held is replaced only once the new folder is complete (orbax
-    writes it as `path.new`, then two renames swap it in)."""
+    writes it as `path.new`, then two renames swap it in; a kill between them leaves `path.new`,
+    which `load_variables(path)` reads)."""
     path = pathlib.Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file: pass a folder to save the weights in")
     new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers("variables"))) as checkpointer:
         checkpointer.save(new, force=True, args=ocp.args.Composite(
@@ -149,6 +152,8 @@ def load_variables(path, like=None):
       CheckpointError: `path` holds neither, cannot be read, or does not fit `like`.
     """
     path = pathlib.Path(path).absolute()
+    if not path.exists() and path.with_name(path.name + ".new").is_dir():  # killed in save_variables' swap
+        path = path.with_name(path.name + ".new")
     epochs = [int(p.parent.name) for p in path.glob("*/state") if p.parent.name.isdigit()] if path.is_dir() else []
     if epochs:  # a `Checkpoints` folder: its last epoch
         return load_variables(path / str(max(epochs)), like)
@@ -159,7 +164,10 @@ def load_variables(path, like=None):
     try:
         # A training state's item holds the optimizer state too: read params and statistics alone.
         with ocp.PyTreeCheckpointer() as checkpointer:
-            saved = checkpointer.metadata(path / item).item_metadata.tree
+            saved = checkpointer.metadata(path / item).item_metadata
+            if saved is None:
+                raise CheckpointError(f"cannot read checkpoint {path}: its arrays' metadata is missing or damaged")
+            saved = saved.tree
             saved = {k: saved[k] for k in ("params", "batch_stats") if saved.get(k) is not None}
             if like is not None:
                 _check_fits(saved, like, path)

@@ -107,8 +107,14 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
     saver = subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                              env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert saver.stdout.readline() == "saved 1\n"
+    def size(file):  # TensorStore renames its own temporary files as it goes
+        try:
+            return file.stat().st_size if file.is_file() else 0
+        except FileNotFoundError:
+            return 0
+
     def written():  # bytes in orbax's temporary folder for epoch 2
-        return sum(f.stat().st_size for tmp in tmp_path.glob("2.*") for f in tmp.rglob("*") if f.is_file())
+        return sum(size(f) for tmp in tmp_path.glob("2.*") for f in tmp.rglob("*"))
 
     deadline = time.monotonic() + 60
     while written() < 16 * 2**20:  # killed with arrays half on disk
@@ -139,6 +145,20 @@ def test_variables_are_shared_without_the_optimizer(tmp_path):
     _assert_equal(variables, jax.device_get(state.variables))
     save_variables(tmp_path / "weights", jax.tree.map(jnp.zeros_like, state.variables), {})  # replaces it
     assert float(jnp.abs(load_variables(tmp_path / "weights")[0]["params"]["fc"]["kernel"]).max()) == 0.0
+
+
+def test_saving_variables_swaps_a_whole_folder_in(tmp_path):
+    variables = _state(ema=False, loss_scale=False, steps=0).variables
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file: pass a folder"):
+        save_variables(tmp_path / "file", variables, {})
+    save_variables(tmp_path / "weights", variables, {"n": 1})
+    (tmp_path / "weights").rename(tmp_path / "weights.new")  # as a kill between the two renames leaves it
+    loaded, meta = load_variables(tmp_path / "weights")
+    assert meta == {"n": 1} and isinstance(loaded["params"]["fc"]["kernel"], np.ndarray)
+    save_variables(tmp_path / "weights", variables, {"n": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "weights"]
+    assert load_variables(tmp_path / "weights")[1] == {"n": 2}
 
 
 def test_variables_load_from_a_training_checkpoint(tmp_path):

@@ -96,7 +96,9 @@ def test_a_resumed_fine_tuning_run_is_the_same_run(mode, tree, tmp_path):
     straight = run("a", log=lambda _: None)
     with pytest.raises(KeyboardInterrupt):
         run("b", log=killed_after_first_epoch)
-    resumed = run("b", log=lambda _: None, resume=True)
+    lines = []
+    resumed = run("b", log=lines.append, resume=True)
+    assert lines[0].startswith("resumed from") and lines[0].endswith("b/1 (epoch 1 of 2)")
     for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert resumed.history["train_loss"] == straight.history["train_loss"]
