@@ -17,7 +17,6 @@ TTA, as airbench94 does in a fifth more time; `--preset smoke` takes under a min
 reaches about 55% on a class-balanced test subset. The README has the measured figures.
 """
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -75,13 +74,6 @@ def parse_config(argv):
     return cfg, args, parser
 
 
-def write_json(path, obj):
-    """Writes JSON through a temporary file, so a killed run never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def write_outputs(workdir, cfg, results, dataset):
     """summary.json and the PNGs for the runs in `results`."""
     accuracies = [r.test_accuracy for r in results]
@@ -114,7 +106,7 @@ def write_outputs(workdir, cfg, results, dataset):
         "config": dataclasses.asdict(cfg),
         "history": [r.history for r in results],
     }
-    write_json(workdir / "summary.json", summary)
+    cli.write_json(workdir / "summary.json", summary)
     plot_curves(results[0].history, workdir / "curves.png")
     plot_confusion(np.array(results[0].confusion), dataset.class_names, workdir / "confusion.png")
     return summary

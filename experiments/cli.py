@@ -2,6 +2,7 @@
 and each flag's default, and number types that refuse bad values before any work starts."""
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -79,6 +80,13 @@ def add_config_flags(parser, config_cls, help, choices=None):
 def config_overrides(args, config_cls):
     """The fields of `config_cls` given on the command line (see `add_config_flags`), by name."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
+
+
+def write_json(path, obj):
+    """Writes JSON through a temporary file, so a killed run never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def check_workdir(parser, workdir):

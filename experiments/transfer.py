@@ -16,7 +16,6 @@ pretrained weights and every run's checkpoints (`--resume` continues a killed ex
 On the 2-core CPU it takes about 32 minutes; the README has the measured figures.
 """
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -76,13 +75,6 @@ def plot_transfer(results, path):
     fig.savefig(path, dpi=100)
 
 
-def write_json(path, obj):
-    """Writes JSON through a temporary file, so a killed run never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     cfg, args = parse_config(argv)
     t0 = time.perf_counter()
@@ -120,7 +112,7 @@ def main(argv=None):
     best = max(results[m].test_accuracy for m in ("head_only", "full_finetune"))
     print(f"transfer beats scratch by {100 * (best - results['scratch'].test_accuracy):.1f} points; "
           f"{wall:.0f} s in all")
-    write_json(args.workdir / "summary.json", summary)
+    cli.write_json(args.workdir / "summary.json", summary)
     plot_transfer(results, args.workdir / "transfer.png")
     print(f"wrote {args.workdir}/summary.json, transfer.png")
     return summary

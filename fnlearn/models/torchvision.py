@@ -65,7 +65,10 @@ def _unreadable(path, error):
     # torch's weights-only refusal is a page of advice; the sentence that names the culprit is this.
     culprits = [line.split("error:", 1)[1].split(". ")[0].strip()
                 for line in lines if "WeightsUnpickler error:" in line]
-    reason = culprits[0] if culprits else f"{type(error).__name__}: {lines[0]}"
+    if culprits:  # empty where the file is no pickle at all: the type is all torch says then
+        reason = culprits[0] or type(error).__name__
+    else:
+        reason = f"{type(error).__name__}: {lines[0]}"
     kind = ("a safetensors file" if path.endswith(".safetensors")
             else "a state_dict torch.load(weights_only=True) reads")
     return WeightsError(f"{path} is not {kind} ({reason})")

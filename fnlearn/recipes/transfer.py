@@ -22,11 +22,12 @@ from fnlearn.checkpoint import load_variables, save_variables
 from fnlearn.data.dataset import Dataset
 from fnlearn.data.subset import stratified_subset
 from fnlearn.models.torchvision import RESNETS
-from fnlearn.recipes.cifar import (PRESETS, ConfigError, check_resume, create_state, make_cifar_optimizer,
+from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resume, create_state, make_cifar_optimizer,
                                    train_and_evaluate)
 from fnlearn.train import FROZEN, freeze_batch_norm, load_pretrained, partition
 
 MODES = ("head_only", "full_finetune", "scratch")
+_CIFAR_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(CifarConfig)}  # the fields both configs have
 
 
 def _field(default, help):
@@ -40,10 +41,8 @@ def _classes(text):
 @dataclasses.dataclass(frozen=True)
 class TransferConfig:
     """The whole transfer experiment. Each field's help is its `--flag`'s in `python -m experiments.transfer`."""
-    data: str = _field("cifar10", "a TFDS name (cifar10, downloaded), or a folder or .tar.gz of "
-                                  "<root>/{train,test}/<class>/*.jpg")
-    data_dir: str | None = _field(None, "where prepared array_record files and extracted archives are kept "
-                                        "(default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    data: str = _field("cifar10", _CIFAR_HELP["data"])
+    data_dir: str | None = _field(None, _CIFAR_HELP["data_dir"])
     model: str = _field("resnet18_imagenet", "the network: torchvision's ResNet-18 by default, so --weights "
                                              "can be torchvision's own file")
     weights: str | None = _field(None, "start from these weights instead of pretraining on the source classes: "
@@ -61,8 +60,8 @@ class TransferConfig:
     lr: float = _field(4.4, "peak learning rate of the head, and of the whole network from scratch, in "
                             "experiments.cifar's unit (per 1024 examples of a summed loss; 4.4 is 0.05 at batch 128)")
     backbone_lr_scale: float = _field(1.0, "full fine-tuning: the backbone's learning rate as a multiple of --lr "
-                                           "(measured on CIFAR-10's halves: 1 beat 0.3 and 0.1, the features of "
-                                           "a small source task needing to adapt)")
+                                           "(1 by default: the features of a small source task need to adapt; "
+                                           "docs/performance.md compares 0.1, 0.3 and 1)")
     head: str = _field("fc", "the head's path pattern: re-initialised for the target classes, and the only part "
                              "head-only fine-tuning trains")
     seed: int = _field(0, "seed of every run's init, order and augmentation")
