@@ -590,7 +590,8 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         history.append(record)
         if checkpoints:
             checkpoints.save(epoch + 1, state, {"epoch": epoch + 1, "train_seconds": train_seconds,
-                                                "history": history, "config": dataclasses.asdict(cfg)})
+                                                "history": history, "config": dataclasses.asdict(cfg),
+                                                "class_names": list(dataset.class_names)})
         if on_epoch:
             on_epoch(epoch + 1, record)
         log(f"{epoch + 1:>5} {loss:>10.4f} {accuracy:>9.4f} {eval_accuracy:>8.4f} {seconds:>8.1f}")

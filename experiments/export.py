@@ -1,0 +1,115 @@
+"""Export a zoo classifier, or a checkpoint you trained, to StableHLO or ONNX.
+
+    python -m experiments.export --model fastnet --checkpoint runs/cifar/checkpoints --format stablehlo --out fastnet.zip
+    python -m experiments.export --model resnet18 --checkpoint CKPT --format onnx --out resnet18.onnx
+    python -m fnlearn.serve --artifact fastnet.zip --port 8000
+
+The file maps uint8 images (B, H, W, C) to float32 logits for any batch size, with the
+weights, the normalisation and the labels inside, in eval mode: a StableHLO `.zip`
+(`jax.export`, lowered for CPU and CUDA) that `jax.export.deserialize` runs without
+fnlearn, or an `.onnx` model (BatchNorm folded) that onnxruntime runs. The command checks
+the written file against fnlearn's own forward pass and prints the largest difference.
+Without `--checkpoint` the model keeps its random init (for trying the tools). Seconds.
+"""
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import cli
+from fnlearn import export, models
+from fnlearn.checkpoint import CheckpointError, load_variables
+from fnlearn.data import CIFAR10_MEAN, CIFAR10_STD
+from fnlearn.pytrees import leaf_shapes, shape_mismatches
+
+
+def _floats(text):
+    return tuple(float(v) for v in text.split(","))
+
+
+def parse_args(argv):
+    parser = cli.make_parser("export", __doc__)
+    parser.add_argument("--model", required=True, choices=models.names(task="image_classifier"), metavar="NAME",
+                        help=f"the zoo classifier: {', '.join(models.names(task='image_classifier'))}")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="its trained weights: a training run's checkpoints folder (or one epoch's), or a "
+                             "folder from checkpoint.save_variables (default: the model's random init)")
+    parser.add_argument("--format", choices=export.FORMATS, default="stablehlo", help="what to write")
+    parser.add_argument("--out", type=Path, required=True, help="the file to write (.zip or .onnx by convention)")
+    parser.add_argument("--input-shape", default="32,32,3", help="H,W,C of one image")
+    parser.add_argument("--labels",
+                        help="comma-separated class names, one per logit (default: the checkpoint's, else 0..N-1)")
+    parser.add_argument("--num-classes", type=cli.positive_int,
+                        help="logits (default: the checkpoint's, else 10)")
+    parser.add_argument("--mean", type=_floats, default=CIFAR10_MEAN,
+                        help="per-channel mean the model was trained with, in [0, 1] units (CIFAR-10's)")
+    parser.add_argument("--std", type=_floats, default=CIFAR10_STD,
+                        help="per-channel std the model was trained with, in [0, 1] units (CIFAR-10's)")
+    parser.add_argument("--platforms", default=",".join(export.PLATFORMS),
+                        help="StableHLO's lowering platforms, comma-separated (cpu, cuda, rocm, tpu)")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="the random init's seed, without --checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) <= 0:
+        parser.error(f"--input-shape {args.input_shape!r} is not H,W,C: pass three positive whole numbers, e.g. 32,32,3")
+    args.input_shape = shape
+    channels = args.input_shape[-1]
+    for flag in ("mean", "std"):
+        if len(getattr(args, flag)) != channels:
+            parser.error(f"--{flag} has {len(getattr(args, flag))} values for {channels} channels: pass one a channel")
+    if min(args.std) <= 0:
+        parser.error("--std must be positive")
+    args.platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
+    if unknown := [p for p in args.platforms if p not in ("cpu", "cuda", "rocm", "tpu")] or not args.platforms:
+        parser.error(f"--platforms {','.join(unknown)!r}: choose among cpu, cuda, rocm, tpu")
+    if args.out.is_dir() or not args.out.parent.is_dir():
+        parser.error(f"--out {args.out} must be a file in an existing folder")
+    return parser, args
+
+
+def model_and_variables(args):
+    """The model and its variables: the checkpoint's, checked against the model, or a random init."""
+    saved, meta = (load_variables(args.checkpoint) if args.checkpoint else (None, {}))
+    labels = args.labels.split(",") if args.labels else meta.get("class_names")
+    num_classes = args.num_classes or (len(labels) if labels else None)
+    if num_classes is None and saved is not None and "fc" in saved["params"]:
+        num_classes = saved["params"]["fc"]["kernel"].shape[-1]
+    num_classes = num_classes or 10
+    if labels is not None and len(labels) != num_classes:
+        raise CheckpointError(f"{len(labels)} labels for {num_classes} classes: pass --labels with one name a class")
+    model = models.get(args.model, num_classes=num_classes)
+    x = jnp.zeros((1, *args.input_shape), jnp.float32)
+    if saved is None:
+        variables = model.init(jax.random.key(args.seed), x)
+    else:
+        like = jax.eval_shape(model.init, jax.random.key(0), x)
+        if lines := shape_mismatches(leaf_shapes(saved), leaf_shapes(like)):
+            raise CheckpointError(f"checkpoint {args.checkpoint} does not fit --model {args.model} with "
+                                  f"{num_classes} classes:\n  " + "\n  ".join(lines))
+        variables = saved
+    return model, variables, labels or [str(i) for i in range(num_classes)]
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    try:
+        model, variables, labels = model_and_variables(args)
+        fn = export.classifier(model.apply, variables, args.mean, args.std)
+        meta = {"model": args.model, "labels": labels, "mean": list(args.mean), "std": list(args.std),
+                "checkpoint": str(args.checkpoint) if args.checkpoint else None}
+        size = export.save(args.out, fn, args.input_shape, meta, args.format, args.platforms)
+        images = np.random.default_rng(0).integers(0, 256, (8, *args.input_shape), np.uint8)
+        difference = float(np.max(np.abs(export.load(args.out)(images) - np.asarray(jax.jit(fn)(images)))))
+    except (CheckpointError, export.ArtifactError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out} ({args.format}, {size / 2**20:.1f} MiB, {len(labels)} classes); "
+          f"max |logits - fnlearn's| on 8 random images: {difference:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Serve an exported classifier over HTTP (Starlette under uvicorn).
+
+    python -m experiments.export --model fastnet --checkpoint runs/cifar/checkpoints --out fastnet.zip
+    python -m fnlearn.serve --artifact fastnet.zip --port 8000
+    curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg' 'localhost:8000/predict?k=3'
+    curl -d '{"inputs": [[[[0, 0, 0], ...]]]}' -H 'Content-Type: application/json' localhost:8000/predict
+    curl localhost:8000/health; curl localhost:8000/metrics
+
+The artifact is a StableHLO .zip or an .onnx file from `python -m experiments.export`.
+Each batch size the model sees (powers of two up to --max-batch) is compiled before the
+port opens. See `fnlearn.serve.app` for the routes and what each refusal means.
+"""
+import argparse
+import logging
+import sys
+import time
+
+import numpy as np
+import uvicorn
+
+from fnlearn.export import ArtifactError, load
+from fnlearn.serve.app import bucketed, make_app
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m fnlearn.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", required=True, help="the exported model (.zip StableHLO or .onnx)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
+    parser.add_argument("--max-batch", type=_positive(int), default=32, help="images per model call (default: 32)")
+    parser.add_argument("--max-wait-ms", type=_positive(float), default=5.0,
+                        help="how long a request waits for others to share its batch (default: 5)")
+    parser.add_argument("--max-concurrency", type=_positive(int), default=256,
+                        help="predictions in flight at once; more are answered 503 (default: 256)")
+    parser.add_argument("--max-body-mb", type=_positive(float), default=8.0,
+                        help="request body limit in MiB (default: 8)")
+    parser.add_argument("--top-k", type=_positive(int), default=5, help="classes returned when a request gives no k")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port {args.port}: pass a port from 1 to 65535")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    handler = logging.StreamHandler()  # uvicorn's look, for fnlearn's lines only (not every library's INFO)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logger = logging.getLogger("fnlearn.serve")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        artifact = load(args.artifact)
+    except ArtifactError as e:
+        sys.exit(f"error: {e}")
+    predict = bucketed(artifact, args.max_batch)
+    start = time.perf_counter()
+    for size in predict.sizes:  # compile every batch shape before the first caller waits on it
+        predict(np.zeros((size, *artifact.input_shape), np.uint8))
+    logger.info(
+        "%s (%s, %d classes) ready in %.1f s for batches of %s", args.artifact, artifact.meta.get("format"),
+        len(artifact.labels), time.perf_counter() - start, ", ".join(map(str, predict.sizes)))
+    app = make_app(artifact, predict, args.max_batch, args.max_wait_ms / 1000, args.max_concurrency,
+                   int(args.max_body_mb * 2**20), args.top_k)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

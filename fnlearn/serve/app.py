@@ -1,0 +1,290 @@
+"""The inference server's ASGI app (Starlette): batching across callers, limits, metrics.
+
+    POST /predict?k=5   an image (PNG/JPEG/... body) or JSON {"inputs": [...]} of uint8 pixels
+                        -> {"predictions": [[{"label", "prob"}, ...], ...]}, one top-k list an image
+    GET  /health        {"status": "ok", "model", "input_shape", "labels"}
+    GET  /metrics       request counts by route and status, latency quantiles, batch sizes
+
+Concurrent requests wait at most `max_wait` seconds to share one call of the model, of up
+to `max_batch` images; the model runs in one worker thread, so the event loop keeps
+answering meanwhile. An image of another size is resized to the model's (bilinear, as
+TorchServe's image handlers do); a JSON array of another shape is refused. Every refusal
+is a 4xx with `{"error": message}`; an error inside the model is logged and answered
+with a 500, and the server goes on serving.
+"""
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import io
+import json
+import logging
+import time
+
+import numpy as np
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+logger = logging.getLogger("fnlearn.serve")
+
+MAX_PIXELS = 4096 * 4096  # a decoded image above this is refused before it is decoded
+
+
+class RequestError(Exception):
+    """A request the server refuses: its HTTP status and the message the caller gets."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def bucketed(artifact, max_batch):
+    """`predict(images) -> logits` that calls `artifact` on batches padded to a power of two (at most
+    `max_batch`), in chunks of `max_batch`: a compiled artifact then compiles a few shapes, once."""
+    sizes = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+
+    def predict(images):
+        out = []
+        for start in range(0, len(images), max_batch):
+            chunk = images[start:start + max_batch]
+            size = next(s for s in sizes if s >= len(chunk))
+            padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            out.append(artifact(padded)[:len(chunk)])
+        return np.concatenate(out)
+
+    predict.sizes = sizes
+    return predict
+
+
+class Batcher:
+    """Gathers the images of concurrent requests into batches for one model thread."""
+
+    def __init__(self, predict, max_batch, max_wait):
+        self.predict, self.max_batch, self.max_wait = predict, max_batch, max_wait
+        self.queue = asyncio.Queue()
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.batch_sizes = collections.deque(maxlen=10_000)
+
+    async def __call__(self, images):
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((images, future))
+        return await future
+
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            count, deadline = len(items[0][0]), loop.time() + self.max_wait
+            while count < self.max_batch and (left := deadline - loop.time()) > 0:
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+                count += len(items[-1][0])
+            self.batch_sizes.append(count)
+            try:
+                logits = await loop.run_in_executor(self.executor, self.predict,
+                                                    np.concatenate([images for images, _ in items]))
+            except Exception as e:  # the callers get it, each as a 500; the batcher goes on
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            start = 0
+            for images, future in items:
+                if not future.done():  # a caller that went away has cancelled its future
+                    future.set_result(logits[start:start + len(images)])
+                start += len(images)
+
+
+class Metrics:
+    """Request counts by route and status, and the latency of the last 10,000 predictions."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+        self.latencies = collections.deque(maxlen=10_000)
+
+    def record(self, path, status, seconds):
+        self.counts[(path, status)] += 1
+        if path == "/predict" and status == 200:
+            self.latencies.append(seconds)
+
+    def report(self, batch_sizes):
+        by_route = collections.defaultdict(dict)
+        for (path, status), n in sorted(self.counts.items()):
+            by_route[path][str(status)] = n
+        latencies = np.array(self.latencies) * 1000
+        quantiles = {f"p{q}": float(np.percentile(latencies, q)) for q in (50, 90, 99)} if len(latencies) else {}
+        return {"requests": {"total": sum(self.counts.values()), "by_route": by_route},
+                "predict_latency_ms": {"count": len(latencies), **quantiles},
+                "batches": {"count": len(batch_sizes),
+                            "mean_images": float(np.mean(batch_sizes)) if batch_sizes else 0.0}}
+
+
+class _Measured:
+    """ASGI middleware that records each HTTP request's route, status and time in `metrics`."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send=sending)
+        finally:
+            known = scope["path"] in ("/predict", "/health", "/metrics")
+            self.metrics.record(scope["path"] if known else "other", status, time.perf_counter() - start)
+
+
+async def _body(request, limit):
+    """The request body, refused with a 413 as soon as it passes `limit` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise RequestError(413, f"body of {int(length)} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_image(body, input_shape):
+    """An encoded image as a (1, H, W, C) uint8 batch, resized to the model's H x W."""
+    height, width, channels = input_shape
+    try:
+        image = Image.open(io.BytesIO(body))
+        if image.width * image.height > MAX_PIXELS:
+            raise RequestError(413, f"image of {image.width}x{image.height} pixels is over the limit of "
+                                    f"{MAX_PIXELS} pixels")
+        image = image.convert({1: "L", 3: "RGB"}[channels])
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, np.uint8)
+    except RequestError:
+        raise
+    except Exception as e:  # PIL raises many types for data it cannot read
+        raise RequestError(400, f"the body is not an image PIL can read ({type(e).__name__}); send a PNG or "
+                                f"JPEG file, or JSON {{\"inputs\": [...]}} with Content-Type: application/json")
+    return pixels.reshape(1, height, width, channels)
+
+
+def decode_json(body, input_shape):
+    """JSON `{"inputs": [...]}` of pixel values 0-255, one image (H, W, C) or a batch (N, H, W, C)."""
+    expected = f"(N, {', '.join(map(str, input_shape))}) or ({', '.join(map(str, input_shape))})"
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"malformed JSON: {e}")
+    if not isinstance(data, dict) or "inputs" not in data:
+        raise RequestError(422, f'expected a JSON object {{"inputs": [...]}} holding pixels of shape {expected}')
+    try:
+        pixels = np.asarray(data["inputs"], np.float64)
+    except (ValueError, TypeError):
+        raise RequestError(422, f'"inputs" must be a nested list of numbers of shape {expected}')
+    if pixels.shape == tuple(input_shape):
+        pixels = pixels[None]
+    if pixels.ndim != 4 or pixels.shape[1:] != tuple(input_shape) or len(pixels) == 0:
+        raise RequestError(422, f'"inputs" has shape {pixels.shape}; expected {expected}')
+    if not np.all((pixels >= 0) & (pixels <= 255) & (pixels == np.round(pixels))):
+        raise RequestError(422, '"inputs" must hold whole numbers 0..255 (uint8 pixels, not normalised values)')
+    return pixels.astype(np.uint8)
+
+
+def top_k(logits, labels, k):
+    """`[[{"label", "prob"}, ...] per image]`: the k most probable classes, best first."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[{"label": labels[i], "prob": float(p[i])} for i in row] for p, row in zip(probs, best)]
+
+
+def make_app(artifact, predict=None, max_batch=32, max_wait=0.005, max_concurrency=256, max_body=8 << 20,
+             default_k=5):
+    """The server's ASGI app for a loaded artifact (`fnlearn.export.load`).
+
+    Args:
+      artifact: what it serves; `labels`, `input_shape` and `meta` are read from it.
+      predict: `images -> logits` (default: `bucketed(artifact, max_batch)`).
+      max_batch: images per model call at most.
+      max_wait: seconds a request waits for others to share its batch.
+      max_concurrency: predictions in flight at once; more get a 503 at once.
+      max_body: request body size limit in bytes.
+      default_k: classes returned an image when the request gives no `k`.
+    """
+    predict = predict or bucketed(artifact, max_batch)
+    labels, shape = artifact.labels, tuple(artifact.input_shape)
+    batcher, metrics = Batcher(predict, max_batch, max_wait), Metrics()
+    in_flight = 0
+
+    async def predict_route(request):
+        nonlocal in_flight
+        if in_flight >= max_concurrency:
+            return JSONResponse({"error": f"server busy: {in_flight} predictions in flight; retry later"},
+                                status_code=503, headers={"Retry-After": "1"})
+        in_flight += 1
+        try:
+            k = request.query_params.get("k", str(min(default_k, len(labels))))
+            if not k.isdigit() or not 1 <= int(k) <= len(labels):
+                raise RequestError(400, f"k={k!r}: pass a whole number from 1 to {len(labels)} (the classes)")
+            body = await _body(request, max_body)
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind == "application/json" or (not kind and body.lstrip()[:1] == b"{"):
+                images = decode_json(body, shape)
+            elif kind.startswith("image/") or kind in ("", "application/octet-stream"):
+                images = await run_in_threadpool(decode_image, body, shape)
+            else:
+                raise RequestError(415, f"Content-Type {kind} is not served: send an image file as the body "
+                                        f"(image/png, image/jpeg) or JSON (application/json)")
+            try:
+                logits = await batcher(images)
+            except Exception:
+                logger.exception("the model failed on a batch")
+                raise RequestError(500, "internal error while running the model; the server log has the cause")
+            return JSONResponse({"predictions": top_k(logits, labels, int(k))})
+        except RequestError as e:
+            return JSONResponse({"error": e.message}, status_code=e.status)
+        finally:
+            in_flight -= 1
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "model": artifact.meta.get("model"), "input_shape": list(shape),
+                             "labels": labels})
+
+    async def metrics_route(request):
+        return JSONResponse(metrics.report(list(batcher.batch_sizes)))
+
+    async def http_error(request, error):  # unknown routes, wrong methods: JSON like the rest
+        return JSONResponse({"error": f"{error.detail}: {request.method} {request.url.path}; the routes are "
+                                      f"POST /predict, GET /health, GET /metrics"}, status_code=error.status_code)
+
+    async def internal_error(request, error):
+        logger.exception("internal error on %s %s", request.method, request.url.path, exc_info=error)
+        return JSONResponse({"error": "internal error; the server log has the cause"}, status_code=500)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+        batcher.executor.shutdown(wait=False)
+
+    app = Starlette(routes=[Route("/predict", predict_route, methods=["POST"]),
+                            Route("/health", health, methods=["GET"]),
+                            Route("/metrics", metrics_route, methods=["GET"])],
+                    exception_handlers={HTTPException: http_error, Exception: internal_error}, lifespan=lifespan)
+    return _Measured(app, metrics)

@@ -1,0 +1,165 @@
+"""Export: StableHLO and ONNX artifacts give fnlearn's logits, load in a fresh process without
+fnlearn's model code, keep the batch dynamic, and fold BatchNorm; the command refuses bad input."""
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import pytest
+
+from experiments import export as export_experiment
+from fnlearn import export, models
+from fnlearn.checkpoint import save_variables
+from fnlearn.export.onnx import ExportError
+from fnlearn.export.onnx import export as to_onnx
+
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+
+def trained_like(name, num_classes=10):
+    """A model and variables whose BatchNorm statistics, scales and biases are not the init's, so a
+    fold that dropped or misplaced any of them would change the logits."""
+    model = models.get(name, num_classes=num_classes)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    keys = iter(jax.random.split(jax.random.key(1), 1000))
+    noise = lambda a, s: a + s * jax.random.normal(next(keys), a.shape)  # noqa: E731
+    stats = {"batch_stats": jax.tree_util.tree_map_with_path(
+        lambda path, a: noise(a, 0.1) if path[-1].key == "mean" else a * (1 + 0.5 * jax.random.uniform(next(keys), a.shape)),
+        variables["batch_stats"])}
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: noise(a, 0.1) if any(getattr(p, "key", "").startswith(("bn", "downsample_bn")) for p in path)
+        else a, variables["params"])
+    return model, {"params": params, **stats}
+
+
+def images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), np.uint8)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "fastnet"])
+def test_onnx_matches_fnlearn_within_1e_4_at_any_batch(tmp_path, name):
+    model, variables = trained_like(name)
+    fn = export.classifier(model.apply, variables, MEAN, STD)
+    export.save(tmp_path / "m.onnx", fn, (32, 32, 3), {"labels": list("abcdefghij")}, format="onnx")
+    artifact = export.load(tmp_path / "m.onnx")
+    for n in (5, 1):
+        x = images(n, seed=n)
+        expected = np.asarray(jax.jit(fn)(x))
+        if n > 1:  # the logits move with the image by far more than the tolerance, so it means something
+            assert np.ptp(expected, axis=0).max() > 100 * 1e-4
+        np.testing.assert_allclose(artifact(x), expected, atol=1e-4, rtol=0)
+    assert artifact.labels == list("abcdefghij")
+
+
+def test_onnx_folds_batchnorm_into_the_convolutions(tmp_path):
+    model, variables = trained_like("resnet18")
+    fn = export.classifier(model.apply, variables, MEAN, STD)
+    export.save(tmp_path / "m.onnx", fn, (32, 32, 3), {"labels": list("abcdefghij")}, format="onnx")
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    ops = collections.Counter(node.op_type for node in graph.node)
+    # ResNet-18 (CIFAR stem): 1 stem conv + 8 blocks x 2 + 3 downsample convs = 20, each with its
+    # BatchNorm in its weights and bias: no Mul is left, and the one Sub is the input's mean.
+    assert ops["Conv"] == 20 and ops["Mul"] == 0 and ops["Sub"] == 1
+    assert "BatchNormalization" not in ops
+    batch, = graph.input[0].type.tensor_type.shape.dim[:1]
+    assert batch.dim_param == "batch"  # a dynamic batch, by name
+
+
+def test_onnx_refuses_a_primitive_it_does_not_translate():
+    with pytest.raises(ExportError, match="sort"):
+        to_onnx(lambda x: jnp.sort(x, axis=-1), jax.ShapeDtypeStruct((2, 3), jnp.float32))
+
+
+_FRESH_STABLEHLO = """
+import json, sys, zipfile
+import jax, numpy as np
+archive = zipfile.ZipFile(sys.argv[1])
+exported = jax.export.deserialize(bytearray(archive.read("exported.bin")))
+x = np.load(sys.argv[2])
+np.save(sys.argv[3], np.asarray(exported.call(x)))
+print(json.dumps({"platforms": list(exported.platforms), "labels": json.loads(archive.read("meta.json"))["labels"],
+                  "fnlearn_imported": any(m.startswith("fnlearn") for m in sys.modules)}))
+"""
+
+_FRESH_ONNX = """
+import json, sys
+import numpy as np, onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+np.save(sys.argv[3], session.run(["logits"], {"images": np.load(sys.argv[2])})[0])
+meta = json.loads(session.get_modelmeta().custom_metadata_map["fnlearn"])
+print(json.dumps({"labels": meta["labels"], "fnlearn_imported": any(m.startswith("fnlearn") for m in sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("fmt, script", [("stablehlo", _FRESH_STABLEHLO), ("onnx", _FRESH_ONNX)],
+                         ids=["stablehlo", "onnx"])
+def test_artifacts_run_in_a_fresh_process_without_fnlearn(tmp_path, fmt, script):
+    model, variables = trained_like("fastnet_tiny")
+    fn = export.classifier(model.apply, variables, MEAN, STD)
+    path = tmp_path / f"m.{'zip' if fmt == 'stablehlo' else 'onnx'}"
+    export.save(path, fn, (32, 32, 3), {"labels": list("abcdefghij")}, format=fmt)
+    artifact = export.load(path)
+    # XLA's flags as here (fnlearn's CPU settings pick the kernels), so the numbers must be identical.
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "PATH": os.environ["PATH"]}
+    for n in (1, 3):  # two batch sizes from one artifact
+        x = images(n, seed=n)
+        np.save(tmp_path / "x.npy", x)
+        out = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.npy"),
+                              str(tmp_path / "y.npy")], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        assert not report["fnlearn_imported"] and report["labels"] == list("abcdefghij")
+        fresh = np.load(tmp_path / "y.npy")
+        assert fresh.shape == (n, 10)
+        np.testing.assert_array_equal(fresh, artifact(x))  # the same program gives the same numbers
+        np.testing.assert_allclose(fresh, np.asarray(jax.jit(fn)(x)), atol=1e-5, rtol=0)
+        if fmt == "stablehlo":
+            assert report["platforms"] == ["cpu", "cuda"]
+
+
+def test_the_command_exports_a_checkpoint_with_its_class_names(tmp_path, capsys):
+    model, variables = trained_like("fastnet_tiny", num_classes=3)
+    save_variables(tmp_path / "weights", jax.device_get(variables), {"class_names": ["cat", "dog", "frog"]})
+    export_experiment.main(["--model", "fastnet_tiny", "--checkpoint", str(tmp_path / "weights"),
+                            "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert "max |logits - fnlearn's|" in capsys.readouterr().out
+    artifact = export.load(tmp_path / "m.onnx")
+    assert artifact.labels == ["cat", "dog", "frog"] and artifact.meta["model"] == "fastnet_tiny"
+    fn = export.classifier(model.apply, variables, export_experiment.CIFAR10_MEAN, export_experiment.CIFAR10_STD)
+    np.testing.assert_allclose(artifact(images(2)), np.asarray(fn(images(2))), atol=1e-4, rtol=0)
+
+
+def test_the_command_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
+    model, variables = trained_like("fastnet_tiny", num_classes=3)
+    save_variables(tmp_path / "weights", jax.device_get(variables), {"class_names": ["cat", "dog", "frog"]})
+    with pytest.raises(SystemExit, match="does not fit --model resnet_tiny"):
+        export_experiment.main(["--model", "resnet_tiny", "--checkpoint", str(tmp_path / "weights"),
+                                "--out", str(tmp_path / "m.zip")])
+    assert not (tmp_path / "m.zip").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--format", "tflite"], "invalid choice"),
+    (["--input-shape", "32,32"], "--input-shape '32,32' is not H,W,C"),
+    (["--platforms", "cpu,gpu"], "--platforms 'gpu'"),
+    (["--mean", "0.5"], "--mean has 1 values for 3 channels"),
+])
+def test_the_command_refuses_bad_flags_in_two_lines(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit:
+        export_experiment.main(["--model", "fastnet_tiny", "--out", str(tmp_path / "m.zip"), *flags])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 2
+
+
+def test_a_file_that_is_no_artifact_is_named(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(export.ArtifactError, match="junk.onnx is not an fnlearn artifact"):
+        export.load(tmp_path / "junk.onnx")
+    with pytest.raises(export.ArtifactError, match="no such file"):
+        export.load(tmp_path / "missing.zip")

@@ -1,0 +1,227 @@
+"""The inference server, started as a user starts it, answering real HTTP requests on 127.0.0.1:
+good ones with the artifact's own predictions, bad ones with a 4xx and a message, 64 concurrent
+ones each with its own answer; a model error is a 500 and the server goes on."""
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from fnlearn import export, models
+from fnlearn.serve import make_app
+from fnlearn.serve.app import top_k
+
+LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MAX_BODY = 40_000  # bytes: two 32x32 images as JSON fit, 60 kB does not
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port, method, path, body=None, content_type=None):
+    """`(status, decoded JSON body)` of one request on a fresh connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers={"Content-Type": content_type} if content_type else {})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def png(pixels):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def wait_until_up(port, process=None, seconds=120):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the server exited: {process.stderr.read()}")
+        try:
+            if request(port, "GET", "/health")[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("the server did not come up")
+
+
+@pytest.fixture(scope="module")
+def artifact_path(tmp_path_factory):
+    model = models.get("fastnet_tiny")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = {**variables, "params": jax.tree.map(lambda a: 30 * a, variables["params"])}  # confident logits
+    path = tmp_path_factory.mktemp("serve") / "model.zip"
+    export.save(path, export.classifier(model.apply, variables, (0.5,) * 3, (0.25,) * 3), (32, 32, 3),
+                {"labels": LABELS, "model": "fastnet_tiny"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(artifact_path):
+    """`python -m fnlearn.serve` in its own process; yields (port, the loaded artifact)."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "fnlearn.serve", "--artifact", str(artifact_path),
+                                "--port", str(port), "--max-batch", "16", "--max-body-mb", str(MAX_BODY / 2**20)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        wait_until_up(port, process)
+        yield port, export.load(artifact_path)
+        assert process.poll() is None, "the server died"
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def expected(artifact, pixels, k):
+    return top_k(artifact(pixels), LABELS, k)
+
+
+def assert_same_predictions(got, want):
+    assert [[p["label"] for p in image] for image in got] == [[p["label"] for p in image] for image in want]
+    np.testing.assert_allclose([[p["prob"] for p in image] for image in got],
+                               [[p["prob"] for p in image] for image in want], atol=1e-5)
+
+
+def test_good_requests_get_the_artifacts_predictions(server):
+    port, artifact = server
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (2, 32, 32, 3), np.uint8)
+    status, body = request(port, "POST", "/predict?k=3", png(pixels[0]), "image/png")
+    assert status == 200
+    assert_same_predictions(body["predictions"], expected(artifact, pixels[:1], 3))
+    status, body = request(port, "POST", "/predict", json.dumps({"inputs": pixels.tolist()}), "application/json")
+    assert status == 200 and len(body["predictions"]) == 2 and all(len(p) == 5 for p in body["predictions"])
+    assert_same_predictions(body["predictions"], expected(artifact, pixels, 5))
+    # A JPEG of another size is resized to 32x32 (bilinear), as PIL does it here.
+    large = rng.integers(0, 256, (48, 40, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(large).save(buffer, "JPEG")
+    resized = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").resize((32, 32), Image.BILINEAR))
+    status, body = request(port, "POST", "/predict?k=10", buffer.getvalue(), "image/jpeg")
+    assert status == 200
+    assert_same_predictions(body["predictions"], expected(artifact, resized[None], 10))
+    assert sum(p["prob"] for p in body["predictions"][0]) == pytest.approx(1, abs=1e-6)
+    status, body = request(port, "GET", "/health")
+    assert status == 200 and body["status"] == "ok" and body["labels"] == LABELS
+
+
+@pytest.mark.parametrize("method, path, body, content_type, status, message", [
+    ("POST", "/predict", b"this is no image", "image/png", 400, "not an image"),
+    ("POST", "/predict", b'{"inputs": [1, 2', "application/json", 400, "malformed JSON"),
+    ("POST", "/predict", json.dumps({"inputs": np.zeros((2, 31, 32, 3), int).tolist()}), "application/json", 422,
+     "has shape (2, 31, 32, 3); expected (N, 32, 32, 3)"),
+    ("POST", "/predict", json.dumps({"inputs": [[1, 2], [3]]}), "application/json", 422, "nested list of numbers"),
+    ("POST", "/predict", json.dumps({"inputs": np.full((32, 32, 3), 0.5).tolist()}), "application/json", 422,
+     "whole numbers 0..255"),
+    ("POST", "/predict", json.dumps({"images": []}), "application/json", 422, '{"inputs": [...]}'),
+    ("POST", "/predict", b"x" * 60_000, "image/png", 413, "over the limit"),
+    ("POST", "/predict?k=11", png(np.zeros((32, 32, 3), np.uint8)), "image/png", 400, "k='11'"),
+    ("POST", "/predict", b"hello", "text/plain", 415, "Content-Type text/plain"),
+    ("GET", "/predict", None, None, 405, "GET /predict"),
+    ("GET", "/nowhere", None, None, 404, "GET /nowhere"),
+])
+def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_goes_on(server, method, path, body,
+                                                                          content_type, status, message):
+    port, _ = server
+    got, answer = request(port, method, path, body, content_type)
+    assert got == status and message in answer["error"]
+    assert request(port, "GET", "/health")[0] == 200
+
+
+def test_64_concurrent_callers_each_get_their_own_answer_in_shared_batches(server):
+    port, artifact = server
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), np.uint8)
+    before = request(port, "GET", "/metrics")[1]
+
+    def call(i):  # half send PNG files, half JSON
+        if i % 2:
+            return request(port, "POST", "/predict?k=2", png(pixels[i]), "image/png")
+        return request(port, "POST", "/predict?k=2", json.dumps({"inputs": pixels[i].tolist()}), "application/json")
+
+    barrier = threading.Barrier(64)
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(lambda i: (barrier.wait(), call(i))[1], range(64)))
+    want = expected(artifact, pixels, 2)
+    for i, (status, body) in enumerate(answers):
+        assert status == 200
+        assert_same_predictions(body["predictions"], want[i:i + 1])
+    after = request(port, "GET", "/metrics")[1]
+    served = after["requests"]["by_route"]["/predict"]["200"] - before["requests"]["by_route"]["/predict"]["200"]
+    batches = after["batches"]["count"] - before["batches"]["count"]
+    assert served == 64 and batches < 64  # callers shared model calls
+    latency = after["predict_latency_ms"]
+    assert latency["count"] >= 64 and 0 < latency["p50"] <= latency["p99"]
+
+
+def test_a_model_error_is_a_500_that_is_logged_and_the_server_goes_on(artifact_path, caplog):
+    artifact = export.load(artifact_path)
+    calls = []
+
+    def flaky(images):  # fails on its first batch only
+        calls.append(len(images))
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        return artifact(images)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(artifact, flaky, max_concurrency=1), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until_up(port)
+        image = png(np.zeros((32, 32, 3), np.uint8))
+        status, body = request(port, "POST", "/predict", image, "image/png")
+        assert status == 500 and "internal error" in body["error"]
+        assert "injected failure" in caplog.text
+        assert request(port, "POST", "/predict", image, "image/png")[0] == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_callers_past_the_concurrency_limit_get_a_503(artifact_path):
+    artifact = export.load(artifact_path)
+    started = threading.Event()
+
+    def slow(images):
+        started.set()
+        time.sleep(1.0)
+        return artifact(images)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(artifact, slow, max_concurrency=1), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until_up(port)
+        image = png(np.zeros((32, 32, 3), np.uint8))
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(request, port, "POST", "/predict", image, "image/png")
+            assert started.wait(30)
+            status, body = request(port, "POST", "/predict", image, "image/png")
+            assert status == 503 and "busy" in body["error"]
+            assert first.result()[0] == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
