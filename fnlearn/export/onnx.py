@@ -220,6 +220,14 @@ def _neg(g, eqn, x):
     return g.node("Neg", [g.tensor(x)])
 
 
+def _max(g, eqn, x, y):
+    """max(x, 0) as Relu, which onnxruntime fuses into the Conv before it; else Max."""
+    for a, b in ((x, y), (y, x)):
+        if isinstance(b, np.ndarray) and b.size == 1 and b.item() == 0 and not isinstance(a, np.ndarray):
+            return g.node("Relu", [g.tensor(a)])
+    return g.node("Max", [g.tensor(x), g.tensor(y)])
+
+
 def _conv(g, eqn, x, w):
     p = eqn.params
     if not isinstance(w, np.ndarray):
@@ -311,7 +319,7 @@ _RULES = {
     "mul": _fold_mul,
     "div": lambda g, eqn, x, y: _fold_mul(g, eqn, x, y, divide=True),
     "neg": _neg,
-    "max": _binary("Max"),
+    "max": _max,
     "min": _binary("Min"),
     "pow": _binary("Pow"),
     "gt": _binary("Greater"),

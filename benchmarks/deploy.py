@@ -1,0 +1,240 @@
+"""Deployment, measured: inference through the exported ONNX file beside fnlearn and PyTorch,
+and the inference server under load from concurrent clients.
+
+    python -m benchmarks.deploy                      # both parts
+    python -m benchmarks.deploy infer --batches 1 64 --repeats 5
+    python -m benchmarks.deploy serve --clients 1 8 64 --requests 400 --seconds 20
+
+infer: ResNet-18 (CIFAR stem) and FastNet from the same random weights (BatchNorm
+statistics set off their init), on the same uint8 32x32 images, three ways in one process:
+fnlearn's jitted forward (uint8 in, normalised inside, as the artifacts do), onnxruntime
+on fnlearn's ONNX export of that same function (BatchNorm folded), and PyTorch eager
+(`torch.inference_mode`, channels_last, float32 and bf16 autocast, the faster counts, its
+input already normalised). Each side warms up first; the best of `--repeats` rounds counts,
+the sides taking turns. images/s; ratio = side / PyTorch.
+
+serve: `python -m fnlearn.serve` on FastNet's StableHLO export in its own process, on
+127.0.0.1; for each client count, that many threads send PNG images over keep-alive
+connections until `--requests` answers or `--seconds` have passed (the clients share this
+machine's cores with the server). Requests/s and p50/p99 latency.
+"""
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from benchmarks.__main__ import cpu_model
+from benchmarks.timing import best_rates, seconds_of
+from experiments import cli
+from fnlearn import export, models
+from fnlearn.data import CIFAR10_MEAN, CIFAR10_STD
+
+
+def trained_like(name):
+    """`name`'s random init with BatchNorm statistics off their init (a trained net's are), as variables."""
+    model = models.get(name)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    keys = iter(jax.random.split(jax.random.key(1), 1000))
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.1 * jax.random.normal(next(keys), a.shape) if path[-1].key == "mean"
+        else a * (1 + 0.5 * jax.random.uniform(next(keys), a.shape)), variables["batch_stats"])
+    return model, {**variables, "batch_stats": stats}
+
+
+def infer_rows(names, batches, repeats, calls):
+    """One row per (model, batch): images/s of fnlearn, onnxruntime and PyTorch, and their ratios."""
+    import onnxruntime
+    import torch
+
+    from benchmarks import torch_models
+
+    rows = []
+    for name in names:
+        model, variables = trained_like(name)
+        fn = export.classifier(model.apply, variables, CIFAR10_MEAN, CIFAR10_STD)
+        with tempfile.TemporaryDirectory() as tmp:
+            export.save(Path(tmp) / "m.onnx", fn, (32, 32, 3), {"labels": [str(i) for i in range(10)]}, "onnx")
+            session = onnxruntime.InferenceSession(str(Path(tmp) / "m.onnx"), providers=["CPUExecutionProvider"])
+            onnx_mib = (Path(tmp) / "m.onnx").stat().st_size / 2**20
+        net = torch_models.twin(name, jax.device_get(variables)).eval()
+        jitted = jax.jit(fn)
+        for batch in batches:
+            x = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), np.uint8)
+            x_torch = torch_models.normalize(torch.from_numpy(x)).contiguous(memory_format=torch.channels_last)
+
+            def torch_step(autocast):
+                def step():
+                    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                        return net(x_torch)
+                return step
+
+            steps = {"fnlearn": lambda: jitted(x), "onnxruntime": lambda: session.run(["logits"], {"images": x})[0],
+                     "torch fp32": torch_step(False), "torch bf16": torch_step(True)}
+            t0 = time.perf_counter()
+            jax.block_until_ready(jitted(x))
+            compile_s = time.perf_counter() - t0
+            for step in steps.values():  # warm-up: kernel selection, allocations
+                seconds_of(step, 2)
+            rates = dict(zip(steps, best_rates([(lambda s=s: seconds_of(s, calls), calls * batch)
+                                                for s in steps.values()], repeats)))
+            torch_mode = max(("torch fp32", "torch bf16"), key=rates.get)
+            difference = float(np.abs(steps["onnxruntime"]() - np.asarray(steps["fnlearn"]())).max())
+            rows.append({"model": name, "batch": batch, "fnlearn_per_s": rates["fnlearn"],
+                         "onnx_per_s": rates["onnxruntime"], "torch_per_s": rates[torch_mode],
+                         "torch_mode": torch_mode.split()[1], "fnlearn_compile_s": compile_s,
+                         "onnx_mib": onnx_mib, "onnx_max_abs_diff": difference})
+    return rows
+
+
+def print_infer(rows):
+    head = (f"{'model':<10}{'batch':>6}{'fnlearn/s':>11}{'onnx/s':>10}{'torch/s':>10}{'torch':>6}"
+            f"{'fnlearn/torch':>15}{'onnx/torch':>12}{'onnx MiB':>10}{'max|diff|':>11}")
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        print(f"{r['model']:<10}{r['batch']:>6}{r['fnlearn_per_s']:>11.1f}{r['onnx_per_s']:>10.1f}"
+              f"{r['torch_per_s']:>10.1f}{r['torch_mode']:>6}{r['fnlearn_per_s'] / r['torch_per_s']:>14.2f}x"
+              f"{r['onnx_per_s'] / r['torch_per_s']:>11.2f}x{r['onnx_mib']:>10.1f}{r['onnx_max_abs_diff']:>11.1e}")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(pixels):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _client(port, bodies, stop, latencies, errors):
+    """Sends `bodies` in turn on one keep-alive connection until `stop()`; records each latency."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    i = 0
+    while not stop():
+        t0 = time.perf_counter()
+        try:
+            connection.request("POST", "/predict?k=1", body=bodies[i % len(bodies)],
+                               headers={"Content-Type": "image/png"})
+            response = connection.getresponse()
+            response.read()
+            ok = response.status == 200
+        except OSError:
+            ok = False
+            connection.close()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        (latencies if ok else errors).append(time.perf_counter() - t0)
+        i += 1
+    connection.close()
+
+
+def serve_rows(client_counts, requests, seconds, max_batch):
+    """One row per client count: requests/s, p50 and p99 latency (ms) against a live server."""
+    model, variables = trained_like("fastnet")
+    fn = export.classifier(model.apply, variables, CIFAR10_MEAN, CIFAR10_STD)
+    rng = np.random.default_rng(0)
+    bodies = [_png(rng.integers(0, 256, (32, 32, 3), np.uint8)) for _ in range(16)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fastnet.zip"
+        export.save(path, fn, (32, 32, 3), {"labels": [str(i) for i in range(10)], "model": "fastnet"})
+        port = _free_port()
+        server = subprocess.Popen([sys.executable, "-m", "fnlearn.serve", "--artifact", str(path), "--port",
+                                   str(port), "--max-batch", str(max_batch)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                    connection.request("GET", "/health")
+                    if connection.getresponse().status == 200:
+                        break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the server did not start") from None
+                    time.sleep(0.2)
+            for clients in client_counts:
+                latencies, errors = [], []
+                start = time.perf_counter()
+                stop = lambda: len(latencies) + len(errors) >= requests or time.perf_counter() - start > seconds  # noqa: E731
+                threads = [threading.Thread(target=_client, args=(port, bodies, stop, latencies, errors))
+                           for _ in range(clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                elapsed = time.perf_counter() - start
+                ms = np.array(latencies) * 1000
+                rows.append({"clients": clients, "requests": len(latencies), "errors": len(errors),
+                             "seconds": elapsed, "requests_per_s": len(latencies) / elapsed,
+                             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))})
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/metrics")
+            batches = json.loads(connection.getresponse().read())["batches"]
+        finally:
+            server.terminate()
+            server.wait(30)
+    return rows, batches
+
+
+def print_serve(rows, batches):
+    head = f"{'clients':>8}{'requests':>10}{'errors':>8}{'seconds':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        print(f"{r['clients']:>8}{r['requests']:>10}{r['errors']:>8}{r['seconds']:>9.1f}{r['requests_per_s']:>9.1f}"
+              f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}")
+    print(f"model calls: {batches['count']}, {batches['mean_images']:.1f} images each on average")
+
+
+def main(argv=None):
+    parser = cli.Parser(prog="python -m benchmarks.deploy", description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("parts", nargs="*", choices=["infer", "serve"], metavar="part",
+                        help="infer, serve, or both (default)")
+    parser.add_argument("--models", nargs="+", default=["resnet18", "fastnet"], choices=["resnet18", "fastnet"],
+                        help="infer's models")
+    parser.add_argument("--batches", nargs="+", type=cli.positive_int, default=[1, 64], help="infer's batch sizes")
+    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="infer's timed rounds; the best counts")
+    parser.add_argument("--calls", type=cli.positive_int, default=10, help="infer's calls a timed round")
+    parser.add_argument("--clients", nargs="+", type=cli.positive_int, default=[1, 8, 64],
+                        help="serve's concurrent clients, one measurement each")
+    parser.add_argument("--requests", type=cli.positive_int, default=400, help="serve's answers per measurement")
+    parser.add_argument("--seconds", type=cli.positive_float, default=20.0, help="serve's time limit per measurement")
+    parser.add_argument("--max-batch", type=cli.positive_int, default=32, help="the server's --max-batch")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    parts = args.parts or ["infer", "serve"]
+    import onnxruntime
+    import torch
+
+    print(f"jax {jax.__version__}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads, on {cpu_model()}")
+    results = {}
+    if "infer" in parts:
+        results["infer"] = infer_rows(args.models, args.batches, args.repeats, args.calls)
+        print_infer(results["infer"])
+    if "serve" in parts:
+        rows, batches = serve_rows(args.clients, args.requests, args.seconds, args.max_batch)
+        results["serve"], results["serve_batches"] = rows, batches
+        print_serve(rows, batches)
+    if args.json:
+        cli.write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    main()
