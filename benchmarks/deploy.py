@@ -202,8 +202,7 @@ def print_serve(rows, batches):
 
 def main(argv=None):
     parser = cli.Parser(prog="python -m benchmarks.deploy", description=__doc__, formatter_class=cli.HelpFormatter)
-    parser.add_argument("parts", nargs="*", choices=["infer", "serve"], metavar="part",
-                        help="infer, serve, or both (default)")
+    parser.add_argument("parts", nargs="*", metavar="part", help="infer, serve, or both (default)")
     parser.add_argument("--models", nargs="+", default=["resnet18", "fastnet"], choices=["resnet18", "fastnet"],
                         help="infer's models")
     parser.add_argument("--batches", nargs="+", type=cli.positive_int, default=[1, 64], help="infer's batch sizes")
@@ -216,6 +215,8 @@ def main(argv=None):
     parser.add_argument("--max-batch", type=cli.positive_int, default=32, help="the server's --max-batch")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if unknown := [p for p in args.parts if p not in ("infer", "serve")]:
+        parser.error(f"unknown part {unknown[0]!r}: choose infer, serve, or neither for both")
     parts = args.parts or ["infer", "serve"]
     import onnxruntime
     import torch
