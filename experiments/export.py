@@ -1,8 +1,9 @@
 """Export a zoo classifier, or a checkpoint you trained, to StableHLO or ONNX.
 
-    python -m experiments.export --model fastnet --checkpoint runs/cifar/checkpoints --format stablehlo --out fastnet.zip
-    python -m experiments.export --model resnet18 --checkpoint CKPT --format onnx --out resnet18.onnx
-    python -m fnlearn.serve --artifact fastnet.zip --port 8000
+    python -m experiments.export --checkpoint runs/cifar/checkpoints/run0 --out cifar.zip
+    python -m experiments.export --checkpoint runs/cifar/checkpoints/run0 --format onnx --out cifar.onnx
+    python -m experiments.export --model resnet18 --format onnx --out resnet18.onnx   # random init
+    python -m fnlearn.serve --artifact cifar.zip --port 8000
 
 The file maps uint8 images (B, H, W, C) to float32 logits for any batch size, with the
 weights, the normalisation and the labels inside, in eval mode: a StableHLO `.zip`
@@ -31,8 +32,9 @@ def _floats(text):
 
 def parse_args(argv):
     parser = cli.make_parser("export", __doc__)
-    parser.add_argument("--model", required=True, choices=models.names(task="image_classifier"), metavar="NAME",
-                        help=f"the zoo classifier: {', '.join(models.names(task='image_classifier'))}")
+    parser.add_argument("--model", choices=models.names(task="image_classifier"), metavar="NAME",
+                        help=f"the zoo classifier: {', '.join(models.names(task='image_classifier'))} "
+                             f"(default: the one the checkpoint's run trained)")
     parser.add_argument("--checkpoint", type=Path,
                         help="its trained weights: a training run's checkpoints folder (or one epoch's), or a "
                              "folder from checkpoint.save_variables (default: the model's random init)")
@@ -67,6 +69,8 @@ def parse_args(argv):
     args.platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
     if unknown := [p for p in args.platforms if p not in ("cpu", "cuda", "rocm", "tpu")] or not args.platforms:
         parser.error(f"--platforms {','.join(unknown)!r}: choose among cpu, cuda, rocm, tpu")
+    if args.model is None and args.checkpoint is None:
+        parser.error("pass --model NAME, or a --checkpoint whose run names its model")
     if args.out.is_dir() or not args.out.parent.is_dir():
         parser.error(f"--out {args.out} must be a file in an existing folder")
     return parser, args
@@ -75,6 +79,10 @@ def parse_args(argv):
 def model_and_variables(args):
     """The model and its variables: the checkpoint's, checked against the model, or a random init."""
     saved, meta = (load_variables(args.checkpoint) if args.checkpoint else (None, {}))
+    args.model = args.model or meta.get("model") or meta.get("config", {}).get("model")
+    if args.model not in models.names(task="image_classifier"):
+        raise CheckpointError(f"checkpoint {args.checkpoint} does not name a zoo classifier "
+                              f"(it says {args.model!r}): pass --model NAME")
     labels = args.labels.split(",") if args.labels else meta.get("class_names")
     num_classes = args.num_classes or (len(labels) if labels else None)
     if num_classes is None and saved is not None and "fc" in saved["params"]:

@@ -1,5 +1,6 @@
 """Checkpoints with orbax, written atomically: a training state per epoch (`Checkpoints`),
 and a model's variables alone, for sharing (`save_variables` / `load_variables`)."""
+import logging
 import pathlib
 import shutil
 import sys
@@ -161,6 +162,11 @@ def load_variables(path, like=None):
     if item is None:
         raise CheckpointError(f"{path} is not an fnlearn checkpoint: expected a folder written by save_variables "
                               f"or a Checkpoints epoch folder (<workdir>/checkpoints/<epoch>)")
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    # Orbax warns that an item folder has no _CHECKPOINT_METADATA of its own: it never has one (the
+    # step folder does), and reading it as a plain tree is what is meant here.
+    absl_logger.setLevel(logging.ERROR)
     try:
         # A training state's item holds the optimizer state too: read params and statistics alone.
         with ocp.PyTreeCheckpointer() as checkpointer:
@@ -180,4 +186,6 @@ def load_variables(path, like=None):
         raise
     except Exception as e:  # orbax raises many types; the user needs the path and the cause
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+    finally:
+        absl_logger.setLevel(level)
     return variables, meta

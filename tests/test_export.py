@@ -122,11 +122,12 @@ def test_artifacts_run_in_a_fresh_process_without_fnlearn(tmp_path, fmt, script)
             assert report["platforms"] == ["cpu", "cuda"]
 
 
-def test_the_command_exports_a_checkpoint_with_its_class_names(tmp_path, capsys):
+def test_the_command_exports_a_checkpoint_with_its_model_and_class_names(tmp_path, capsys):
     model, variables = trained_like("fastnet_tiny", num_classes=3)
-    save_variables(tmp_path / "weights", jax.device_get(variables), {"class_names": ["cat", "dog", "frog"]})
-    export_experiment.main(["--model", "fastnet_tiny", "--checkpoint", str(tmp_path / "weights"),
-                            "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    save_variables(tmp_path / "weights", jax.device_get(variables),
+                   {"model": "fastnet_tiny", "class_names": ["cat", "dog", "frog"]})
+    export_experiment.main(["--checkpoint", str(tmp_path / "weights"), "--format", "onnx",
+                            "--out", str(tmp_path / "m.onnx")])
     assert "max |logits - fnlearn's|" in capsys.readouterr().out
     artifact = export.load(tmp_path / "m.onnx")
     assert artifact.labels == ["cat", "dog", "frog"] and artifact.meta["model"] == "fastnet_tiny"
@@ -144,14 +145,15 @@ def test_the_command_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--format", "tflite"], "invalid choice"),
-    (["--input-shape", "32,32"], "--input-shape '32,32' is not H,W,C"),
-    (["--platforms", "cpu,gpu"], "--platforms 'gpu'"),
-    (["--mean", "0.5"], "--mean has 1 values for 3 channels"),
+    (["--model", "fastnet_tiny", "--format", "tflite"], "invalid choice"),
+    (["--model", "fastnet_tiny", "--input-shape", "32,32"], "--input-shape '32,32' is not H,W,C"),
+    (["--model", "fastnet_tiny", "--platforms", "cpu,gpu"], "--platforms 'gpu'"),
+    (["--model", "fastnet_tiny", "--mean", "0.5"], "--mean has 1 values for 3 channels"),
+    ([], "pass --model NAME, or a --checkpoint"),
 ])
 def test_the_command_refuses_bad_flags_in_two_lines(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit:
-        export_experiment.main(["--model", "fastnet_tiny", "--out", str(tmp_path / "m.zip"), *flags])
+        export_experiment.main(["--out", str(tmp_path / "m.zip"), *flags])
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 2

@@ -244,7 +244,7 @@ def make_app(artifact, predict=None, max_batch=32, max_wait=0.005, max_concurren
             body = await _body(request, max_body)
             kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if kind == "application/json" or (not kind and body.lstrip()[:1] == b"{"):
-                images = decode_json(body, shape)
+                images = await run_in_threadpool(decode_json, body, shape)  # megabytes of JSON take a while
             elif kind.startswith("image/") or kind in ("", "application/octet-stream"):
                 images = await run_in_threadpool(decode_image, body, shape)
             else:
