@@ -3,7 +3,7 @@ and the inference server under load from concurrent clients.
 
     python -m benchmarks.deploy                      # both parts
     python -m benchmarks.deploy infer --batches 1 64 --repeats 5
-    python -m benchmarks.deploy serve --clients 1 8 64 --requests 400 --seconds 20
+    python -m benchmarks.deploy serve --clients 1 8 64 --requests 5000 --seconds 10
 
 infer: ResNet-18 (CIFAR stem) and FastNet from the same random weights (BatchNorm
 statistics set off their init), on the same uint8 32x32 images, three ways in one process:
@@ -11,12 +11,15 @@ fnlearn's jitted forward (uint8 in, normalised inside, as the artifacts do), onn
 on fnlearn's ONNX export of that same function (BatchNorm folded), and PyTorch eager
 (`torch.inference_mode`, channels_last, float32 and bf16 autocast, the faster counts, its
 input already normalised). Each side warms up first; the best of `--repeats` rounds counts,
-the sides taking turns. images/s; ratio = side / PyTorch.
+the sides taking turns. images/s; ratio = side / PyTorch. Each ONNX file is also converted
+to ONNX Runtime Mobile's `.ort` format, whose size and largest difference from the `.onnx`
+file's logits are reported.
 
 serve: `python -m fnlearn.serve` on FastNet's StableHLO export in its own process, on
 127.0.0.1; for each client count, that many threads send PNG images over keep-alive
-connections until `--requests` answers or `--seconds` have passed (the clients share this
-machine's cores with the server). Requests/s and p50/p99 latency.
+connections, for a second of warm-up, then until `--requests` answers or `--seconds` have
+passed (the clients share this machine's cores with the server). Requests/s and p50/p99
+latency.
 """
 import http.client
 import io
@@ -53,6 +56,17 @@ def trained_like(name):
     return model, {**variables, "batch_stats": stats}
 
 
+def mobile(onnx_path, images):
+    """`(MiB, max abs difference)` of the `.ort` file ONNX Runtime Mobile takes, converted from `onnx_path`."""
+    import onnxruntime
+
+    subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path)],
+                   cwd=onnx_path.parent, check=True, capture_output=True)
+    ort_path = onnx_path.with_suffix(".ort")
+    run = lambda path: onnxruntime.InferenceSession(str(path)).run(["logits"], {"images": images})[0]  # noqa: E731
+    return ort_path.stat().st_size / 2**20, float(np.abs(run(ort_path) - run(onnx_path)).max())
+
+
 def infer_rows(names, batches, repeats, calls):
     """One row per (model, batch): images/s of fnlearn, onnxruntime and PyTorch, and their ratios."""
     import onnxruntime
@@ -68,6 +82,7 @@ def infer_rows(names, batches, repeats, calls):
             export.save(Path(tmp) / "m.onnx", fn, (32, 32, 3), {"labels": [str(i) for i in range(10)]}, "onnx")
             session = onnxruntime.InferenceSession(str(Path(tmp) / "m.onnx"), providers=["CPUExecutionProvider"])
             onnx_mib = (Path(tmp) / "m.onnx").stat().st_size / 2**20
+            ort_mib, ort_difference = mobile(Path(tmp) / "m.onnx", np.zeros((2, 32, 32, 3), np.uint8) + 128)
         net = torch_models.twin(name, jax.device_get(variables)).eval()
         jitted = jax.jit(fn)
         for batch in batches:
@@ -94,24 +109,39 @@ def infer_rows(names, batches, repeats, calls):
             rows.append({"model": name, "batch": batch, "fnlearn_per_s": rates["fnlearn"],
                          "onnx_per_s": rates["onnxruntime"], "torch_per_s": rates[torch_mode],
                          "torch_mode": torch_mode.split()[1], "fnlearn_compile_s": compile_s,
-                         "onnx_mib": onnx_mib, "onnx_max_abs_diff": difference})
+                         "onnx_mib": onnx_mib, "onnx_max_abs_diff": difference, "ort_mib": ort_mib,
+                         "ort_max_abs_diff_vs_onnx": ort_difference})
     return rows
 
 
 def print_infer(rows):
     head = (f"{'model':<10}{'batch':>6}{'fnlearn/s':>11}{'onnx/s':>10}{'torch/s':>10}{'torch':>6}"
-            f"{'fnlearn/torch':>15}{'onnx/torch':>12}{'onnx MiB':>10}{'max|diff|':>11}")
+            f"{'fnlearn/torch':>15}{'onnx/torch':>12}{'onnx MiB':>10}{'max|diff|':>11}{'ort MiB':>9}{'ort diff':>10}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         print(f"{r['model']:<10}{r['batch']:>6}{r['fnlearn_per_s']:>11.1f}{r['onnx_per_s']:>10.1f}"
               f"{r['torch_per_s']:>10.1f}{r['torch_mode']:>6}{r['fnlearn_per_s'] / r['torch_per_s']:>14.2f}x"
-              f"{r['onnx_per_s'] / r['torch_per_s']:>11.2f}x{r['onnx_mib']:>10.1f}{r['onnx_max_abs_diff']:>11.1e}")
+              f"{r['onnx_per_s'] / r['torch_per_s']:>11.2f}x{r['onnx_mib']:>10.1f}{r['onnx_max_abs_diff']:>11.1e}"
+              f"{r['ort_mib']:>9.1f}{r['ort_max_abs_diff_vs_onnx']:>10.1e}")
 
 
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _get(port, path):
+    """`(status, body)` of a GET, or (None, b"") where nothing answers yet."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except OSError:
+        return None, b""
+    finally:
+        connection.close()
 
 
 def _png(pixels):
@@ -157,20 +187,26 @@ def serve_rows(client_counts, requests, seconds, max_batch):
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 300
-            while True:
-                try:
-                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                    connection.request("GET", "/health")
-                    if connection.getresponse().status == 200:
-                        break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("the server did not start") from None
-                    time.sleep(0.2)
+            while _get(port, "/health")[0] != 200:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start")
+                time.sleep(0.2)
             for clients in client_counts:
                 latencies, errors = [], []
-                start = time.perf_counter()
-                stop = lambda: len(latencies) + len(errors) >= requests or time.perf_counter() - start > seconds  # noqa: E731
+                warm_until = time.perf_counter() + 1.0
+                start = None
+
+                def stop():
+                    nonlocal start
+                    now = time.perf_counter()
+                    if start is None:
+                        if now < warm_until:
+                            return False
+                        start = now
+                        latencies.clear()  # the warm-up's answers do not count
+                        errors.clear()
+                    return len(latencies) + len(errors) >= requests or now - start > seconds
+
                 threads = [threading.Thread(target=_client, args=(port, bodies, stop, latencies, errors))
                            for _ in range(clients)]
                 for t in threads:
@@ -182,9 +218,7 @@ def serve_rows(client_counts, requests, seconds, max_batch):
                 rows.append({"clients": clients, "requests": len(latencies), "errors": len(errors),
                              "seconds": elapsed, "requests_per_s": len(latencies) / elapsed,
                              "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))})
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            connection.request("GET", "/metrics")
-            batches = json.loads(connection.getresponse().read())["batches"]
+            batches = json.loads(_get(port, "/metrics")[1])["batches"]
         finally:
             server.terminate()
             server.wait(30)
@@ -210,19 +244,22 @@ def main(argv=None):
     parser.add_argument("--calls", type=cli.positive_int, default=10, help="infer's calls a timed round")
     parser.add_argument("--clients", nargs="+", type=cli.positive_int, default=[1, 8, 64],
                         help="serve's concurrent clients, one measurement each")
-    parser.add_argument("--requests", type=cli.positive_int, default=400, help="serve's answers per measurement")
-    parser.add_argument("--seconds", type=cli.positive_float, default=20.0, help="serve's time limit per measurement")
+    parser.add_argument("--requests", type=cli.positive_int, default=5000, help="serve's answers per measurement")
+    parser.add_argument("--seconds", type=cli.positive_float, default=10.0, help="serve's time limit per measurement")
     parser.add_argument("--max-batch", type=cli.positive_int, default=32, help="the server's --max-batch")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if unknown := [p for p in args.parts if p not in ("infer", "serve")]:
         parser.error(f"unknown part {unknown[0]!r}: choose infer, serve, or neither for both")
     parts = args.parts or ["infer", "serve"]
-    import onnxruntime
-    import torch
+    versions = f"jax {jax.__version__}"
+    if "infer" in parts:  # only infer needs these
+        import onnxruntime
+        import torch
 
-    print(f"jax {jax.__version__}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads, on {cpu_model()}")
+        versions += (f", onnxruntime {onnxruntime.__version__}, torch {torch.__version__} with "
+                     f"{torch.get_num_threads()} threads")
+    print(f"{versions}, on {cpu_model()}")
     results = {}
     if "infer" in parts:
         results["infer"] = infer_rows(args.models, args.batches, args.repeats, args.calls)

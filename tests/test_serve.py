@@ -1,6 +1,7 @@
 """The inference server, started as a user starts it, answering real HTTP requests on 127.0.0.1:
 good ones with the artifact's own predictions, bad ones with a 4xx and a message, 64 concurrent
 ones each with its own answer; a model error is a 500 and the server goes on."""
+import contextlib
 import http.client
 import io
 import json
@@ -20,6 +21,7 @@ import uvicorn
 from PIL import Image
 
 from fnlearn import export, models
+from fnlearn.serve import app as app_module
 from fnlearn.serve import make_app
 from fnlearn.serve.app import top_k
 
@@ -50,11 +52,12 @@ def png(pixels):
     return buffer.getvalue()
 
 
-def wait_until_up(port, process=None, seconds=120):
+def wait_until_up(port, process=None, log=None, seconds=120):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"the server exited: {process.stderr.read()}")
+            log.seek(0)
+            raise AssertionError(f"the server exited: {log.read()}")
         try:
             if request(port, "GET", "/health")[0] == 200:
                 return
@@ -78,17 +81,18 @@ def artifact_path(tmp_path_factory):
 def server(artifact_path):
     """`python -m fnlearn.serve` in its own process; yields (port, the loaded artifact)."""
     port = free_port()
+    log = open(artifact_path.with_name("server.log"), "w+")  # a file: a pipe nobody reads could fill and block
     process = subprocess.Popen([sys.executable, "-m", "fnlearn.serve", "--artifact", str(artifact_path),
                                 "--port", str(port), "--max-batch", "16", "--max-body-mb", str(MAX_BODY / 2**20)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                               stdout=log, stderr=log, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     try:
-        wait_until_up(port, process)
+        wait_until_up(port, process, log)
         yield port, export.load(artifact_path)
         assert process.poll() is None, "the server died"
     finally:
         process.terminate()
         process.wait(30)
+        log.close()
 
 
 def expected(artifact, pixels, k):
@@ -135,6 +139,9 @@ def test_good_requests_get_the_artifacts_predictions(server):
     ("POST", "/predict", json.dumps({"images": []}), "application/json", 422, '{"inputs": [...]}'),
     ("POST", "/predict", b"x" * 60_000, "image/png", 413, "over the limit"),
     ("POST", "/predict?k=11", png(np.zeros((32, 32, 3), np.uint8)), "image/png", 400, "k='11'"),
+    ("POST", "/predict?k=%C2%B2", png(np.zeros((32, 32, 3), np.uint8)), "image/png", 400, "k='²'"),
+    ("POST", "/predict", "[" * 10_000 + "]" * 10_000, "application/json", 400, "nested too deeply"),
+    ("POST", "/predict", '{"inputs": [1e400, 10' + "0" * 400 + "]}", "application/json", 422, "nested list of numbers"),
     ("POST", "/predict", b"hello", "text/plain", 415, "Content-Type text/plain"),
     ("GET", "/predict", None, None, 405, "GET /predict"),
     ("GET", "/nowhere", None, None, 404, "GET /nowhere"),
@@ -147,7 +154,37 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_goes_on(server
     assert request(port, "GET", "/health")[0] == 200
 
 
-def test_64_concurrent_callers_each_get_their_own_answer_in_shared_batches(server):
+def test_a_chunked_body_past_the_limit_and_json_without_a_content_type(server):
+    port, artifact = server
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/predict", body=iter([b"x" * 30_000] * 2), encode_chunked=True,
+                       headers={"Content-Type": "image/png"})  # no Content-Length to refuse it by
+    response = connection.getresponse()
+    assert response.status == 413 and "over the limit" in json.loads(response.read())["error"]
+    connection.close()
+    pixels = np.random.default_rng(2).integers(0, 256, (1, 32, 32, 3), np.uint8)
+    status, body = request(port, "POST", "/predict?k=1", json.dumps({"inputs": pixels.tolist()}))
+    assert status == 200
+    assert_same_predictions(body["predictions"], expected(artifact, pixels, 1))
+
+
+def test_a_method_not_allowed_names_the_allowed_one(server):
+    port, _ = server
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", "/predict")
+    response = connection.getresponse()
+    assert response.status == 405 and response.getheader("Allow") == "POST"
+    connection.close()
+
+
+def test_an_image_with_too_many_pixels_is_refused_before_it_is_decoded(monkeypatch):
+    monkeypatch.setattr(app_module, "MAX_PIXELS", 40 * 40)
+    with pytest.raises(app_module.RequestError, match="50x50 pixels is over the limit") as error:
+        app_module.decode_image(png(np.zeros((50, 50, 3), np.uint8)), (32, 32, 3))
+    assert error.value.status == 413
+
+
+def test_64_concurrent_callers_each_get_their_own_answer(server):
     port, artifact = server
     pixels = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), np.uint8)
     before = request(port, "GET", "/metrics")[1]
@@ -165,11 +202,48 @@ def test_64_concurrent_callers_each_get_their_own_answer_in_shared_batches(serve
         assert status == 200
         assert_same_predictions(body["predictions"], want[i:i + 1])
     after = request(port, "GET", "/metrics")[1]
-    served = after["requests"]["by_route"]["/predict"]["200"] - before["requests"]["by_route"]["/predict"]["200"]
-    batches = after["batches"]["count"] - before["batches"]["count"]
-    assert served == 64 and batches < 64  # callers shared model calls
+    ok = [m["requests"]["by_route"].get("/predict", {}).get("200", 0) for m in (before, after)]
+    assert ok[1] - ok[0] == 64
     latency = after["predict_latency_ms"]
     assert latency["count"] >= 64 and 0 < latency["p50"] <= latency["p99"]
+
+
+@contextlib.contextmanager
+def serving(app):
+    """`app` under uvicorn in a thread of this process, on a free port; yields the port."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until_up(port)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_requests_that_wait_together_share_one_model_call(artifact_path):
+    artifact = export.load(artifact_path)
+    release, batches = threading.Event(), []
+
+    def held(images):  # the first call waits until the test has queued the others behind it
+        batches.append(len(images))
+        if len(batches) == 1:
+            assert release.wait(60)
+        return artifact(images)
+
+    image = png(np.zeros((32, 32, 3), np.uint8))
+    with serving(make_app(artifact, held, max_batch=16, max_wait=0)) as port, ThreadPoolExecutor(8) as pool:
+        first = pool.submit(request, port, "POST", "/predict", image, "image/png")
+        while not batches:
+            time.sleep(0.01)
+        rest = [pool.submit(request, port, "POST", "/predict", image, "image/png") for _ in range(7)]
+        while request(port, "GET", "/metrics")[1]["batches"]["queued_requests"] < 7:
+            time.sleep(0.01)
+        release.set()
+        assert [f.result()[0] for f in [first, *rest]] == [200] * 8
+    assert batches == [1, 7]
 
 
 def test_a_model_error_is_a_500_that_is_logged_and_the_server_goes_on(artifact_path, caplog):
@@ -182,21 +256,14 @@ def test_a_model_error_is_a_500_that_is_logged_and_the_server_goes_on(artifact_p
             raise RuntimeError("injected failure")
         return artifact(images)
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(artifact, flaky, max_concurrency=1), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until_up(port)
+    with serving(make_app(artifact, flaky)) as port:
         image = png(np.zeros((32, 32, 3), np.uint8))
         status, body = request(port, "POST", "/predict", image, "image/png")
         assert status == 500 and "internal error" in body["error"]
-        assert "injected failure" in caplog.text
+        logged = [r for r in caplog.records if r.exc_info and "injected failure" in str(r.exc_info[1])]
+        assert len(logged) == 1  # logged once, with its cause
         assert request(port, "POST", "/predict", image, "image/png")[0] == 200
-    finally:
-        server.should_exit = True
-        thread.join(30)
+        assert request(port, "GET", "/health")[0] == 200
 
 
 def test_callers_past_the_concurrency_limit_get_a_503(artifact_path):
@@ -208,20 +275,10 @@ def test_callers_past_the_concurrency_limit_get_a_503(artifact_path):
         time.sleep(1.0)
         return artifact(images)
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(artifact, slow, max_concurrency=1), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until_up(port)
+    with serving(make_app(artifact, slow, max_concurrency=1)) as port, ThreadPoolExecutor(1) as pool:
         image = png(np.zeros((32, 32, 3), np.uint8))
-        with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(request, port, "POST", "/predict", image, "image/png")
-            assert started.wait(30)
-            status, body = request(port, "POST", "/predict", image, "image/png")
-            assert status == 503 and "busy" in body["error"]
-            assert first.result()[0] == 200
-    finally:
-        server.should_exit = True
-        thread.join(30)
+        first = pool.submit(request, port, "POST", "/predict", image, "image/png")
+        assert started.wait(30)
+        status, body = request(port, "POST", "/predict", image, "image/png")
+        assert status == 503 and "busy" in body["error"]
+        assert first.result()[0] == 200

@@ -11,3 +11,4 @@ from fnlearn.export.artifact import ArtifactError
 from fnlearn.export.artifact import classifier
 from fnlearn.export.artifact import load
 from fnlearn.export.artifact import save
+from fnlearn.export.onnx import ExportError

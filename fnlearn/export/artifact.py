@@ -122,6 +122,10 @@ def _load_stablehlo(path):
     with zipfile.ZipFile(path) as archive:
         meta = json.loads(archive.read(_META))
         exported = jax.export.deserialize(bytearray(archive.read(_EXPORTED)))
+    here = {"gpu": ("cuda", "rocm")}.get(jax.default_backend(), (jax.default_backend(),))
+    if not any(p in exported.platforms for p in here):
+        raise ArtifactError(f"{path} was lowered for {', '.join(exported.platforms)}, and JAX runs on "
+                            f"{jax.default_backend()} here: export it again with --platforms {here[0]}")
     return Artifact(meta, jax.jit(exported.call))
 
 

@@ -111,6 +111,16 @@ class _Graph:
         self.producer[y] = (x, perm)
         return y
 
+    def prune(self, outputs):
+        """Drops the nodes no output needs (a cancelled Transpose's first half, an unread Shape)."""
+        needed, kept = set(outputs), []
+        for node in reversed(self.nodes):
+            if needed.intersection(node.output):
+                kept.append(node)
+                needed.update(node.input)
+        self.nodes = kept[::-1]
+        self.initializers = [t for t in self.initializers if t.name in needed]
+
     def shape(self, shape):
         """A 1-D int64 tensor of `shape`, whose symbolic dims are read from the inputs at run time."""
         if _is_static(shape):
@@ -141,7 +151,7 @@ class _Graph:
 
         def read(v):
             if isinstance(v, jcore.Literal):
-                return np.asarray(v.val)
+                return np.asarray(v.val, v.aval.dtype)
             if isinstance(env[v], _Conv) and uses[v] > 1:  # folding into one use would change the others
                 env[v] = self.tensor(env[v])
             return env[v]
@@ -171,9 +181,8 @@ class _Graph:
             if not isinstance(args[0], np.ndarray):
                 raise ExportError("lax.cond on a value known only at run time is not translated")
             return self.call(params["branches"][int(args[0])], args[1:])
-        for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):  # jit, custom_jvp/vjp, checkpoint
-            if key in params:
-                return self.call(params[key], args)
+        if name in _CALLS:  # a function call: its body, inline (scan and while are loops, not calls)
+            return self.call(params["jaxpr" if "jaxpr" in params else "call_jaxpr"], args)
         static = all(_is_static(v.aval.shape) for v in eqn.outvars)
         if static and all(isinstance(a, np.ndarray) for a in args):  # weights only: fold now
             outs = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(params))
@@ -290,7 +299,7 @@ def _max_pool(g, eqn, x):
     window, strides, padding = p["window_dimensions"], p["window_strides"], p["padding"]
     if any(d != 1 for d in p["base_dilation"]) or any(d != 1 for d in p["window_dilation"]):
         raise ExportError("dilated max-pooling is not translated")
-    if window[0] != 1 or window[-1] != 1 or strides[0] != 1 or strides[-1] != 1:
+    if (window[0], window[-1], strides[0], strides[-1]) != (1,) * 4 or any(padding[0]) or any(padding[-1]):
         raise ExportError("max-pooling over the batch or channel axis is not translated")
     n = len(window)
     to_nchw = (0, n - 1) + tuple(range(1, n - 1))
@@ -308,10 +317,13 @@ def _integer_pow(g, eqn, x):
 
 
 def _select_n(g, eqn, which, *cases):
-    if len(cases) != 2:
-        raise ExportError("select_n with more than two cases is not translated")
+    if len(cases) != 2 or eqn.invars[0].aval.dtype != np.bool_:
+        raise ExportError("select_n other than a boolean choice of two is not translated")
     return g.node("Where", [g.tensor(which), g.tensor(cases[1]), g.tensor(cases[0])])
 
+
+# Primitives that call a jaxpr once (jit, custom derivatives, remat), by name.
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "checkpoint", "remat2")
 
 _RULES = {
     "add": _fold_add,
@@ -379,8 +391,12 @@ def export(fn, *specs, input_names=None, output_names=None, metadata=None):
     outs = graph.run(closed.jaxpr, closed.consts, list(input_names))
     outs = [graph.tensor(o) for o in outs]
     output_names = output_names or [f"output_{i}" for i in range(len(outs))]
+    if len(output_names) != len(outs):
+        raise ExportError(f"{len(output_names)} output names for {len(outs)} outputs")
     for out, name in zip(outs, output_names):  # name the results as asked
         graph.nodes.append(helper.make_node("Identity", [out], [name], name=f"{name}_identity"))
+
+    graph.prune(output_names)
 
     def value_info(name, aval):
         dims = [d if isinstance(d, int) else str(d) for d in aval.shape]

@@ -12,6 +12,7 @@ port opens. See `fnlearn.serve.app` for the routes and what each refusal means.
 """
 import argparse
 import logging
+import math
 import sys
 import time
 
@@ -22,37 +23,52 @@ from fnlearn.export import ArtifactError, load
 from fnlearn.serve.app import bucketed, make_app
 
 
-def _positive(kind):
+def _number(kind, low, strict):
+    """A finite number above `low` (or at least `low` where not `strict`), for argparse."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {'>' if strict else '>='} {low}")
         return value
     parse.__name__ = kind.__name__
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """User errors in two lines, not the whole usage block (as experiments.cli.Parser)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag)\n")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m fnlearn.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="python -m fnlearn.serve", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", required=True, help="the exported model (.zip StableHLO or .onnx)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
-    parser.add_argument("--max-batch", type=_positive(int), default=32, help="images per model call (default: 32)")
-    parser.add_argument("--max-wait-ms", type=_positive(float), default=5.0,
-                        help="how long a request waits for others to share its batch (default: 5)")
-    parser.add_argument("--max-concurrency", type=_positive(int), default=256,
+    parser.add_argument("--max-batch", type=_number(int, 0, True), default=32,
+                        help="images per model call (default: 32)")
+    parser.add_argument("--max-wait-ms", type=_number(float, 0, False), default=5.0,
+                        help="how long a request waits for others to share its batch; 0: no wait (default: 5)")
+    parser.add_argument("--max-concurrency", type=_number(int, 0, True), default=256,
                         help="predictions in flight at once; more are answered 503 (default: 256)")
-    parser.add_argument("--max-body-mb", type=_positive(float), default=8.0,
+    parser.add_argument("--max-body-mb", type=_number(float, 0, True), default=8.0,
                         help="request body limit in MiB (default: 8)")
-    parser.add_argument("--top-k", type=_positive(int), default=5, help="classes returned when a request gives no k")
+    parser.add_argument("--top-k", type=_number(int, 0, True), default=5,
+                        help="classes returned when a request gives no k (default: 5)")
+    parser.add_argument("--timeout", type=_number(float, 0, True), default=60.0,
+                        help="seconds a request may take to send its body (408) or to get its answer (504) "
+                             "(default: 60)")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port}: pass a port from 1 to 65535")
+    if args.max_body_mb * 2**20 > 2**40:
+        parser.error(f"--max-body-mb {args.max_body_mb:g} is over a TiB: pass a size this machine could hold")
     return args
 
 
@@ -69,13 +85,16 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     predict = bucketed(artifact, args.max_batch)
     start = time.perf_counter()
-    for size in predict.sizes:  # compile every batch shape before the first caller waits on it
-        predict(np.zeros((size, *artifact.input_shape), np.uint8))
+    try:
+        for size in predict.sizes:  # compile every batch shape before the first caller waits on it
+            predict(np.zeros((size, *artifact.input_shape), np.uint8))
+    except Exception as e:  # an artifact that loads but cannot run here: say so before opening the port
+        sys.exit(f"error: {args.artifact} does not run here: {type(e).__name__}: {str(e).splitlines()[0]}")
     logger.info(
         "%s (%s, %d classes) ready in %.1f s for batches of %s", args.artifact, artifact.meta.get("format"),
         len(artifact.labels), time.perf_counter() - start, ", ".join(map(str, predict.sizes)))
     app = make_app(artifact, predict, args.max_batch, args.max_wait_ms / 1000, args.max_concurrency,
-                   int(args.max_body_mb * 2**20), args.top_k)
+                   int(args.max_body_mb * 2**20), args.top_k, args.timeout)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
 
 

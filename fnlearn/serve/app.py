@@ -5,9 +5,9 @@
     GET  /health        {"status": "ok", "model", "input_shape", "labels"}
     GET  /metrics       request counts by route and status, latency quantiles, batch sizes
 
-Concurrent requests wait at most `max_wait` seconds to share one call of the model, of up
-to `max_batch` images; the model runs in one worker thread, so the event loop keeps
-answering meanwhile. An image of another size is resized to the model's (bilinear, as
+Concurrent requests share calls of the model of up to `max_batch` images: the requests
+already queued join a batch at once, and a batch waits at most `max_wait` seconds for more.
+The model runs in one worker thread, so the event loop keeps answering meanwhile. An image of another size is resized to the model's (bilinear, as
 TorchServe's image handlers do); a JSON array of another shape is refused. Every refusal
 is a 4xx with `{"error": message}`; an error inside the model is logged and answered
 with a 500, and the server goes on serving.
@@ -22,7 +22,7 @@ import logging
 import time
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -79,26 +79,34 @@ class Batcher:
         while True:
             items = [await self.queue.get()]
             count, deadline = len(items[0][0]), loop.time() + self.max_wait
-            while count < self.max_batch and (left := deadline - loop.time()) > 0:
-                try:
-                    items.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
+            while count < self.max_batch:  # what already waits joins at once; then wait up to max_wait
+                if self.queue.empty():
+                    try:
+                        items.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
+                    except TimeoutError:
+                        break
+                else:
+                    items.append(self.queue.get_nowait())
                 count += len(items[-1][0])
             self.batch_sizes.append(count)
             try:
                 logits = await loop.run_in_executor(self.executor, self.predict,
                                                     np.concatenate([images for images, _ in items]))
-            except Exception as e:  # the callers get it, each as a 500; the batcher goes on
+            except Exception:  # logged once here; each caller gets a 500; the batcher goes on
+                logger.exception("the model failed on a batch of %d images", count)
                 for _, future in items:
                     if not future.done():
-                        future.set_exception(e)
+                        future.set_exception(ModelError())
                 continue
             start = 0
             for images, future in items:
                 if not future.done():  # a caller that went away has cancelled its future
                     future.set_result(logits[start:start + len(images)])
                 start += len(images)
+
+
+class ModelError(RuntimeError):
+    """The model failed on a batch (the server log has the cause)."""
 
 
 class Metrics:
@@ -113,7 +121,7 @@ class Metrics:
         if path == "/predict" and status == 200:
             self.latencies.append(seconds)
 
-    def report(self, batch_sizes):
+    def report(self, batch_sizes, queued):
         by_route = collections.defaultdict(dict)
         for (path, status), n in sorted(self.counts.items()):
             by_route[path][str(status)] = n
@@ -122,7 +130,8 @@ class Metrics:
         return {"requests": {"total": sum(self.counts.values()), "by_route": by_route},
                 "predict_latency_ms": {"count": len(latencies), **quantiles},
                 "batches": {"count": len(batch_sizes),
-                            "mean_images": float(np.mean(batch_sizes)) if batch_sizes else 0.0}}
+                            "mean_images": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
+                            "queued_requests": queued}}
 
 
 class _Measured:
@@ -166,12 +175,15 @@ async def _body(request, limit):
 def decode_image(body, input_shape):
     """An encoded image as a (1, H, W, C) uint8 batch, resized to the model's H x W."""
     height, width, channels = input_shape
+    if channels not in (1, 3):
+        raise RequestError(415, f"this model takes {channels}-channel inputs, which no image file holds: send "
+                                f"JSON {{\"inputs\": [...]}}")
     try:
         image = Image.open(io.BytesIO(body))
         if image.width * image.height > MAX_PIXELS:
             raise RequestError(413, f"image of {image.width}x{image.height} pixels is over the limit of "
                                     f"{MAX_PIXELS} pixels")
-        image = image.convert({1: "L", 3: "RGB"}[channels])
+        image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")  # as a viewer shows it
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.BILINEAR)
         pixels = np.asarray(image, np.uint8)
@@ -190,11 +202,13 @@ def decode_json(body, input_shape):
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"malformed JSON: {e}")
+    except RecursionError:
+        raise RequestError(400, "JSON nested too deeply")
     if not isinstance(data, dict) or "inputs" not in data:
         raise RequestError(422, f'expected a JSON object {{"inputs": [...]}} holding pixels of shape {expected}')
     try:
         pixels = np.asarray(data["inputs"], np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise RequestError(422, f'"inputs" must be a nested list of numbers of shape {expected}')
     if pixels.shape == tuple(input_shape):
         pixels = pixels[None]
@@ -214,7 +228,7 @@ def top_k(logits, labels, k):
 
 
 def make_app(artifact, predict=None, max_batch=32, max_wait=0.005, max_concurrency=256, max_body=8 << 20,
-             default_k=5):
+             default_k=5, timeout=60.0):
     """The server's ASGI app for a loaded artifact (`fnlearn.export.load`).
 
     Args:
@@ -225,6 +239,7 @@ def make_app(artifact, predict=None, max_batch=32, max_wait=0.005, max_concurren
       max_concurrency: predictions in flight at once; more get a 503 at once.
       max_body: request body size limit in bytes.
       default_k: classes returned an image when the request gives no `k`.
+      timeout: seconds a request may take to send its body (then 408) or to get its logits (then 504).
     """
     predict = predict or bucketed(artifact, max_batch)
     labels, shape = artifact.labels, tuple(artifact.input_shape)
@@ -238,10 +253,15 @@ def make_app(artifact, predict=None, max_batch=32, max_wait=0.005, max_concurren
                                 status_code=503, headers={"Retry-After": "1"})
         in_flight += 1
         try:
-            k = request.query_params.get("k", str(min(default_k, len(labels))))
-            if not k.isdigit() or not 1 <= int(k) <= len(labels):
-                raise RequestError(400, f"k={k!r}: pass a whole number from 1 to {len(labels)} (the classes)")
-            body = await _body(request, max_body)
+            text = request.query_params.get("k", str(min(default_k, len(labels))))
+            k = int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
+            if not 1 <= k <= len(labels):
+                raise RequestError(400, f"k={text!r}: pass a whole number from 1 to {len(labels)} (the classes)")
+            try:
+                async with asyncio.timeout(timeout):
+                    body = await _body(request, max_body)
+            except TimeoutError:
+                raise RequestError(408, f"the body took over {timeout:g} s to arrive")
             kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if kind == "application/json" or (not kind and body.lstrip()[:1] == b"{"):
                 images = await run_in_threadpool(decode_json, body, shape)  # megabytes of JSON take a while
@@ -251,36 +271,53 @@ def make_app(artifact, predict=None, max_batch=32, max_wait=0.005, max_concurren
                 raise RequestError(415, f"Content-Type {kind} is not served: send an image file as the body "
                                         f"(image/png, image/jpeg) or JSON (application/json)")
             try:
-                logits = await batcher(images)
-            except Exception:
-                logger.exception("the model failed on a batch")
+                logits = await asyncio.wait_for(batcher(images), timeout)
+            except ModelError:
                 raise RequestError(500, "internal error while running the model; the server log has the cause")
-            return JSONResponse({"predictions": top_k(logits, labels, int(k))})
+            except TimeoutError:
+                raise RequestError(504, f"the model did not answer within {timeout:g} s")
+            return JSONResponse({"predictions": top_k(logits, labels, k)})
         except RequestError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
+        except Exception:  # answered here, so it is logged once (Starlette's handler would log it twice)
+            logger.exception("internal error on POST /predict")
+            return JSONResponse({"error": "internal error; the server log has the cause"}, status_code=500)
         finally:
             in_flight -= 1
 
     async def health(request):
+        if batcher_task is None or batcher_task.done():  # predictions would wait forever
+            return JSONResponse({"status": "error", "error": "the batcher has stopped"}, status_code=503)
         return JSONResponse({"status": "ok", "model": artifact.meta.get("model"), "input_shape": list(shape),
                              "labels": labels})
 
     async def metrics_route(request):
-        return JSONResponse(metrics.report(list(batcher.batch_sizes)))
+        return JSONResponse(metrics.report(list(batcher.batch_sizes), batcher.queue.qsize()))
 
     async def http_error(request, error):  # unknown routes, wrong methods: JSON like the rest
         return JSONResponse({"error": f"{error.detail}: {request.method} {request.url.path}; the routes are "
-                                      f"POST /predict, GET /health, GET /metrics"}, status_code=error.status_code)
+                                      f"POST /predict, GET /health, GET /metrics"}, status_code=error.status_code,
+                            headers=error.headers)  # a 405's Allow
 
     async def internal_error(request, error):
         logger.exception("internal error on %s %s", request.method, request.url.path, exc_info=error)
         return JSONResponse({"error": "internal error; the server log has the cause"}, status_code=500)
 
+    batcher_task = None
+
+    def stopped(task):
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("the batcher stopped", exc_info=task.exception())
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        task = asyncio.create_task(batcher.run())
+        nonlocal batcher_task
+        batcher_task = asyncio.create_task(batcher.run())
+        batcher_task.add_done_callback(stopped)
         yield
-        task.cancel()
+        batcher_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await batcher_task
         batcher.executor.shutdown(wait=False)
 
     app = Starlette(routes=[Route("/predict", predict_route, methods=["POST"]),
