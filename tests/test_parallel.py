@@ -89,10 +89,12 @@ def test_the_recipe_on_8_devices_matches_one_device(dataset):
     cfg = CifarConfig(model="fastnet_tiny", epochs=2, batch_size=16, eval_batch_size=16, whiten_bias_epochs=1)
     one = train_and_evaluate(cfg, dataset, mesh=ONE, **QUIET)
     eight = train_and_evaluate(cfg, dataset, **QUIET)
-    _close(one.state.params, eight.state.params, rtol=1e-4, atol=1e-5)
+    # After 12 steps, float32 sums taken in another order have drifted by up to 4e-5 (seen on a 2-core
+    # AMD EPYC, jax 0.10.2, where 1e-5 failed); 1e-4 is still far below the kernels' scale (0.1 to 1).
+    _close(one.state.params, eight.state.params, rtol=1e-4, atol=1e-4)
     assert one.test_accuracy == eight.test_accuracy
     fsdp = train_and_evaluate(dataclasses.replace(cfg, fsdp=True), dataset, **QUIET)
-    _close(one.state.params, fsdp.state.params, rtol=1e-4, atol=1e-5)
+    _close(one.state.params, fsdp.state.params, rtol=1e-4, atol=1e-4)
 
 
 def test_clip_norm_reaches_the_recipe_step(dataset):
