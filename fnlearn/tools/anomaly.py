@@ -1,0 +1,86 @@
+"""Where a NaN or Inf first appears: `torch.autograd.set_detect_anomaly`'s analogue for Flax models.
+
+`find_anomaly` runs one forward and backward pass of a loss and checks, in the order they
+are computed, the parameters, every submodule's output, the loss, every submodule's output
+gradient and the parameters' gradients, and names the first that is not finite. The checks
+are `jax.debug.callback`s (ordered), so the pass may be jitted; a training loop calls it
+once, on the last finite state and the batch that broke it.
+"""
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnlearn.pytrees import path_name
+from fnlearn.tools.grads import grad_hook
+
+
+@dataclasses.dataclass(frozen=True)
+class Anomaly:
+    """The first non-finite value: `where` is "parameter", "forward", "loss", "backward" or "gradient";
+    `name` the leaf or module path; `count` its non-finite elements out of `size`."""
+    where: str
+    name: str
+    count: int
+    size: int
+
+    def __str__(self):
+        what = {"parameter": f"parameter {self.name}", "forward": f"the output of {self.name} (forward)",
+                "loss": "the loss", "backward": f"the gradient of {self.name}'s output (backward)",
+                "gradient": f"the gradient of parameter {self.name}"}[self.where]
+        return f"first NaN/Inf: {what}, {self.count} of {self.size} elements"
+
+
+def _nonfinite(x):
+    x = np.asarray(x)
+    return int(np.size(x) - np.isfinite(x).sum()), int(np.size(x))
+
+
+def find_anomaly(loss_fn, variables, *args):
+    """The first non-finite value of one forward and backward pass of `loss_fn`, or None.
+
+    Args:
+      loss_fn: `loss_fn(params, *args) -> scalar`, which runs the model's `apply` (its submodules are
+        watched while it runs).
+      variables: the model's variables; `variables["params"]` is what the gradients are taken of.
+      *args: the batch (and anything else `loss_fn` takes).
+    Returns:
+      an `Anomaly`, or None when every value was finite.
+    """
+    events = []  # (where, name, count, size), in the order computed
+
+    def record(where, name, x):
+        count, size = _nonfinite(x)
+        events.append((where, name, count, size))
+
+    def watch(where, name, x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            jax.debug.callback(functools.partial(record, where, name), x, ordered=True)
+        return x
+
+    def interceptor(next_fun, call_args, kwargs, context):
+        out = next_fun(*call_args, **kwargs)
+        path = "/".join(context.module.path)
+        if context.method_name != "__call__" or not path:
+            return out
+        out = jax.tree.map(lambda y: watch("forward", path, y), out)
+        backward = functools.partial(record, "backward")
+        return jax.tree.map(lambda y: grad_hook(y, backward, path) if jnp.issubdtype(y.dtype, jnp.inexact)
+                            else y, out)
+
+    def loss(params):
+        with nn.intercept_methods(interceptor):
+            return watch("loss", "loss", loss_fn(params, *args))
+
+    params = variables["params"]
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        record("parameter", path_name(keys), leaf)
+    grads = jax.grad(loss)(params)
+    jax.effects_barrier()
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        record("gradient", path_name(keys), leaf)
+    first = next((e for e in events if e[2] > 0), None)
+    return None if first is None else Anomaly(*first)
