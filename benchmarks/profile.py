@@ -23,9 +23,7 @@ around a convolution, mostly for kernel gradients; PyTorch's copies), batch norm
 other model ops (activations, pooling, loss), optimizer (the update, outside the
 model).
 """
-import collections
 import dataclasses
-import glob
 import re
 import tempfile
 
@@ -33,22 +31,11 @@ import jax
 
 from benchmarks.workloads import WORKLOADS
 from experiments import cli
+from fnlearn.tools.profile import hlo_ops, op_intervals, trace, union_ms
 
 # net -> (the bench's workload of its train step, the Flax module in op names)
 NETS = {"fastnet": ("fastnet_train", "FastNet"), "resnet18": ("resnet18_train", "ResNet")}
 KINDS = ("conv forward", "conv backward", "layout copies", "batch norm", "other model ops", "optimizer")
-
-
-def hlo_ops(hlo_text):
-    """{instruction name: (opcode, op_name metadata)} of a compiled module's text."""
-    ops = {}
-    for line in hlo_text.splitlines():
-        # The result type is one word, or a tuple "(f32[2]{0}, s32[])" (multi-output fusions, loops).
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = (?:\(.*?\)|\S+) ([\w-]+)\(", line)
-        if m:
-            op_name = re.search(r'op_name="([^"]*)"', line)
-            ops[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
-    return ops
 
 
 def jax_kind(name, opcode, op_name, model):
@@ -66,39 +53,15 @@ def jax_kind(name, opcode, op_name, model):
     return "other model ops"
 
 
-def union_ms(intervals):
-    """Total length in ms of the union of (start_ns, end_ns) intervals."""
-    total, end = 0, None
-    for s, e in sorted(intervals):
-        if end is None or s > end:
-            total, end = total + (e - s), e
-        elif e > end:
-            total, end = total + (e - end), e
-    return total / 1e6
-
-
 def jax_profile(step, steps):
     """{instruction name: [(start_ns, end_ns), ...]} of `steps` calls of `step()` (a `timing.Carried`)."""
     jax.block_until_ready(step())  # warm-up
     with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
+        with trace(trace_dir):
             for _ in range(steps):
                 out = step()
             jax.block_until_ready(out)
-        (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-        data = jax.profiler.ProfileData.from_file(path)
-    intervals, ends = collections.defaultdict(list), collections.defaultdict(list)
-    for plane in data.planes:
-        for line in plane.lines:
-            for e in line.events:
-                if e.name.startswith("end: "):  # an asynchronous op (a convolution) completes here
-                    ends[e.name[5:]].append((e.start_ns, e.end_ns))
-                else:
-                    intervals[e.name].append((e.start_ns, e.end_ns))
-    for name, done in ends.items():  # an async op runs from its last start before the end event
-        starts = sorted(s for s, _ in intervals[name])
-        intervals[name] += [(max([s for s in starts if s <= start] or [start]), end) for start, end in done]
-    return intervals
+        return op_intervals(trace_dir)
 
 
 def torch_profile(torch, step, steps):

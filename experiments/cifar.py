@@ -63,6 +63,9 @@ def parse_config(argv):
     parser.add_argument("--workdir", type=Path, default=Path("runs/cifar"),
                         help="where summary.json, plots, TensorBoard events and checkpoints go")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --workdir")
+    parser.add_argument("--profile", action="store_true",
+                        help="trace the first call of steps with jax.profiler into WORKDIR/profile and print its "
+                             "slowest ops (open it with tensorboard --logdir WORKDIR/profile)")
     cli.process_flags(parser)
     cli.add_config_flags(parser, CifarConfig, _help, CHOICES)
     args = parser.parse_args(argv)
@@ -131,14 +134,15 @@ def _devices():
     return str(devices[0]) if len(devices) == 1 else f"{len(devices)} devices ({devices[0].platform}, data parallel)"
 
 
-def run_one(cfg, dataset, workdir, run, resume, main_process=True):
+def run_one(cfg, dataset, workdir, run, resume, main_process=True, profile=None):
     """One run, its TensorBoard scalars written as each epoch ends (a killed run keeps its history);
     only process 0 of a multi-process run logs and writes scalars."""
     scalars = TensorBoardScalars(workdir / "tensorboard" / f"run{run}") if main_process else None
     try:
         result = train_and_evaluate(cfg, dataset, run=run, resume=resume, on_epoch=scalars,
                                     checkpoint_dir=workdir / "checkpoints" / f"run{run}",
-                                    progress=main_process, log=print if main_process else _quiet)
+                                    progress=main_process, log=print if main_process else _quiet,
+                                    profile=profile)
         if scalars:
             scalars(result.history.epochs, {"final/test_accuracy": result.test_accuracy})
     finally:
@@ -209,7 +213,8 @@ def run(cfg, args):
             say(f"run {run + 1}/{cfg.runs} (seed {cfg.seed + run})")
         t0 = time.perf_counter()
         try:
-            result = run_one(cfg, dataset, workdir, run, args.resume, main_process)
+            result = run_one(cfg, dataset, workdir, run, args.resume, main_process,
+                             profile=workdir / "profile" if args.profile and run == 0 and main_process else None)
         except (ConfigError, CheckpointError, TrainingDiverged) as e:
             sys.exit(f"error: {e}")
         except KeyboardInterrupt:

@@ -390,3 +390,16 @@ def test_the_experiment_runs_the_muon_record_by_default(tmp_path):
     cfg, _, _ = cifar_experiment.parse_config(["--workdir", str(tmp_path / "run")])
     assert cfg == PRESETS["airbench94_muon"] and cfg.optimizer == "muon"
     assert cifar_experiment.parse_config(["--preset", "airbench94", "--workdir", str(tmp_path / "run")])[0] == CifarConfig()
+
+
+def test_profile_writes_a_trace_and_names_the_slowest_ops(tiny_dataset, tmp_path, capsys):
+    src = pathlib.Path(tiny_dataset.source)
+    cifar_experiment.main(["--data", str(src), "--data-dir", str(src.parent / "tfds"), "--workdir",
+                           str(tmp_path / "run"), "--model", "fastnet_tiny", "--epochs", "1", "--batch-size", "16",
+                           "--eval-batch-size", "16", "--whiten-bias-epochs", "1", "--profile"])
+    assert list((tmp_path / "run" / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    out = capsys.readouterr().out
+    assert f"in {tmp_path / 'run' / 'profile'}" in out and "tensorboard --logdir" in out
+    rows = out.split("the slowest ops, ms a step:\n")[1].splitlines()[:10]
+    ops = [row.split()[1] for row in rows if row.strip() and row.split()[0].replace(".", "").isdigit()]
+    assert ops and {"convolution", "fusion"} & set(ops)  # XLA's real instructions, by opcode

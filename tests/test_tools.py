@@ -151,3 +151,11 @@ def test_the_first_nan_is_named_forward_or_backward(inject, where, name):
     else:
         assert (anomaly.where, anomaly.name) == (where, name) and anomaly.count > 0
         assert name in str(anomaly)
+
+
+def test_an_ops_metadata_reads_as_its_layer():
+    from fnlearn.tools.profile import readable, union_ms
+    assert readable("jit(train)/while/body/closed_call/transpose(jvp(FastNet))/block2/conv1/cond/branch_0_fun/"
+                    "conv_general_dilated") == "backward block2/conv1/conv_general_dilated"
+    assert readable("jit(train)/while/body/closed_call/jvp(FastNet)/block1/bn1/mul") == "block1/bn1/mul"
+    assert union_ms([(0, 2_000_000), (1_000_000, 3_000_000), (5_000_000, 6_000_000)]) == 4.0

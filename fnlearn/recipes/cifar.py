@@ -25,6 +25,7 @@ from fnlearn.checkpoint import Checkpoints
 from fnlearn.data import augment
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import confusion_matrix
+from fnlearn.tools.profile import hlo_ops, op_intervals, readable, top_ops, trace
 from fnlearn.train import (POLICIES, History, LossScale, StepProgress, TrainingDiverged, TrainState, batched, chunks,
                            cross_entropy, epoch_order, make_schedule, make_train_step, scan_steps)
 from fnlearn.train.loop import first_nonfinite_step
@@ -479,7 +480,7 @@ class RunResult:
 
 
 def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False, mesh=None, log=print,
-                       progress=True, on_epoch=None, make_state=create_state):
+                       progress=True, on_epoch=None, make_state=create_state, profile=None):
     """Trains one run of `cfg` on `dataset` and evaluates it; returns a `RunResult`.
 
     Args:
@@ -497,6 +498,8 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         call (1-based epoch; `record` maps each history name to the epoch's value).
       make_state: builds the starting TrainState, with `create_state`'s arguments (the
         transfer recipe passes one that loads pretrained weights and freezes some of them).
+      profile: a folder: the first call of steps (`steps_per_execution` of them) is traced there with
+        `jax.profiler`, and its slowest ops are logged after that epoch (None: no trace).
     Raises:
       ConfigError: the config does not fit the data or the saved run.
       TrainingDiverged: the training loss became NaN or Inf.
@@ -560,10 +563,16 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         steps = epoch_steps(epoch)
         order = epoch_order(order_key, epoch, len(train_x), cfg.batch_size)
         t_epoch = time.perf_counter()
-        metrics = []
+        metrics, profiled = [], None
         with StepProgress(steps, f"epoch {epoch + 1}/{n_epochs}", cfg.batch_size, disable=not progress) as bar:
             for c in chunks(steps, cfg.steps_per_execution):
-                state, m = train_fns[len(c)](state, jax.device_put(order[c.start:c.stop], index_sharding), epoch)
+                indices = jax.device_put(order[c.start:c.stop], index_sharding)
+                if profile is not None and epoch == start_epoch and not metrics:
+                    with trace(profile):
+                        state, m = jax.block_until_ready(train_fns[len(c)](state, indices, epoch))
+                    profiled = (c, top_ops(op_intervals(profile), hlo_ops(train_fns[len(c)].as_text()), len(c)))
+                else:
+                    state, m = train_fns[len(c)](state, indices, epoch)
                 metrics.append(m)
                 bar.dispatched(len(c), m["loss"])
         metrics = jax.device_get(jax.tree.map(lambda *v: jnp.concatenate(v), *metrics))
@@ -595,6 +604,12 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         if on_epoch:
             on_epoch(epoch + 1, record)
         log(f"{epoch + 1:>5} {loss:>10.4f} {accuracy:>9.4f} {eval_accuracy:>8.4f} {seconds:>8.1f}")
+        if profiled:
+            c, rows = profiled
+            first = epoch * steps_per_epoch + c.start + 1
+            log(f"profile of steps {first}-{first + len(c) - 1} in {profile} (open: tensorboard --logdir {profile}, "
+                f"the profile tab; or the .trace.json.gz in ui.perfetto.dev); the slowest ops, ms a step:\n"
+                + "\n".join(f"{ms:9.2f}  {opcode:<12} {name:<28} {readable(op_name)}" for ms, name, opcode, op_name in rows))
     if checkpoints:
         checkpoints.close()
 

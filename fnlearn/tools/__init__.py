@@ -1,5 +1,5 @@
 """Developer tools: the model summary with FLOPs (`python -m fnlearn.summary`), graphs, gradient hooks and
-statistics, and where a NaN first appears."""
+statistics, profiling, and where a NaN first appears."""
 from fnlearn.tools.summary import Summary
 from fnlearn.tools.summary import cost_flops
 from fnlearn.tools.summary import summary

@@ -1,0 +1,84 @@
+"""Profiling a few steps with `jax.profiler`, and the ops that took the time.
+
+`trace(folder)` records a trace that TensorBoard's profile plugin or Perfetto opens (the
+`.xplane.pb` under `folder/plugins/profile/<run>/`; `tensorboard --logdir folder`, or
+ui.perfetto.dev on the `.trace.json.gz`). `op_intervals` reads it back; `top_ops` ranks the
+compiled program's instructions by wall-clock time, counting overlaps of one op once.
+"""
+import collections
+import contextlib
+import glob
+import re
+
+import jax
+
+
+def hlo_ops(hlo_text):
+    """{instruction name: (opcode, op_name metadata)} of a compiled module's text."""
+    ops = {}
+    for line in hlo_text.splitlines():
+        # The result type is one word, or a tuple "(f32[2]{0}, s32[])" (multi-output fusions, loops).
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (?:\(.*?\)|\S+) ([\w-]+)\(", line)
+        if m:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            ops[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+    return ops
+
+
+def union_ms(intervals):
+    """Total length in ms of the union of (start_ns, end_ns) intervals."""
+    total, end = 0, None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            total, end = total + (e - s), e
+        elif e > end:
+            total, end = total + (e - end), e
+    return total / 1e6
+
+
+@contextlib.contextmanager
+def trace(folder):
+    """Records a `jax.profiler` trace of what runs inside the block into `folder`; yields the folder.
+
+    Block on the block's last result before it ends, so its work is inside the trace.
+    """
+    with jax.profiler.trace(str(folder)):
+        yield folder
+
+
+def op_intervals(folder):
+    """{event name: [(start_ns, end_ns), ...]} of the newest trace under `folder`."""
+    paths = sorted(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True))
+    data = jax.profiler.ProfileData.from_file(paths[-1])
+    intervals, ends = collections.defaultdict(list), collections.defaultdict(list)
+    for plane in data.planes:
+        for line in plane.lines:
+            for e in line.events:
+                if e.name.startswith("end: "):  # an asynchronous op (a convolution) completes here
+                    ends[e.name[5:]].append((e.start_ns, e.end_ns))
+                else:
+                    intervals[e.name].append((e.start_ns, e.end_ns))
+    for name, done in ends.items():  # an async op runs from its last start before the end event
+        starts = sorted(s for s, _ in intervals[name])
+        intervals[name] += [(max([s for s in starts if s <= start] or [start]), end) for start, end in done]
+    return intervals
+
+
+def top_ops(intervals, ops, steps=1, top=10):
+    """`[(ms per step, instruction, opcode, op_name)]`, the `top` slowest of the program's instructions.
+
+    Args:
+      intervals: `op_intervals`'s result.
+      ops: `hlo_ops` of the compiled program that ran.
+      steps: how many steps the trace holds, to divide by.
+    """
+    rows = [(union_ms(iv) / steps, name, *ops[name]) for name, iv in intervals.items()
+            if name in ops and ops[name][0] not in ("while", "conditional", "call")]  # these span others
+    return sorted(rows, key=lambda row: -row[0])[:top]
+
+
+def readable(op_name):
+    """An op's metadata as the layer it came from: "backward block2/conv1/conv_general_dilated"."""
+    where = op_name.rsplit(")/", 1)[-1]
+    where = re.sub(r"/(cond|branch_\d+_fun|closed_call|while|body)(?=/|$)", "", where)
+    return ("backward " if "transpose(" in op_name else "") + where
