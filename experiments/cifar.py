@@ -64,8 +64,8 @@ def parse_config(argv):
                         help="where summary.json, plots, TensorBoard events and checkpoints go")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --workdir")
     parser.add_argument("--profile", action="store_true",
-                        help="trace the first call of steps with jax.profiler into WORKDIR/profile and print its "
-                             "slowest ops (open it with tensorboard --logdir WORKDIR/profile)")
+                        help="trace the second call of steps (a warm program) with jax.profiler into WORKDIR/profile "
+                             "and print its slowest ops (open it with tensorboard --logdir WORKDIR/profile)")
     cli.process_flags(parser)
     cli.add_config_flags(parser, CifarConfig, _help, CHOICES)
     args = parser.parse_args(argv)

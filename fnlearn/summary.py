@@ -4,8 +4,9 @@
     python -m fnlearn.summary fastnet --batch 512 --train
     python -m fnlearn.summary simple_net --input-shape 784
 
-In code: `print(fnlearn.tools.summary(model, jnp.zeros((1, 32, 32, 3))))`. How the FLOPs
-are counted: `fnlearn.tools.summary`. Seconds (every module call is compiled once).
+In code: `from fnlearn.summary import summary` (or `fnlearn.tools.summary`), then
+`print(summary(model, jnp.zeros((1, 32, 32, 3))))`. How the FLOPs are counted:
+`fnlearn.tools.summary`. Seconds (every module call is compiled once).
 """
 import argparse
 import sys
@@ -37,9 +38,9 @@ def main(argv=None):
         sys.exit(f"error: --input-shape {args.input_shape!r} and --batch {args.batch} must be positive whole numbers")
     try:
         result = summary(models.get(args.model), jnp.zeros((args.batch, *shape)), train=args.train, depth=args.depth)
-    except (TypeError, ValueError) as e:  # the model refuses this input shape
-        sys.exit(f"error: {args.model} does not take inputs of shape {(args.batch, *shape)}: "
-                 f"{str(e).splitlines()[0]}; pass --input-shape")
+    except (TypeError, ValueError) as e:  # the model refuses this input, or needs another argument
+        sys.exit(f"error: cannot summarise {args.model} on inputs of shape {(args.batch, *shape)}: "
+                 f"{str(e).splitlines()[0]}")
     print(result)
 
 

@@ -1,4 +1,6 @@
 """Developer tools: the model summary's parameter counts and FLOPs, checked by hand."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -50,7 +52,7 @@ def test_the_command_prints_the_table_and_refuses_unknown_models(capsys):
     assert "parameters: 101,770" in out and "forward + backward" in out  # 784*128+128 + 128*10+10
     with pytest.raises(SystemExit, match="unknown model 'resnet19'"):
         summary_command.main(["resnet19"])
-    with pytest.raises(SystemExit, match="does not take inputs of shape"):
+    with pytest.raises(SystemExit, match="cannot summarise resnet18 on inputs of shape"):
         summary_command.main(["resnet18", "--input-shape", "784"])
 
 
@@ -67,10 +69,18 @@ def test_the_jaxpr_graph_names_the_ops_and_boxes_them_by_module():
     assert "->" in dot
 
 
-def test_the_hlo_graph_shows_what_xla_runs():
-    dot = graph.hlo_dot(lambda x, w: jnp.tanh(x @ w).sum(), jnp.ones((4, 8)), jnp.ones((8, 2)))
-    assert dot.startswith("digraph hlo") and "parameter" in dot and "->" in dot
-    assert "f32[4,8]" in dot and "f32[8,2]" in dot
+def test_the_hlo_graph_shows_what_xla_runs_loops_and_tuples_included():
+    def f(x, w):
+        y = jax.lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c @ w), x)
+        return y.sum(), y  # a tuple out of a loop's tuple
+    dot = graph.hlo_dot(f, jnp.ones((4, 8)), jnp.ones((8, 8)))
+    assert dot.startswith("digraph hlo") and "parameter" in dot and "f32[4,8]" in dot and "f32[8,8]" in dot
+    nodes = dict(re.findall(r'^  "([^"]+)" \[label="([^"\\]+)', dot, re.M))
+    edges = re.findall(r'^  "([^"]+)" -> "([^"]+)";', dot, re.M)
+    assert {"tuple", "get-tuple-element"} <= {label for label in nodes.values()}
+    assert all(a in nodes and b in nodes for a, b in edges)  # every arrow joins two drawn instructions
+    outputs = [name for name, label in nodes.items() if label == "tuple"]
+    assert any(b == outputs[-1] for _, b in edges)  # the result tuple is fed
 
 
 def test_rendering_without_graphviz_names_the_missing_program(tmp_path, monkeypatch):
@@ -112,6 +122,7 @@ def test_the_gradient_hook_fires_under_jit_with_the_outputs_shapes_and_values():
     hooked = hook_gradients(model.apply, ["layer1_0/conv1", "fc"], lambda path, g: seen.append((path, np.array(g))))
     grads = jax.jit(jax.grad(lambda p: loss(p, hooked)))(variables["params"])
     jax.block_until_ready(grads)
+    seen = sorted(seen, key=lambda item: item[0] != "fc")  # callbacks under jit come in no set order
     assert [(path, g.shape) for path, g in seen] == [("fc", (4, 10)), ("layer1_0/conv1", (4, 16, 16, 8))]
     # fc's output gradient is d(mean cross-entropy)/d(logits) = (softmax - onehot) / batch, by hand.
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
@@ -128,16 +139,21 @@ def test_the_gradient_hook_fires_under_jit_with_the_outputs_shapes_and_values():
     ("parameter", "parameter", "layer2_0/bn1/scale"),
     ("input", "forward", "conv1"),
     ("backward", "backward", "fc"),
+    ("input on 8 devices", "forward", "conv1"),
 ])
 def test_the_first_nan_is_named_forward_or_backward(inject, where, name):
     model, variables, _ = _resnet_tiny_loss()
-    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
     if inject == "parameter":
         scale = variables["params"]["layer2_0"]["bn1"]["scale"]
         variables = jax.tree_util.tree_map_with_path(
             lambda p, a: scale.at[3].set(jnp.inf) if path_name(p) == "params/layer2_0/bn1/scale" else a, variables)
-    if inject == "input":
+    if inject.startswith("input"):
         x = x.at[0, 0, 0, 0].set(jnp.nan)
+    if inject == "input on 8 devices":  # the recipe's layout: state replicated, the batch split
+        mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+        variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
 
     def loss(params, x):
         logits = model.apply({**variables, "params": params}, x)
@@ -158,4 +174,5 @@ def test_an_ops_metadata_reads_as_its_layer():
     assert readable("jit(train)/while/body/closed_call/transpose(jvp(FastNet))/block2/conv1/cond/branch_0_fun/"
                     "conv_general_dilated") == "backward block2/conv1/conv_general_dilated"
     assert readable("jit(train)/while/body/closed_call/jvp(FastNet)/block1/bn1/mul") == "block1/bn1/mul"
+    assert readable("jit(train)/while/body/closed_call/jvp(FastNet)/block1/jit(gelu)/max") == "block1/max"
     assert union_ms([(0, 2_000_000), (1_000_000, 3_000_000), (5_000_000, 6_000_000)]) == 4.0

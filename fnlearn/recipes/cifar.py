@@ -25,7 +25,7 @@ from fnlearn.checkpoint import Checkpoints
 from fnlearn.data import augment
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import confusion_matrix
-from fnlearn.tools.profile import hlo_ops, op_intervals, readable, top_ops, trace
+from fnlearn.tools.profile import hlo_ops, op_intervals, readable, top_ops
 from fnlearn.train import (POLICIES, History, LossScale, StepProgress, TrainingDiverged, TrainState, batched, chunks,
                            cross_entropy, epoch_order, make_schedule, make_train_step, scan_steps)
 from fnlearn.train.loop import first_nonfinite_step
@@ -498,8 +498,9 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         call (1-based epoch; `record` maps each history name to the epoch's value).
       make_state: builds the starting TrainState, with `create_state`'s arguments (the
         transfer recipe passes one that loads pretrained weights and freezes some of them).
-      profile: a folder: the first call of steps (`steps_per_execution` of them) is traced there with
-        `jax.profiler`, and its slowest ops are logged after that epoch (None: no trace).
+      profile: a folder: one call of steps (`steps_per_execution` of them; the second of this call's
+        first epoch, or its only one) is traced there with `jax.profiler`, and its slowest ops are
+        logged after that epoch (None: no trace).
     Raises:
       ConfigError: the config does not fit the data or the saved run.
       TrainingDiverged: the training loss became NaN or Inf.
@@ -556,6 +557,8 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         predictions = np.asarray(jnp.argmax(eval_fns[tta](state.variables, test_images), -1))
         return float(np.mean(predictions == test_y)), predictions
 
+    if profile is not None and start_epoch >= n_epochs:
+        log("--profile: this run has no steps left to train, so nothing was traced")
     eval_seconds, warned = 0.0, None
     if start_epoch == 0:
         log(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'test acc':>8} {'seconds':>8}")
@@ -564,13 +567,16 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         order = epoch_order(order_key, epoch, len(train_x), cfg.batch_size)
         t_epoch = time.perf_counter()
         metrics, profiled = [], None
+        epoch_chunks = chunks(steps, cfg.steps_per_execution)
+        # The traced call: this call's first epoch's second (a warm program), or its only one.
+        traced = min(1, len(epoch_chunks) - 1) if profile is not None and epoch == start_epoch else None
         with StepProgress(steps, f"epoch {epoch + 1}/{n_epochs}", cfg.batch_size, disable=not progress) as bar:
-            for c in chunks(steps, cfg.steps_per_execution):
+            for i, c in enumerate(epoch_chunks):
                 indices = jax.device_put(order[c.start:c.stop], index_sharding)
-                if profile is not None and epoch == start_epoch and not metrics:
-                    with trace(profile):
+                if i == traced:
+                    with jax.profiler.trace(str(profile), create_perfetto_trace=True):
                         state, m = jax.block_until_ready(train_fns[len(c)](state, indices, epoch))
-                    profiled = (c, top_ops(op_intervals(profile), hlo_ops(train_fns[len(c)].as_text()), len(c)))
+                    profiled = c
                 else:
                     state, m = train_fns[len(c)](state, indices, epoch)
                 metrics.append(m)
@@ -604,12 +610,14 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         if on_epoch:
             on_epoch(epoch + 1, record)
         log(f"{epoch + 1:>5} {loss:>10.4f} {accuracy:>9.4f} {eval_accuracy:>8.4f} {seconds:>8.1f}")
-        if profiled:
-            c, rows = profiled
+        if profiled:  # read after the epoch's clock stopped (the tracer's own start and stop are in it)
+            c = profiled
+            rows = top_ops(op_intervals(profile), hlo_ops(train_fns[len(c)].as_text()), len(c))
             first = epoch * steps_per_epoch + c.start + 1
             log(f"profile of steps {first}-{first + len(c) - 1} in {profile} (open: tensorboard --logdir {profile}, "
-                f"the profile tab; or the .trace.json.gz in ui.perfetto.dev); the slowest ops, ms a step:\n"
-                + "\n".join(f"{ms:9.2f}  {opcode:<12} {name:<28} {readable(op_name)}" for ms, name, opcode, op_name in rows))
+                f"the profile tab; or its perfetto_trace.json.gz in ui.perfetto.dev); the slowest ops, ms a step:\n"
+                + ("\n".join(f"{ms:9.2f}  {opcode:<12} {name:<28} {readable(op_name)}"
+                             for ms, name, opcode, op_name in rows) or "  (none named by the program's HLO here)"))
     if checkpoints:
         checkpoints.close()
 

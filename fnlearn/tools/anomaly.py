@@ -2,12 +2,13 @@
 
 `find_anomaly` runs one forward and backward pass of a loss and checks, in the order they
 are computed, the parameters, every submodule's output, the loss, every submodule's output
-gradient and the parameters' gradients, and names the first that is not finite. The checks
-are `jax.debug.callback`s (ordered), so the pass may be jitted; a training loop calls it
-once, on the last finite state and the batch that broke it.
+gradient and the parameters' gradients, and names the first that is not finite. The pass is
+jitted, its checks `jax.debug.callback`s numbered as they are traced; a training loop calls
+it once, on the last finite state and the batch that broke it.
 """
 import dataclasses
 import functools
+import itertools
 
 import flax.linen as nn
 import jax
@@ -15,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnlearn.pytrees import path_name
-from fnlearn.tools.grads import grad_hook
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,37 +50,48 @@ def find_anomaly(loss_fn, variables, *args):
     Returns:
       an `Anomaly`, or None when every value was finite.
     """
-    events = []  # (where, name, count, size), in the order computed
+    # Each check is numbered while the pass is traced: the forward in the order it runs, the backward
+    # in the order JAX transposes it (the reverse). The callbacks themselves may run in any order
+    # (unordered ones work on several devices), so the first anomaly is the lowest number.
+    events, counter = [], itertools.count()
 
-    def record(where, name, x):
+    def record(number, where, name, x):
         count, size = _nonfinite(x)
-        events.append((where, name, count, size))
+        events.append((number, where, name, count, size))
 
     def watch(where, name, x):
         if jnp.issubdtype(x.dtype, jnp.inexact):
-            jax.debug.callback(functools.partial(record, where, name), x, ordered=True)
+            jax.debug.callback(functools.partial(record, next(counter), where, name), x)
         return x
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def watch_backward(x, name):
+        return x
+
+    def backward(name, _, cotangent):
+        jax.debug.callback(functools.partial(record, next(counter), "backward", name), cotangent)
+        return (cotangent,)
+
+    watch_backward.defvjp(lambda x, name: (x, None), backward)
 
     def interceptor(next_fun, call_args, kwargs, context):
         out = next_fun(*call_args, **kwargs)
         path = "/".join(context.module.path)
         if context.method_name != "__call__" or not path:
             return out
-        out = jax.tree.map(lambda y: watch("forward", path, y), out)
-        backward = functools.partial(record, "backward")
-        return jax.tree.map(lambda y: grad_hook(y, backward, path) if jnp.issubdtype(y.dtype, jnp.inexact)
-                            else y, out)
+        return jax.tree.map(lambda y: watch_backward(watch("forward", path, y), path)
+                            if jnp.issubdtype(y.dtype, jnp.inexact) else y, out)
 
-    def loss(params):
+    def loss(params, *args):
         with nn.intercept_methods(interceptor):
             return watch("loss", "loss", loss_fn(params, *args))
 
     params = variables["params"]
     for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        record("parameter", path_name(keys), leaf)
-    grads = jax.grad(loss)(params)
+        record(-1, "parameter", path_name(keys), leaf)
+    grads = jax.block_until_ready(jax.jit(jax.grad(loss))(params, *args))
     jax.effects_barrier()
     for keys, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        record("gradient", path_name(keys), leaf)
-    first = next((e for e in events if e[2] > 0), None)
-    return None if first is None else Anomaly(*first)
+        record(next(counter), "gradient", path_name(keys), leaf)
+    first = min((e for e in events if e[3] > 0), default=None, key=lambda e: e[0])
+    return None if first is None else Anomaly(*first[1:])

@@ -52,7 +52,7 @@ def hook_gradients(apply_fn, patterns, fn):
     Args:
       apply_fn: a Flax `model.apply`.
       patterns: globs over "/"-joined module paths ("layer1_0/conv1", "layer4_*", "fc").
-      fn: `fn(path, gradient)`, called on the host during each backward pass, in graph order.
+      fn: `fn(path, gradient)`, called on the host during each backward pass (under `jit`, in no set order).
     Returns:
       the wrapped apply; differentiate through it as through `apply_fn`.
     """

@@ -7,7 +7,7 @@ node, named. `hlo_dot(fn, *args)` draws the program XLA compiles and runs for th
 the optimised HLO's entry computation, fusions as single nodes. `render(dot, path)` writes
 SVG, PNG or PDF through Graphviz's `dot` program.
 """
-import html
+import itertools
 import pathlib
 import re
 import shutil
@@ -29,7 +29,7 @@ def _label(eqn):
     name = eqn.primitive.name
     if isinstance(eqn.params.get("name"), str):  # jit[name=...], custom_jvp_call[name=...]
         name = f"{name}[{eqn.params['name']}]"
-    return f"{name}\\n{', '.join(_shape(v.aval) for v in eqn.outvars)}"
+    return f"{_escape(name)}\\n{', '.join(_shape(v.aval) for v in eqn.outvars)}"
 
 
 def jaxpr_dot(fn, *args, strip_top=True):
@@ -48,7 +48,7 @@ def jaxpr_dot(fn, *args, strip_top=True):
     def node_of(var):
         if isinstance(var, jcore.Literal):
             name = f"lit{len(names)}_{id(var)}"
-            lines.append(f'  {name} [label="{html.escape(str(var.val))}", shape=plaintext];')
+            lines.append(f'  {name} [label="{_escape(var.val)}", shape=plaintext];')
             return name
         return names[var]
 
@@ -81,13 +81,13 @@ def _clusters(clusters):
         for part in path:
             level = level.setdefault(part, {})
         level.setdefault(None, []).extend(nodes)
-    counter = iter(range(10**9))
+    counter = itertools.count()
 
     def write(level, indent):
         out = [f"{indent}{n}" for n in level.get(None, [])]
         for name, sub in level.items():
             if name is not None:
-                out.append(f'{indent}subgraph cluster_{next(counter)} {{ label="{html.escape(name)}"; style=rounded;')
+                out.append(f'{indent}subgraph cluster_{next(counter)} {{ label="{_escape(name)}"; style=rounded;')
                 out.extend(write(sub, indent + "  "))
                 out.append(f"{indent}}}")
         return out
@@ -95,13 +95,13 @@ def _clusters(clusters):
     return "\n".join(write(tree, "  ")) + "\n"
 
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?(%?[\w.\-]+)\s*=\s*(\S+(?:\[[^\]]*\])?(?:\{[^}]*\})?)\s+([\w\-]+)\((.*?)\)")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(\S+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\((.*)$")
 
 
 def hlo_dot(fn, *args):
     """The entry computation of `fn`'s optimised HLO for this backend as DOT source.
 
-    Each instruction is a node (a fusion one node, labelled with its kind), its operands the arrows.
+    Each instruction is a node (a fusion or a loop one node, labelled with its kind), its operands the arrows.
     """
     text = jax.jit(fn).lower(*args).compile().as_text()
     entry = text[text.index("ENTRY"):]
@@ -111,17 +111,20 @@ def hlo_dot(fn, *args):
         match = _INSTRUCTION.match(line)
         if not match:
             continue
-        name, shape, op, operands = match.groups()
-        node = re.sub(r"\W", "_", name.lstrip("%"))
-        kind = re.search(r"kind=(\w+)", line)
-        label = f"{op}{' ' + kind.group(1) if kind else ''}\\n{shape.split('{')[0]}"
-        lines.append(f'  {node} [label="{html.escape(label)}"];')
-        for operand in re.findall(r"%?([\w.\-]+)(?=[,)]|$)", operands):
-            source = re.sub(r"\W", "_", operand)
-            if source in known:
-                lines.append(f"  {source} -> {node};")
-        known.add(node)
+        name, shape, op, rest = match.groups()
+        kind = re.search(r"kind=(\w+)", rest)
+        shape = re.sub(r"\{[^}]*\}", "", shape)  # layouts
+        lines.append(f'  "{name}" [label="{_escape(op)}{" " + kind.group(1) if kind else ""}\\n{_escape(shape)}"];')
+        for operand in re.findall(r"%([\w.\-]+)", rest.split(", metadata=")[0]):
+            if operand in known:
+                lines.append(f'  "{operand}" -> "{name}";')
+        known.add(name)
     return "digraph hlo {\n  node [shape=box, fontsize=10];\n" + "\n".join(lines) + "\n}\n"
+
+
+def _escape(text):
+    """`text` inside a double-quoted DOT string."""
+    return str(text).replace("\\", "\\\\").replace('"', '\\"')
 
 
 def render(dot, path):
@@ -135,11 +138,14 @@ def render(dot, path):
     if fmt in ("dot", "gv"):
         path.write_text(dot)
         return path
+    if fmt not in ("svg", "png", "pdf"):
+        raise GraphError(f"{path}: write a .svg, .png, .pdf or .dot file")
     program = shutil.which("dot")
     if program is None:
         raise GraphError(f"writing {path} needs Graphviz's `dot` program, which is not on PATH: install graphviz "
                          f"(apt-get install graphviz, brew install graphviz), or write a .dot file instead")
     result = subprocess.run([program, f"-T{fmt}", "-o", str(path)], input=dot, text=True, capture_output=True)
     if result.returncode != 0:
-        raise GraphError(f"dot could not write {path}: {result.stderr.strip().splitlines()[-1] if result.stderr else fmt}")
+        message = result.stderr.strip().splitlines()
+        raise GraphError(f"dot could not write {path}: {message[-1] if message else f'exit code {result.returncode}'}")
     return path

@@ -1,13 +1,15 @@
 """Profiling a few steps with `jax.profiler`, and the ops that took the time.
 
-`trace(folder)` records a trace that TensorBoard's profile plugin or Perfetto opens (the
-`.xplane.pb` under `folder/plugins/profile/<run>/`; `tensorboard --logdir folder`, or
-ui.perfetto.dev on the `.trace.json.gz`). `op_intervals` reads it back; `top_ops` ranks the
-compiled program's instructions by wall-clock time, counting overlaps of one op once.
+`jax.profiler.trace(folder, create_perfetto_trace=True)` records a trace that TensorBoard's
+profile plugin opens (the `.xplane.pb` under `folder/plugins/profile/<run>/`; `tensorboard
+--logdir folder`) and a `perfetto_trace.json.gz` beside it for ui.perfetto.dev. `op_intervals`
+reads it back; `top_ops` ranks the compiled program's instructions by wall-clock time,
+counting overlaps of one op once. On a CPU each trace event is named by its HLO
+instruction; on a GPU its kernels may not be, and `top_ops` then finds none.
 """
 import collections
-import contextlib
 import glob
+import os
 import re
 
 import jax
@@ -36,20 +38,12 @@ def union_ms(intervals):
     return total / 1e6
 
 
-@contextlib.contextmanager
-def trace(folder):
-    """Records a `jax.profiler` trace of what runs inside the block into `folder`; yields the folder.
-
-    Block on the block's last result before it ends, so its work is inside the trace.
-    """
-    with jax.profiler.trace(str(folder)):
-        yield folder
-
-
 def op_intervals(folder):
-    """{event name: [(start_ns, end_ns), ...]} of the newest trace under `folder`."""
-    paths = sorted(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True))
-    data = jax.profiler.ProfileData.from_file(paths[-1])
+    """{event name: [(start_ns, end_ns), ...]} of the newest trace under `folder` (one `jax.profiler.trace` wrote)."""
+    paths = glob.glob(os.path.join(glob.escape(str(folder)), "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no jax.profiler trace (*.xplane.pb) under {folder}")
+    data = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
     intervals, ends = collections.defaultdict(list), collections.defaultdict(list)
     for plane in data.planes:
         for line in plane.lines:
@@ -77,8 +71,10 @@ def top_ops(intervals, ops, steps=1, top=10):
     return sorted(rows, key=lambda row: -row[0])[:top]
 
 
+_STRUCTURE = re.compile(r"cond|while|body|closed_call|branch_\d+_fun|.*\(.*")  # jit(f), jvp(Model), ...
+
+
 def readable(op_name):
     """An op's metadata as the layer it came from: "backward block2/conv1/conv_general_dilated"."""
-    where = op_name.rsplit(")/", 1)[-1]
-    where = re.sub(r"/(cond|branch_\d+_fun|closed_call|while|body)(?=/|$)", "", where)
+    where = "/".join(part for part in op_name.split("/") if part and not _STRUCTURE.fullmatch(part))
     return ("backward " if "transpose(" in op_name else "") + where

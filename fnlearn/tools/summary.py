@@ -1,11 +1,12 @@
 """A model's layers with output shapes, parameters, bytes and FLOPs: torchsummary's analogue.
 
-The per-layer table is flax's `nn.tabulate`, which traces each module call and asks XLA's
-cost analysis for its FLOPs, compiled for this backend: the forward (`flops`), and the
+The per-layer table is flax's `nn.tabulate`, which traces each module call and takes XLA's
+cost analysis of it as lowered (before XLA's optimisations): the forward (`flops`), and the
 forward plus backward (`vjp_flops`: `jax.vjp` of the call, applied to its output). The
-totals come from the same cost analysis of the whole model's `apply`. XLA counts what it
-runs: a conv's multiply-adds as 2 FLOPs each, skipping padded taps; adds, activations and
-normalisation too; for bfloat16 compute on a CPU, the float32 it actually runs.
+totals are XLA's cost analysis of the whole model's `apply` as compiled for this backend.
+XLA counts a conv's or a matmul's multiply-adds as 2 FLOPs each (skipping padded taps), and
+adds, activations and normalisation too. Where a backend gives no analysis of the lowered
+program (flax then shows 0 a layer), the totals still come from the compiled one.
 """
 import dataclasses
 import functools
@@ -55,7 +56,7 @@ def _takes_train(model):
     return "train" in inspect.signature(model.__call__).parameters
 
 
-def summary(model, x, train=False, depth=None, width=160):
+def summary(model, x, train=False, depth=None, width=160, **call_kwargs):
     """Summarises `model` on the input `x` (e.g. `jnp.zeros((1, 32, 32, 3))`); nothing is computed.
 
     Args:
@@ -64,10 +65,11 @@ def summary(model, x, train=False, depth=None, width=160):
       train: call the model in training mode (BatchNorm on batch statistics), if it has one.
       depth: rows down to this nesting depth (None: every module).
       width: the table's width in characters.
+      **call_kwargs: further arguments of the model's call (e.g. `depth=` of `VariableDepthMLP`).
     Returns:
       a `Summary`; print it.
     """
-    kwargs = {"train": train} if _takes_train(model) else {}
+    kwargs = {**({"train": train} if _takes_train(model) else {}), **call_kwargs}
     key = jax.random.key(0)
     table = nn.tabulate(model, key, depth=depth, compute_flops=True, compute_vjp_flops=True,
                         console_kwargs={"width": width, "force_terminal": False})(x, **kwargs)
