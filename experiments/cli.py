@@ -3,7 +3,6 @@ and each flag's default, and number types that refuse bad values before any work
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import typing
@@ -11,53 +10,13 @@ from pathlib import Path
 
 import jax
 
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the docstring's line breaks (its usage examples) and adds each flag's default."""
-
-    def _get_help_string(self, action):
-        # "(default: None)" says nothing: such a flag's help says what leaving it out does.
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose user errors take two lines, not the whole usage block and then the error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag)\n")
+from fnlearn.cli import (HelpFormatter, Parser, finite_float, fraction, int_between, non_negative_float,  # noqa: F401
+                         non_negative_int, positive_float, positive_int, seed)
 
 
 def make_parser(name, doc):
     """The parser of `python -m experiments.NAME`; its `--help` opens with the module docstring."""
     return Parser(prog=f"python -m experiments.{name}", description=doc, formatter_class=HelpFormatter)
-
-
-def _number(kind, ok, what):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (math.isfinite(value) and ok(value)):
-            raise argparse.ArgumentTypeError(f"{text!r} must be {what}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-positive_int = _number(int, lambda v: v > 0, "a positive whole number")
-non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
-positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
-finite_float = _number(float, lambda v: True, "a finite number")
-fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-
-
-def int_between(low, high):
-    """A whole number in low..high, both included."""
-    return _number(int, lambda v: low <= v <= high, f"a whole number in {low}..{high}")
-
-
-seed = int_between(0, 2**32 - 1)  # the usual seed range; jax.random.key overflows past 2**63
 
 
 def add_config_flags(parser, config_cls, help, choices=None):

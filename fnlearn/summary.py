@@ -8,25 +8,24 @@ In code: `from fnlearn.summary import summary` (or `fnlearn.tools.summary`), the
 `print(summary(model, jnp.zeros((1, 32, 32, 3))))`. How the FLOPs are counted:
 `fnlearn.tools.summary`. Seconds (every module call is compiled once).
 """
-import argparse
 import sys
 
 import jax.numpy as jnp
 
 from fnlearn import models
+from fnlearn.cli import HelpFormatter, Parser, positive_int
 from fnlearn.tools.summary import summary
 
 __all__ = ["summary", "main"]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fnlearn.summary", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m fnlearn.summary", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("model", metavar="MODEL", help=f"a zoo model: {', '.join(models.names())}")
-    parser.add_argument("--input-shape", default="32,32,3", help="one example's shape, comma-separated (default: 32,32,3)")
-    parser.add_argument("--batch", type=int, default=1, help="the batch the FLOPs are counted for (default: 1)")
+    parser.add_argument("--input-shape", default="32,32,3", help="one example's shape, comma-separated")
+    parser.add_argument("--batch", type=positive_int, default=1, help="the batch the FLOPs are counted for")
     parser.add_argument("--train", action="store_true", help="training mode: BatchNorm on batch statistics")
-    parser.add_argument("--depth", type=int, help="rows down to this nesting depth (default: every module)")
+    parser.add_argument("--depth", type=positive_int, help="rows down to this nesting depth (default: every module)")
     args = parser.parse_args(argv)
     if args.model not in models.names():
         sys.exit(f"error: unknown model {args.model!r}; choose one of: {', '.join(models.names())}")
@@ -34,8 +33,8 @@ def main(argv=None):
         shape = tuple(int(v) for v in args.input_shape.split(","))
     except ValueError:
         shape = ()
-    if not shape or min(shape) <= 0 or args.batch <= 0:
-        sys.exit(f"error: --input-shape {args.input_shape!r} and --batch {args.batch} must be positive whole numbers")
+    if not shape or min(shape) <= 0:
+        parser.error(f"--input-shape {args.input_shape!r}: pass positive whole numbers, comma-separated")
     try:
         result = summary(models.get(args.model), jnp.zeros((args.batch, *shape)), train=args.train, depth=args.depth)
     except (TypeError, ValueError) as e:  # the model refuses this input, or needs another argument

@@ -10,60 +10,36 @@ The artifact is a StableHLO .zip or an .onnx file from `python -m experiments.ex
 Each batch size the model sees (powers of two up to --max-batch) is compiled before the
 port opens. See `fnlearn.serve.app` for the routes and what each refusal means.
 """
-import argparse
 import logging
-import math
 import sys
 import time
 
 import numpy as np
 import uvicorn
 
+from fnlearn.cli import HelpFormatter, Parser, non_negative_float, positive_float, positive_int
 from fnlearn.export import ArtifactError, load
 from fnlearn.serve.app import bucketed, make_app
 
 
-def _number(kind, low, strict):
-    """A finite number above `low` (or at least `low` where not `strict`), for argparse."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (math.isfinite(value) and (value > low if strict else value >= low)):
-            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {'>' if strict else '>='} {low}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    """User errors in two lines, not the whole usage block (as experiments.cli.Parser)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag)\n")
-
-
 def parse_args(argv):
-    parser = _Parser(prog="python -m fnlearn.serve", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m fnlearn.serve", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--artifact", required=True, help="the exported model (.zip StableHLO or .onnx)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
-    parser.add_argument("--max-batch", type=_number(int, 0, True), default=32,
-                        help="images per model call (default: 32)")
-    parser.add_argument("--max-wait-ms", type=_number(float, 0, False), default=5.0,
-                        help="how long a request waits for others to share its batch; 0: no wait (default: 5)")
-    parser.add_argument("--max-concurrency", type=_number(int, 0, True), default=256,
-                        help="predictions in flight at once; more are answered 503 (default: 256)")
-    parser.add_argument("--max-body-mb", type=_number(float, 0, True), default=8.0,
-                        help="request body limit in MiB (default: 8)")
-    parser.add_argument("--top-k", type=_number(int, 0, True), default=5,
-                        help="classes returned when a request gives no k (default: 5)")
-    parser.add_argument("--timeout", type=_number(float, 0, True), default=60.0,
-                        help="seconds a request may take to send its body (408) or to get its answer (504) "
-                             "(default: 60)")
+                        help="address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 every interface")
+    parser.add_argument("--max-batch", type=positive_int, default=32,
+                        help="images per model call")
+    parser.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
+                        help="how long a request waits for others to share its batch; 0: no wait")
+    parser.add_argument("--max-concurrency", type=positive_int, default=256,
+                        help="predictions in flight at once; more are answered 503")
+    parser.add_argument("--max-body-mb", type=positive_float, default=8.0,
+                        help="request body limit in MiB")
+    parser.add_argument("--top-k", type=positive_int, default=5,
+                        help="classes returned when a request gives no k")
+    parser.add_argument("--timeout", type=positive_float, default=60.0,
+                        help="seconds a request may take to send its body (408) or to get its answer (504)")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port}: pass a port from 1 to 65535")
