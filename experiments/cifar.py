@@ -37,7 +37,8 @@ from fnlearn.data import DataError, load_dataset
 from fnlearn.parallel import data_mesh
 from fnlearn.recipes.cifar import (CHOICES, DEFAULT_PRESET, PRESETS, CifarConfig, ConfigError, TrainingDiverged,
                                    backward_bytes, check_devices, check_resume, train_and_evaluate)
-from fnlearn.report import TensorBoardScalars, plot_confusion, plot_curves
+from fnlearn.report import TensorBoardWriter, plot_confusion, plot_curves
+from fnlearn.tools.tensorboard import StepSummaries
 
 
 def _help(field):
@@ -63,10 +64,9 @@ def parse_config(argv):
     parser.add_argument("--workdir", type=Path, default=Path("runs/cifar"),
                         help="where summary.json, plots, TensorBoard events and checkpoints go")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --workdir")
-    parser.add_argument("--profile", action="store_true",
-                        help="trace the second call of steps (a warm program) with jax.profiler into WORKDIR/profile "
-                             "and print its slowest ops (open it with tensorboard --logdir WORKDIR/profile)")
     cli.process_flags(parser)
+    cli.debug_flags(parser, "trace the second call of steps (a warm program) with jax.profiler into WORKDIR/profile "
+                            "and print its slowest ops (open it with tensorboard --logdir WORKDIR/profile)")
     cli.add_config_flags(parser, CifarConfig, _help, CHOICES)
     args = parser.parse_args(argv)
     try:
@@ -134,15 +134,18 @@ def _devices():
     return str(devices[0]) if len(devices) == 1 else f"{len(devices)} devices ({devices[0].platform}, data parallel)"
 
 
-def run_one(cfg, dataset, workdir, run, resume, main_process=True, profile=None):
+def run_one(cfg, dataset, workdir, run, resume, main_process=True, profile=None, tensorboard_every=0,
+            detect_anomaly=False):
     """One run, its TensorBoard scalars written as each epoch ends (a killed run keeps its history);
     only process 0 of a multi-process run logs and writes scalars."""
-    scalars = TensorBoardScalars(workdir / "tensorboard" / f"run{run}") if main_process else None
+    scalars = TensorBoardWriter(workdir / "tensorboard" / f"run{run}") if main_process else None
     try:
         result = train_and_evaluate(cfg, dataset, run=run, resume=resume, on_epoch=scalars,
                                     checkpoint_dir=workdir / "checkpoints" / f"run{run}",
                                     progress=main_process, log=print if main_process else _quiet,
-                                    profile=profile)
+                                    profile=profile, detect_anomaly=detect_anomaly,
+                                    summaries=StepSummaries(scalars, tensorboard_every)
+                                    if scalars and tensorboard_every else None)
         if scalars:
             scalars(result.history.epochs, {"final/test_accuracy": result.test_accuracy})
     finally:
@@ -214,9 +217,12 @@ def run(cfg, args):
         t0 = time.perf_counter()
         try:
             result = run_one(cfg, dataset, workdir, run, args.resume, main_process,
-                             profile=workdir / "profile" if args.profile and run == 0 and main_process else None)
-        except (ConfigError, CheckpointError, TrainingDiverged) as e:
+                             profile=workdir / "profile" if args.profile and run == 0 and main_process else None,
+                             tensorboard_every=args.tensorboard_every, detect_anomaly=args.detect_anomaly)
+        except (ConfigError, CheckpointError) as e:
             sys.exit(f"error: {e}")
+        except TrainingDiverged as e:
+            sys.exit(cli.diverged_message(e, workdir, {"model": cfg.model, "class_names": list(dataset.class_names)}))
         except KeyboardInterrupt:
             print(f"\ninterrupted; the checkpoints in {workdir / 'checkpoints'} are intact: "
                   f"rerun with --resume to continue", file=sys.stderr, flush=True)

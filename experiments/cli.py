@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 
+from fnlearn.checkpoint import save_variables
 from fnlearn.cli import (HelpFormatter, Parser, finite_float, fraction, int_between, non_negative_float,  # noqa: F401
                          non_negative_int, positive_float, positive_int, seed)
 
@@ -56,6 +57,31 @@ def check_workdir(parser, workdir):
         what = "is a file, not a folder" if existing == workdir else f"lies inside the file {existing}"
         parser.error(f"--workdir {workdir} {what}: pass a folder (it is created if missing)")
     return workdir
+
+
+def debug_flags(parser, profile_help):
+    """`--tensorboard-every`, `--detect-anomaly` and `--profile`: the developer tools every training
+    experiment takes (see the README's "Developer tools")."""
+    group = parser.add_argument_group("debugging (fnlearn.tools)")
+    group.add_argument("--tensorboard-every", type=non_negative_int, default=0, metavar="N",
+                       help="every N steps, write the step's loss, accuracy, gradient norm and learning rate, each "
+                            "layer's gradient norm, mean and max-abs, and histograms of the weights and gradients, "
+                            "to WORKDIR/tensorboard (0: off)")
+    group.add_argument("--detect-anomaly", action="store_true",
+                       help="check every step for NaN/Inf; at the first, rerun that step layer by layer, name where "
+                            "it appeared (forward or backward) and save the last finite weights to "
+                            "WORKDIR/last_finite (slower: a sync after every call)")
+    group.add_argument("--profile", action="store_true", help=profile_help)
+
+
+def diverged_message(error, workdir, meta):
+    """The one-line error for a `TrainingDiverged`; where it carries the last finite state (with
+    `--detect-anomaly`), its variables are first saved to WORKDIR/last_finite, with `meta`."""
+    if error.state is None or jax.process_count() > 1:
+        return f"error: {error}"
+    path = Path(workdir) / "last_finite"
+    save_variables(path, jax.device_get(error.state.variables), {**meta, "step": error.step})
+    return f"error: {error}. The last finite weights are in {path} (fnlearn.checkpoint.load_variables)"
 
 
 def process_flags(parser):

@@ -106,8 +106,7 @@ def model_and_variables(args):
 
 def runs_here(fmt, platforms):
     """Whether this process's backend can run the artifact (ONNX: onnxruntime on the CPU, always)."""
-    backend = {"gpu": ("cuda", "rocm")}.get(jax.default_backend(), (jax.default_backend(),))
-    return fmt == "onnx" or any(p in platforms for p in backend)
+    return fmt == "onnx" or any(p in platforms for p in export.platforms_here())
 
 
 def main(argv=None):

@@ -6,7 +6,8 @@
 `--data` takes an image-folder tree or archive, <root>/{train,test}/<class>/*.png.
 Adam 1e-3, batch 64, 5 epochs; the whole data set sits on the device and each
 epoch is one jitted step per batch. Writes `summary.json` (with `test_accuracy`)
-to the workdir. Target with TFDS MNIST: >= 97.5% for SimpleNet in 5 epochs.
+to the workdir, and with `--tensorboard-every N` TensorBoard events to WORKDIR/tensorboard.
+Target with TFDS MNIST: >= 97.5% for SimpleNet in 5 epochs.
 """
 import json
 import sys
@@ -19,7 +20,9 @@ from experiments import cli
 from fnlearn import models
 from fnlearn.data import DataError, load_dataset
 from fnlearn.parallel import check_divides, data_mesh
-from fnlearn.train import TrainState, fit, make_optimizer
+from fnlearn.report import TensorBoardWriter
+from fnlearn.tools.tensorboard import StepSummaries
+from fnlearn.train import TrainingDiverged, TrainState, fit, make_optimizer
 
 
 def standardize(train, test):
@@ -44,6 +47,9 @@ def main(argv=None):
     parser.add_argument("--compiled", action="store_true", help="run all epochs as one compiled program")
     parser.add_argument("--workdir", type=Path, default=Path("runs/mnist"),
                         help="folder for summary.json, created if missing")
+    cli.debug_flags(parser, "trace the second step (with --compiled: the whole run) with jax.profiler into "
+                            "WORKDIR/profile and print its slowest ops (open it with tensorboard --logdir "
+                            "WORKDIR/profile)")
     args = parser.parse_args(argv)
     cli.check_workdir(parser, args.workdir)
     try:
@@ -63,11 +69,22 @@ def main(argv=None):
     init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
     state = TrainState.create(apply_fn=model.apply, variables=model.init(init_key, x[:1]),
                               tx=make_optimizer("adam", args.lr))
-    state, history = fit(state, (x, y), epochs=args.epochs, batch_size=args.batch_size, key=shuffle_key,
-                         eval_data=(x_test, y_test), compiled=args.compiled, log_every=1)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    writer = TensorBoardWriter(args.workdir / "tensorboard") if args.tensorboard_every else None
+    try:
+        state, history = fit(state, (x, y), epochs=args.epochs, batch_size=args.batch_size, key=shuffle_key,
+                             eval_data=(x_test, y_test), compiled=args.compiled, log_every=1,
+                             detect_anomaly=args.detect_anomaly,
+                             summaries=StepSummaries(writer, args.tensorboard_every, {"lr": lambda _: args.lr})
+                             if writer else None,
+                             profile=args.workdir / "profile" if args.profile else None)
+    except TrainingDiverged as e:
+        sys.exit(cli.diverged_message(e, args.workdir, {"model": args.model}))
+    finally:
+        if writer:
+            writer.close()
     summary = {"test_accuracy": history["eval_accuracy"][-1], "model": args.model, "epochs": args.epochs,
                "seconds": sum(history["epoch_seconds"]), "history": history}
-    args.workdir.mkdir(parents=True, exist_ok=True)
     (args.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"test accuracy {summary['test_accuracy']:.4f}; wrote {args.workdir}/summary.json")
     return summary

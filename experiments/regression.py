@@ -5,9 +5,11 @@
 Takes seconds on a 2-core CPU, mostly start-up and compilation. After 100 epochs
 the MSE is about 0.05 on the noisy targets (the noise floor is 0.2² = 0.04); the
 line's w and b come back within 0.01. Writes `summary.json` and `regression.png`
-(loss curve and fit) to the workdir.
+(loss curve and fit) to the workdir, and with `--tensorboard-every N` TensorBoard events to
+WORKDIR/tensorboard/{net,line}.
 """
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -20,7 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from experiments import cli  # noqa: E402
 from fnlearn.models import LinearRegression, RegressionNet  # noqa: E402
 from fnlearn.parallel import data_mesh  # noqa: E402
-from fnlearn.train import TrainState, fit, make_optimizer, mse  # noqa: E402
+from fnlearn.report import TensorBoardWriter  # noqa: E402
+from fnlearn.tools.tensorboard import StepSummaries  # noqa: E402
+from fnlearn.train import TrainingDiverged, TrainState, fit, make_optimizer, mse  # noqa: E402
 
 
 def seed_data(key, n=100, noise=0.2):
@@ -29,13 +33,14 @@ def seed_data(key, n=100, noise=0.2):
     return x, x**2 + noise * jax.random.normal(key, x.shape)
 
 
-def train(model, x, y, optimizer, epochs, key, compiled, log_every):
-    """Full-batch training of `model` on (x, y); returns (state, history)."""
+def train(model, x, y, optimizer, epochs, key, compiled, log_every, **debug):
+    """Full-batch training of `model` on (x, y); returns (state, history). `debug`: `fit`'s
+    `detect_anomaly`, `summaries` and `profile`."""
     init_key, shuffle_key = jax.random.split(key)
     state = TrainState.create(apply_fn=model.apply, variables=model.init(init_key, x), tx=optimizer)
     # 100 points on one device: splitting a batch this small over several would only add traffic.
     return fit(state, (x, y), epochs=epochs, key=shuffle_key, loss_fn=mse, compiled=compiled,
-               mesh=data_mesh(jax.devices()[:1]), progress=False, log_every=log_every)
+               mesh=data_mesh(jax.devices()[:1]), progress=False, log_every=log_every, **debug)
 
 
 def plot(path, history, x, y, prediction):
@@ -59,6 +64,8 @@ def main(argv=None):
     parser.add_argument("--mode", choices=("compiled", "step"), default="compiled",
                         help="compiled: the whole run is one jitted lax.scan; step: a jitted step per epoch")
     parser.add_argument("--seed", type=cli.seed, default=0, help="PRNG seed for data, init and shuffling")
+    cli.debug_flags(parser, "trace RegressionNet's second step (in compiled mode: its whole run) with jax.profiler "
+                            "into WORKDIR/profile and print its slowest ops")
     args = parser.parse_args(argv)
     cli.check_workdir(parser, args.workdir)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -66,16 +73,30 @@ def main(argv=None):
     data_key, net_key, line_key, line_noise = jax.random.split(jax.random.key(args.seed), 4)
 
     x, y = seed_data(data_key)
+    writers = {name: TensorBoardWriter(args.workdir / "tensorboard" / name) for name in ("net", "line")
+               } if args.tensorboard_every else {}
+
+    def debug(name, lr):
+        return {"detect_anomaly": args.detect_anomaly,
+                "summaries": StepSummaries(writers[name], args.tensorboard_every, {"lr": lambda _: lr})
+                if writers else None}
+
     print(f"RegressionNet (1-20-1, ReLU), Adam lr 0.01, {args.epochs} full-batch epochs, {args.mode} mode")
-    state, history = train(RegressionNet(), x, y, make_optimizer("adam", 0.01), args.epochs, net_key,
-                           compiled, log_every=20)
+    try:
+        state, history = train(RegressionNet(), x, y, make_optimizer("adam", 0.01), args.epochs, net_key,
+                               compiled, log_every=20, **debug("net", 0.01),
+                               profile=args.workdir / "profile" if args.profile else None)
+        true_w, true_b = 2.0, -0.5
+        line_y = true_w * x + true_b + 0.1 * jax.random.normal(line_noise, x.shape)
+        line, _ = train(LinearRegression(), x, line_y, make_optimizer("sgd", 0.01), 2000, line_key,
+                        compiled, log_every=0, **debug("line", 0.01))
+    except TrainingDiverged as e:
+        sys.exit(cli.diverged_message(e, args.workdir, {"model": "regression"}))
+    finally:
+        for writer in writers.values():
+            writer.close()
     prediction = state.apply_fn({"params": state.params}, x)
     plot(args.workdir / "regression.png", history, x, y, prediction)
-
-    true_w, true_b = 2.0, -0.5
-    line_y = true_w * x + true_b + 0.1 * jax.random.normal(line_noise, x.shape)
-    line, _ = train(LinearRegression(), x, line_y, make_optimizer("sgd", 0.01), 2000, line_key,
-                    compiled, log_every=0)
     w = float(line.params["Linear_0"]["kernel"][0, 0])
     b = float(line.params["Linear_0"]["bias"][0])
     print(f"LinearRegression, SGD lr 0.01, 2000 epochs: w = {w:.3f} (true {true_w}), b = {b:.3f} (true {true_b})")

@@ -12,7 +12,8 @@ head alone, everything (the backbone at the head's rate, or `--backbone-lr-scale
 and from scratch. Prints a
 table; writes to `--workdir` summary.json (`head_only`, `full_finetune`, `scratch`: each
 final test accuracy as a fraction), transfer.png (the three test-accuracy curves), the
-pretrained weights and every run's checkpoints (`--resume` continues a killed experiment).
+pretrained weights, every run's checkpoints (`--resume` continues a killed experiment) and TensorBoard
+events (tensorboard/<run>/).
 On the 2-core CPU it takes about 32 minutes; the README has the measured figures.
 """
 import dataclasses
@@ -49,6 +50,8 @@ def parse_config(argv):
     parser.add_argument("--workdir", type=Path, default=Path("runs/transfer"),
                         help="where summary.json, transfer.png, the pretrained weights and checkpoints go")
     parser.add_argument("--resume", action="store_true", help="continue the experiment saved in --workdir")
+    cli.debug_flags(parser, "trace the first run's second call of steps with jax.profiler into WORKDIR/profile and "
+                            "print its slowest ops (open it with tensorboard --logdir WORKDIR/profile)")
     cli.add_config_flags(parser, TransferConfig, _help, {"model": tuple(models.names(task="image_classifier"))})
     args = parser.parse_args(argv)
     try:
@@ -84,9 +87,13 @@ def main(argv=None):
         if pretrained is not None:
             print(f"{cfg.model} from {cfg.weights}")
         dataset = load_dataset(cfg.data, data_dir=cfg.data_dir)
-        results = run_transfer(cfg, dataset, args.workdir, pretrained=pretrained, resume=args.resume)
-    except (ConfigError, CheckpointError, DataError, WeightsError, TrainingDiverged, ImportError) as e:
+        results = run_transfer(cfg, dataset, args.workdir, pretrained=pretrained, resume=args.resume,
+                               tensorboard_every=args.tensorboard_every, detect_anomaly=args.detect_anomaly,
+                               profile=args.profile)
+    except (ConfigError, CheckpointError, DataError, WeightsError, ImportError) as e:
         sys.exit(f"error: {e}")
+    except TrainingDiverged as e:
+        sys.exit(cli.diverged_message(e, args.workdir, {"model": cfg.model}))
     except KeyboardInterrupt:
         print(f"\ninterrupted; the checkpoints in {args.workdir} are intact: rerun with --resume to continue",
               file=sys.stderr, flush=True)

@@ -1,5 +1,7 @@
 """What a run shows a person: curves, a confusion matrix, TensorBoard scalars."""
 import os
+import pathlib
+import struct
 import time
 import uuid
 
@@ -15,8 +17,9 @@ def confusion_matrix(labels, predictions, num_classes):
     return matrix
 
 
-class TensorBoardScalars:
-    """An `on_epoch(epoch, record)` callback: each value of `record` as a TensorBoard scalar.
+class TensorBoardWriter:
+    """TensorBoard events: `writer(epoch, record)` (an `on_epoch` callback) writes each value of
+    `record` as a scalar; `scalars` and `histogram` write at any step.
 
     Written synchronously and flushed at once, so a killed run leaves the history it had
     (`tensorboardX.SummaryWriter` queues events for a thread that flushes every 2 minutes).
@@ -30,15 +33,55 @@ class TensorBoardScalars:
         self._writer = EventsWriter(os.path.join(folder, "events"), filename_suffix=f".{uuid.uuid4().hex[:8]}")
 
     def __call__(self, epoch, record):
-        from tensorboardX.proto.event_pb2 import Event
+        self.scalars(epoch, record)
+        self.flush()
+
+    def scalars(self, step, record):
+        """Each `name: value` of `record` as a scalar at `step`."""
         from tensorboardX.summary import scalar
 
         for name, value in record.items():
-            self._writer.write_event(Event(wall_time=time.time(), step=epoch, summary=scalar(name, value)))
+            self._write(step, scalar(name, float(value)))
+
+    def histogram(self, step, name, stats):
+        """A histogram from `fnlearn.tools.tensorboard.histogram_stats`' figures for one tensor (host values)."""
+        from tensorboardX.summary import histogram_raw
+
+        counts = np.asarray(stats["counts"])
+        low, high = float(stats["min"]), float(stats["max"])
+        limits = np.linspace(low, high, len(counts) + 1)[1:] if high > low else np.full(len(counts), high)
+        self._write(step, histogram_raw(name, low, high, float(stats["num"]), float(stats["sum"]),
+                                        float(stats["sum_squares"]), limits.tolist(), counts.tolist()))
+
+    def _write(self, step, summary):
+        from tensorboardX.proto.event_pb2 import Event
+
+        self._writer.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def flush(self):
         self._writer.flush()
 
     def close(self):
         self._writer.close()
+
+
+def read_events(folder):
+    """`[(step, tag, value)]` from the TensorBoard event files in `folder`, in the order written: a
+    scalar's value is a float, a histogram's its `HistogramProto` (`min`, `max`, `num`, `sum`,
+    `sum_squares`, `bucket_limit`, `bucket`). Reads the TFRecord framing (length, its CRC, the
+    event, its CRC) itself: no TensorFlow needed."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    found = []
+    for path in sorted(pathlib.Path(folder).glob("events.out.tfevents.*"), key=os.path.getmtime):
+        data, i = path.read_bytes(), 0
+        while i + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + length])
+            found += [(event.step, v.tag, v.histo if v.HasField("histo") else v.simple_value)
+                      for v in event.summary.value]
+            i += 12 + length + 4
+    return found
 
 
 def plot_curves(history, path):

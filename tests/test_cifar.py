@@ -4,7 +4,6 @@ import gc
 import json
 import os
 import pathlib
-import struct
 import time
 
 import jax
@@ -17,7 +16,7 @@ from experiments import mnist as mnist_experiment
 from fnlearn.checkpoint import CheckpointError, Checkpoints
 from fnlearn.data import load_dataset, online
 from fnlearn.data.subset import stratified_subset
-from fnlearn.report import TensorBoardScalars
+from fnlearn.report import TensorBoardWriter, read_events
 from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resume, create_state,
                                    make_train_fn, param_labels, sgd_rates, train_and_evaluate)
 from fnlearn.train import TrainingDiverged
@@ -129,7 +128,7 @@ def test_experiment_end_to_end_writes_everything(tiny_dataset, tmp_path):
     summary = cifar_experiment.main([
         "--data", str(src), "--data-dir", str(src.parent / "tfds"), "--workdir", str(workdir),
         "--model", "fastnet_tiny", "--epochs", "3", "--batch-size", "16", "--eval-batch-size", "16",
-        "--whiten-bias-epochs", "1", "--runs", "2"])
+        "--whiten-bias-epochs", "1", "--runs", "2", "--tensorboard-every", "4"])
     saved = json.loads((workdir / "summary.json").read_text())
     for key in ("test_accuracy", "train_seconds", "compile_seconds", "epochs", "model", "precision", "devices"):
         assert key in saved
@@ -143,12 +142,26 @@ def test_experiment_end_to_end_writes_everything(tiny_dataset, tmp_path):
     assert summary["test_accuracy"] == saved["test_accuracy"]
     for name in ("curves.png", "confusion.png"):
         assert (workdir / name).stat().st_size > 1000
-    assert list((workdir / "tensorboard" / "run1").glob("events.out.tfevents.*"))
+    # Per epoch, and with --tensorboard-every 4 per step: 96 images / 16 = 6 steps an epoch, 18 in all.
+    events = read_events(workdir / "tensorboard" / "run1")
+    assert [s for s, tag, _ in events if tag == "eval_accuracy"] == [1, 2, 3]
+    assert [s for s, tag, _ in events if tag == "step/loss"] == [4, 8, 12, 16]
+    # airbench94_muon's rate falls linearly from its peak over the 18 steps; step 4 applies step index 3's.
+    lr = [v for s, tag, v in events if tag == "step/lr" and s == 4][0]
+    assert lr == pytest.approx(sgd_rates(dataclasses.replace(PRESETS["airbench94_muon"], batch_size=16))[0] * 15 / 18)
+    histograms = {tag for s, tag, _ in events if s == 16 and tag.split("/")[0] in ("weights", "gradients")}
+    weights = {tag.split("/", 1)[1] for tag in histograms if tag.startswith("weights/")}
+    assert weights == {tag.split("/", 1)[1] for tag in histograms if tag.startswith("gradients/")}
+    assert "whiten/kernel" in weights and len(weights) > 10  # every parameter, the frozen stem's too
     assert (workdir / "checkpoints" / "run0" / "3").is_dir()
     # The first run's final confusion matrix: 4 classes of 8 test images each, row = true class.
     assert saved["class_names"] == ["class0", "class1", "class2", "class3"]
     assert np.array(saved["confusion"]).sum(1).tolist() == [8, 8, 8, 8]
     assert np.trace(saved["confusion"]) / 32 == pytest.approx(saved["test_accuracy_runs"][0])
+
+
+def _scalars(folder):
+    return [(tag, step) for step, tag, _ in read_events(folder)]
 
 
 def test_resume_gives_the_same_params_as_an_uninterrupted_run(tiny_dataset, tmp_path):
@@ -161,15 +174,18 @@ def test_resume_gives_the_same_params_as_an_uninterrupted_run(tiny_dataset, tmp_
 
     with pytest.raises(KeyboardInterrupt):
         train_and_evaluate(TINY, tiny_dataset, progress=False, log=killed_after_first_epoch,
-                           checkpoint_dir=tmp_path / "b")
+                           checkpoint_dir=tmp_path / "b", on_epoch=TensorBoardWriter(tmp_path / "tb"))
     assert sorted(os.listdir(tmp_path / "b")) == ["1"]
+    assert ("train_loss", 1) in _scalars(tmp_path / "tb")  # TensorBoard events: the killed run left its epoch
     with pytest.raises(ConfigError, match="--resume"):  # never overwritten without --resume
         train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None, checkpoint_dir=tmp_path / "b")
-    resumed = train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None,
-                                 checkpoint_dir=tmp_path / "b", resume=True)
+    resumed = train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None, checkpoint_dir=tmp_path / "b",
+                                 resume=True, on_epoch=TensorBoardWriter(tmp_path / "tb"))
     for a, b in zip(jax.tree.leaves(straight.state.variables), jax.tree.leaves(resumed.state.variables)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert resumed.history["train_loss"] == straight.history["train_loss"]
+    losses = [step for tag, step in _scalars(tmp_path / "tb") if tag == "train_loss"]
+    assert sorted(losses) == [1, 2]  # the resumed run added epoch 2 only
 
 
 def test_a_corrupt_checkpoint_is_named_in_one_line(tiny_dataset, tmp_path, capfd):
@@ -221,23 +237,18 @@ def test_offline_without_data_says_what_to_pass(tmp_path, monkeypatch, capsys):
     assert "--data" in message and "Traceback" not in message
 
 
-def test_mnist_experiment_on_a_generated_tree(tmp_path, write_tree):
+def test_mnist_experiment_on_a_generated_tree(tmp_path, write_tree, capsys):
     write_tree(tmp_path / "mnist", per_class=(30, 10), size=28, channels=1, classes=3, suffix=".png")
     summary = mnist_experiment.main(["--data", str(tmp_path / "mnist"), "--data-dir", str(tmp_path / "tfds"),
-                                     "--epochs", "3", "--batch-size", "16", "--workdir", str(tmp_path / "run")])
+                                     "--epochs", "3", "--batch-size", "16", "--workdir", str(tmp_path / "run"),
+                                     "--tensorboard-every", "5", "--profile", "--detect-anomaly"])
     assert summary["test_accuracy"] > 0.9  # 3 grey levels: chance is 1/3
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
-
-
-def test_muon_preset_writes_the_same_summary_keys(tiny_dataset, tmp_path):
-    src = pathlib.Path(tiny_dataset.source)
-    tiny = ["--data", str(src), "--data-dir", str(src.parent / "tfds"), "--model", "fastnet_tiny", "--epochs", "1",
-            "--batch-size", "16", "--eval-batch-size", "16", "--whiten-bias-epochs", "1"]
-    keys = {}
-    for preset in ("airbench94", "airbench94_muon"):
-        cifar_experiment.main(["--preset", preset, "--workdir", str(tmp_path / preset), *tiny])
-        keys[preset] = set(json.loads((tmp_path / preset / "summary.json").read_text()))
-    assert keys["airbench94"] == keys["airbench94_muon"] and "test_accuracy" in keys["airbench94"]
+    events = read_events(tmp_path / "run" / "tensorboard")  # 90 images / 16: 5 steps an epoch
+    assert [s for s, tag, _ in events if tag == "gradients/Linear_0/kernel"] == [5, 10, 15]
+    assert [v for _, tag, v in events if tag == "step/lr"] == pytest.approx([1e-3] * 3)
+    out = capsys.readouterr().out
+    assert f"profile of step 2 in {tmp_path / 'run' / 'profile'}" in out and "dot" in out  # SimpleNet's matmuls
 
 
 def test_smoke_preset_on_the_shared_cifar10(tmp_path):
@@ -354,38 +365,6 @@ def test_training_stuck_at_chance_is_warned(tiny_dataset):
     assert not any(line.startswith("warning:") for line in lines)
 
 
-def _scalars(folder):
-    """(tag, step) of every scalar in a folder's TensorBoard event files (TFRecord framing)."""
-    from tensorboardX.proto import event_pb2
-
-    found = []
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        data, i = path.read_bytes(), 0
-        while i < len(data):
-            (length,) = struct.unpack("<Q", data[i:i + 8])
-            event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
-            found += [(value.tag, event.step) for value in event.summary.value]
-            i += 12 + length + 4
-    return found
-
-
-def test_tensorboard_events_are_written_as_each_epoch_ends(tiny_dataset, tmp_path):
-    def killed_after_first_epoch(line):
-        if line.lstrip().startswith("1 "):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_and_evaluate(TINY, tiny_dataset, progress=False, log=killed_after_first_epoch,
-                           on_epoch=TensorBoardScalars(tmp_path / "tb"),
-                           checkpoint_dir=tmp_path / "checkpoints")
-    assert ("train_loss", 1) in _scalars(tmp_path / "tb")  # the killed run left its first epoch
-    train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None, resume=True,
-                       on_epoch=TensorBoardScalars(tmp_path / "tb"),
-                       checkpoint_dir=tmp_path / "checkpoints")
-    losses = [step for tag, step in _scalars(tmp_path / "tb") if tag == "train_loss"]
-    assert sorted(losses) == [1, 2]  # the resumed run added epoch 2 only
-
-
 def test_the_experiment_runs_the_muon_record_by_default(tmp_path):
     cfg, _, _ = cifar_experiment.parse_config(["--workdir", str(tmp_path / "run")])
     assert cfg == PRESETS["airbench94_muon"] and cfg.optimizer == "muon"
@@ -403,3 +382,13 @@ def test_profile_writes_a_trace_and_names_the_slowest_ops(tiny_dataset, tmp_path
     rows = out.split("the slowest ops, ms a step:\n")[1].splitlines()[:10]
     ops = [row.split()[1] for row in rows if row.strip() and row.split()[0].replace(".", "").isdigit()]
     assert ops and {"convolution", "fusion"} & set(ops)  # XLA's real instructions, by opcode
+
+
+def test_detect_anomaly_names_the_layer_and_keeps_the_last_finite_state(tiny_dataset):
+    # lr 1e30: the first step's update makes the second step's first conv overflow.
+    with pytest.raises(TrainingDiverged, match=r"step 1 \(epoch 1\): first NaN/Inf: the output of block1/conv1 "
+                                               r"\(forward\)") as err:
+        train_and_evaluate(dataclasses.replace(TINY, lr=1e30, tta=False), tiny_dataset, progress=False,
+                           log=lambda _: None, detect_anomaly=True)
+    state = err.value.state
+    assert int(state.step) == 1 and all(np.isfinite(a).all() for a in jax.tree.leaves(state.params))

@@ -5,7 +5,11 @@ import numpy as np
 import pytest
 
 from benchmarks.workloads import airbench_lr
+from experiments import cli
+from fnlearn.checkpoint import load_variables
 from fnlearn.models import DynamicNet, SimpleNet
+from fnlearn.report import TensorBoardWriter, read_events
+from fnlearn.tools.tensorboard import StepSummaries
 from fnlearn.train import (TrainingDiverged, TrainState, cross_entropy, decay_mask, fit, make_optimizer,
                            make_schedule, make_train_step)
 from fnlearn.train.steps import first_nonfinite
@@ -153,3 +157,52 @@ def test_weight_decay_masks_stacked_biases():
     params = VariableDepthMLP(max_depth=3).init(jax.random.key(0), jnp.ones((1, 4)), 2)["params"]
     mask = decay_mask(params)
     assert mask["hidden_kernels"] and not mask["hidden_biases"]  # (3, 32) biases: rank 2, still no decay
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_detect_anomaly_names_the_layer_where_the_first_inf_appeared(compiled, tmp_path):
+    x, y = blobs(jax.random.key(0), n=64)
+    x_bad = x.at[40, 0].set(jnp.inf)  # in the second batch of 32: the first layer's output for it
+    state = new_state(SimpleNet(), x, make_optimizer("sgd", 0.01))
+    with pytest.raises(TrainingDiverged, match=r"step 1: first NaN/Inf: the output of Linear_0 \(forward\), "
+                                               r"128 of 4096 elements") as err:  # one example's 128 units
+        fit(state, (x_bad, y), epochs=1, batch_size=32, key=jax.random.key(1), shuffle=False,
+            detect_anomaly=True, compiled=compiled, progress=False)
+    assert (err.value.anomaly.where, err.value.anomaly.name) == ("forward", "Linear_0")
+    assert int(err.value.state.step) == 1  # the last finite state
+    # What an experiment prints: one line, after saving the last finite weights where it says.
+    message = cli.diverged_message(err.value, tmp_path, {"model": "simple_net"})
+    assert message.startswith("error: training diverged") and "\n" not in message
+    assert f"{tmp_path / 'last_finite'}" in message
+    variables, meta = load_variables(tmp_path / "last_finite")
+    assert meta == {"model": "simple_net", "step": 1}
+    for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(err.value.state.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tensorboard_every_n_steps_writes_the_steps_scalars_and_histograms(tmp_path):
+    x, y = blobs(jax.random.key(0), n=64)
+    state = new_state(SimpleNet(), x, make_optimizer("sgd", 0.1))
+    summaries = StepSummaries(TensorBoardWriter(tmp_path), every=4, learning_rates={"lr": lambda step: 0.1})
+    final, _ = fit(state, (x, y), epochs=2, batch_size=16, key=jax.random.key(1), summaries=summaries,
+                   progress=False)  # 4 steps an epoch: steps 4 and 8 are written
+    events = read_events(tmp_path)
+    steps = {tag: [s for s, t, _ in events if t == tag] for _, tag, _ in events}
+    for tag in ("step/loss", "step/accuracy", "step/grad_norm", "step/lr", "weights/Linear_0/kernel",
+                "gradients/Linear_1/bias"):
+        assert steps[tag] == [4, 8], tag
+    at_8 = {tag: value for s, tag, value in events if s == 8}
+    # The weights' histogram after step 8 is the final weights'; its buckets split [min, max] in 30.
+    w = np.asarray(final.params["Linear_0"]["kernel"], np.float64).ravel()
+    h = at_8["weights/Linear_0/kernel"]
+    assert (h.num, h.min, h.max) == (w.size, np.float32(w.min()), np.float32(w.max()))
+    np.testing.assert_allclose([h.sum, h.sum_squares], [w.sum(), (w * w).sum()], rtol=1e-4)
+    expected, _ = np.histogram(w, bins=30, range=(w.min(), w.max()))
+    assert np.abs(np.array(h.bucket) - expected).max() <= 1  # float32 rounding may move an edge value
+    # The gradients' histograms hold the same gradients as the step's norm.
+    grads = [v for tag, v in at_8.items() if tag.startswith("gradients/")]
+    np.testing.assert_allclose(np.sqrt(sum(g.sum_squares for g in grads)), at_8["step/grad_norm"], rtol=1e-4)
+    g = at_8["gradients/Linear_1/kernel"]
+    np.testing.assert_allclose([at_8["grad_norm/Linear_1/kernel"], at_8["grad_mean/Linear_1/kernel"],
+                                at_8["grad_max_abs/Linear_1/kernel"]],
+                               [np.sqrt(g.sum_squares), g.sum / g.num, max(-g.min, g.max)], rtol=1e-5)

@@ -14,6 +14,7 @@ from fnlearn.data import load_dataset
 from fnlearn.recipes import transfer as transfer_recipe
 from fnlearn.recipes.cifar import ConfigError, train_and_evaluate
 from fnlearn.recipes.transfer import TransferConfig, check_resumes, class_subset, load_weights, transfer_state
+from fnlearn.report import read_events
 
 TINY = ["--model", "resnet_tiny", "--source-classes", "0,1", "--target-classes", "2,3", "--label-fraction", "0.5",
         "--pretrain-epochs", "1", "--pretrain-batch-size", "16", "--epochs", "2", "--batch-size", "8"]
@@ -40,13 +41,18 @@ def test_class_subsets_relabel_and_keep_a_balanced_fraction(tree, tmp_path):
 def test_the_experiment_end_to_end(tree, tmp_path, capsys):
     workdir = tmp_path / "run"
     summary = transfer_experiment.main(["--data", tree, "--data-dir", str(tmp_path / "tfds"),
-                                        "--workdir", str(workdir), *TINY])
+                                        "--workdir", str(workdir), "--tensorboard-every", "3", *TINY])
     on_disk = json.loads((workdir / "summary.json").read_text())
     for mode in ("head_only", "full_finetune", "scratch"):
         assert 0 <= on_disk[mode] <= 1 and on_disk[mode] == summary[mode]
         assert len(on_disk["history"][mode]["eval_accuracy"]) == 2
     assert on_disk["steps"] == 6  # 2 epochs of 24 labelled images (half of 2 x 24) in batches of 8
     assert (workdir / "transfer.png").stat().st_size > 0
+    for mode in ("head_only", "full_finetune", "scratch"):  # each run's TensorBoard events, per epoch and step
+        events = read_events(workdir / "tensorboard" / mode)
+        assert [s for s, tag, _ in events if tag == "eval_accuracy"] == [1, 2]
+        assert [s for s, tag, _ in events if tag == "step/loss"] == [3, 6]
+        assert [s for s, tag, _ in events if tag == "weights/fc/kernel"] == [3, 6]
     out = capsys.readouterr().out
     assert "head_only" in out and "transfer beats scratch by" in out
 

@@ -10,5 +10,6 @@ from fnlearn.export.artifact import Artifact
 from fnlearn.export.artifact import ArtifactError
 from fnlearn.export.artifact import classifier
 from fnlearn.export.artifact import load
+from fnlearn.export.artifact import platforms_here
 from fnlearn.export.artifact import save
 from fnlearn.export.onnx import ExportError

@@ -118,11 +118,16 @@ class Artifact:
         return np.asarray(self._run(images))
 
 
+def platforms_here():
+    """`jax.export`'s names for this process's backend: ("cuda", "rocm") for a GPU, else the backend's own."""
+    return {"gpu": ("cuda", "rocm")}.get(jax.default_backend(), (jax.default_backend(),))
+
+
 def _load_stablehlo(path):
     with zipfile.ZipFile(path) as archive:
         meta = json.loads(archive.read(_META))
         exported = jax.export.deserialize(bytearray(archive.read(_EXPORTED)))
-    here = {"gpu": ("cuda", "rocm")}.get(jax.default_backend(), (jax.default_backend(),))
+    here = platforms_here()
     if not any(p in exported.platforms for p in here):
         raise ArtifactError(f"{path} was lowered for {', '.join(exported.platforms)}, and JAX runs on "
                             f"{jax.default_backend()} here: export it again with --platforms {here[0]}")

@@ -25,10 +25,11 @@ from fnlearn.checkpoint import Checkpoints
 from fnlearn.data import augment
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import confusion_matrix
-from fnlearn.tools.profile import hlo_ops, op_intervals, readable, top_ops
+from fnlearn.tools.profile import report as profile_report
 from fnlearn.train import (POLICIES, History, LossScale, StepProgress, TrainingDiverged, TrainState, batched, chunks,
                            cross_entropy, epoch_order, make_schedule, make_train_step, scan_steps)
 from fnlearn.train.loop import first_nonfinite_step
+from fnlearn.train.steps import find_step_anomaly
 
 
 def _field(default, help):
@@ -183,6 +184,17 @@ def param_labels(params, muon=False):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def learning_rates(cfg, total_steps):
+    """`{name: fn(step)}`: the rates `make_cifar_optimizer` applies at each 1-based step: `lr` (the
+    weights' SGD rate for a mean loss) and with Muon `muon_lr` (the conv filters')."""
+    lr, _ = sgd_rates(cfg)
+    shape = make_schedule("triangular", 1.0, total_steps, peak_at=cfg.lr_peak_at, end=cfg.lr_end)
+    rates = {"lr": lambda step: lr * float(shape(step - 1))}
+    if cfg.optimizer == "muon":
+        rates["muon_lr"] = lambda step: cfg.muon_lr * float(shape(step - 1))
+    return rates
+
+
 def make_cifar_optimizer(cfg, params, total_steps, steps_per_epoch):
     """airbench's optimizer groups as one optax transform, for a mean (not summed) loss.
 
@@ -263,23 +275,34 @@ def augment_batch(cfg, key, flip_base, images, indices, epoch):
     return augment.normalize(images, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
 
 
-def make_train_fn(cfg, images, labels, total_steps, key, batch_sharding=None):
-    """`train(state, indices, epoch) -> (state, metrics)`: for each row of `indices`
-    (steps, batch), gather, augment, step and lookahead, all in one `lax.scan`.
-
-    The augmentation's randomness comes from `key`, folded with the epoch and step.
-    With `batch_sharding`, each batch is split over the devices as it says.
-    The metrics hold one value per step.
-    """
+def make_batch_fn(cfg, images, labels, key):
+    """`batch(state, indices, epoch) -> (x, y)`: the augmented batch of the step `state` takes next on
+    `images[indices]`; its randomness comes from `key`, folded with the epoch and `state.step`."""
     flip_base, step_key = jax.random.split(key)
+
+    def batch(state, indices, epoch):
+        key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), state.step)
+        return augment_batch(cfg, key, flip_base, images[indices], indices, epoch), labels[indices]
+
+    return batch
+
+
+def make_train_fn(cfg, images, labels, total_steps, key, batch_sharding=None, summaries_every=0,
+                  check_finite=False):
+    """`train(state, indices, epoch) -> (state, metrics)`: for each row of `indices`
+    (steps, batch), gather, augment (`make_batch_fn`), step and lookahead, all in one `lax.scan`.
+
+    With `batch_sharding`, each batch is split over the devices as it says; `summaries_every` and
+    `check_finite` are `make_train_step`'s. The metrics hold one value per step.
+    """
+    make_batch = make_batch_fn(cfg, images, labels, key)
     # The recipe reports loss and accuracy only, so it skips the grad-norm pass.
     step = make_train_step(partial(cross_entropy, label_smoothing=cfg.label_smoothing),
-                           clip_norm=cfg.clip_norm or None, grad_norm=False, accumulate=cfg.accumulate)
+                           clip_norm=cfg.clip_norm or None, grad_norm=False, accumulate=cfg.accumulate,
+                           summaries_every=summaries_every, check_finite=check_finite)
 
     def one_step(state, indices, epoch):
-        key = jax.random.fold_in(jax.random.fold_in(step_key, epoch), state.step)
-        x = augment_batch(cfg, key, flip_base, images[indices], indices, epoch)
-        batch = (x, labels[indices])
+        batch = make_batch(state, indices, epoch)
         if batch_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         state, metrics = step(state, batch)
@@ -366,6 +389,22 @@ def whitening_sample(images, labels, n=5000):
     """A fixed class-balanced sample of `n` training images for a whitening stem, as airbench's
     first 5000 of a shuffled set (a folder's first 5000 would be airplanes only)."""
     return images[stratified_subset(labels, min(n, len(labels)))]
+
+
+def _first_false(flags):
+    """Index of the first False in a device array of per-step flags, or None (a sync)."""
+    flags = np.asarray(flags)
+    return None if flags.all() else int(np.argmin(flags))
+
+
+def _replay(cfg, train_fn, state, indices, bad, epoch, images, labels, augment_key, step):
+    """TrainingDiverged for row `bad` of a call of steps that began at `state` on `indices`: the rows
+    before it are rerun to reach the last finite state, then its step's pass is checked layer by layer."""
+    if bad:
+        state, _ = train_fn(state, indices[:bad], epoch)
+    batch = make_batch_fn(cfg, images, labels, augment_key)(state, indices[bad], epoch)
+    anomaly = find_step_anomaly(state, partial(cross_entropy, label_smoothing=cfg.label_smoothing), batch)
+    return TrainingDiverged(step, state=state, epoch=epoch + 1, anomaly=anomaly, replayed=True)
 
 
 class ConfigError(ValueError):
@@ -480,7 +519,8 @@ class RunResult:
 
 
 def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False, mesh=None, log=print,
-                       progress=True, on_epoch=None, make_state=create_state, profile=None):
+                       progress=True, on_epoch=None, make_state=create_state, profile=None, summaries=None,
+                       detect_anomaly=False):
     """Trains one run of `cfg` on `dataset` and evaluates it; returns a `RunResult`.
 
     Args:
@@ -501,6 +541,12 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
       profile: a folder: one call of steps (`steps_per_execution` of them; the second of this call's
         first epoch, or its only one) is traced there with `jax.profiler`, and its slowest ops are
         logged after that epoch (None: no trace).
+      summaries: a `tools.tensorboard.StepSummaries`: every `summaries.every` steps, the step's loss,
+        accuracy, gradient norm and learning rates, and histograms of the weights and gradients,
+        written as each epoch ends.
+      detect_anomaly: check every step for NaN/Inf (a sync after every call of steps); the step
+        that broke is rerun from the last finite state layer by layer (`tools.find_anomaly`), and
+        TrainingDiverged names the layer, forward or backward, and carries that state.
     Raises:
       ConfigError: the config does not fit the data or the saved run.
       TrainingDiverged: the training loss became NaN or Inf.
@@ -541,8 +587,10 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
     images, labels, test_images = jax.device_put((train_x, train_y, test_x), whole)
     index_sharding = parallel.batch_sharding(mesh, axis=1)  # (steps, batch) indices
     t0 = time.perf_counter()
-    train_fn = jax.jit(make_train_fn(cfg, images, labels, total_steps, augment_key, split), donate_argnums=0,
-                       out_shardings=(state_sharding, whole))
+    train_fn = jax.jit(make_train_fn(cfg, images, labels, total_steps, augment_key, split,
+                                     summaries_every=summaries.every if summaries else 0,
+                                     check_finite=detect_anomaly),
+                       donate_argnums=0, out_shardings=(state_sharding, whole))
     # One program per chunk length an epoch uses (a shorter last chunk gets its own).
     lengths = {len(c) for epoch in range(start_epoch, n_epochs)
                for c in chunks(epoch_steps(epoch), cfg.steps_per_execution)}
@@ -573,12 +621,17 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         with StepProgress(steps, f"epoch {epoch + 1}/{n_epochs}", cfg.batch_size, disable=not progress) as bar:
             for i, c in enumerate(epoch_chunks):
                 indices = jax.device_put(order[c.start:c.stop], index_sharding)
+                if detect_anomaly:
+                    before = jax.tree.map(jnp.copy, state)  # the call donates `state`
                 if i == traced:
                     with jax.profiler.trace(str(profile), create_perfetto_trace=True):
                         state, m = jax.block_until_ready(train_fns[len(c)](state, indices, epoch))
                     profiled = c
                 else:
                     state, m = train_fns[len(c)](state, indices, epoch)
+                if detect_anomaly and (bad := _first_false(m["all_finite"])) is not None:
+                    raise _replay(cfg, train_fn, before, indices, bad, epoch, images, labels, augment_key,
+                                  epoch * steps_per_epoch + c.start + bad)
                 metrics.append(m)
                 bar.dispatched(len(c), m["loss"])
         metrics = jax.device_get(jax.tree.map(lambda *v: jnp.concatenate(v), *metrics))
@@ -609,15 +662,12 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
                                                 "class_names": list(dataset.class_names)})
         if on_epoch:
             on_epoch(epoch + 1, record)
+        if summaries:
+            summaries(epoch * steps_per_epoch + 1, metrics, learning_rates(cfg, total_steps))
         log(f"{epoch + 1:>5} {loss:>10.4f} {accuracy:>9.4f} {eval_accuracy:>8.4f} {seconds:>8.1f}")
         if profiled:  # read after the epoch's clock stopped (the tracer's own start and stop are in it)
-            c = profiled
-            rows = top_ops(op_intervals(profile), hlo_ops(train_fns[len(c)].as_text()), len(c))
-            first = epoch * steps_per_epoch + c.start + 1
-            log(f"profile of steps {first}-{first + len(c) - 1} in {profile} (open: tensorboard --logdir {profile}, "
-                f"the profile tab; or its perfetto_trace.json.gz in ui.perfetto.dev); the slowest ops, ms a step:\n"
-                + ("\n".join(f"{ms:9.2f}  {opcode:<12} {name:<28} {readable(op_name)}"
-                             for ms, name, opcode, op_name in rows) or "  (none named by the program's HLO here)"))
+            log(profile_report(profile, train_fns[len(profiled)].as_text(), len(profiled),
+                               epoch * steps_per_epoch + profiled.start + 1))
     if checkpoints:
         checkpoints.close()
 

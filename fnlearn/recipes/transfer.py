@@ -24,6 +24,8 @@ from fnlearn.data.subset import stratified_subset
 from fnlearn.models.torchvision import RESNETS
 from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resume, create_state, make_cifar_optimizer,
                                    train_and_evaluate)
+from fnlearn.report import TensorBoardWriter
+from fnlearn.tools.tensorboard import StepSummaries
 from fnlearn.train import FROZEN, freeze_batch_norm, load_pretrained, partition
 
 MODES = ("head_only", "full_finetune", "scratch")
@@ -202,11 +204,13 @@ def check_resumes(cfg, workdir, resume):
         check_resume(cfg.run_config(phase), Path(workdir) / phase, resume)
 
 
-def run_transfer(cfg, dataset, workdir, *, pretrained=None, resume=False, log=print, progress=True):
+def run_transfer(cfg, dataset, workdir, *, pretrained=None, resume=False, log=print, progress=True,
+                 tensorboard_every=0, detect_anomaly=False, profile=False):
     """Pretrains (unless given `pretrained` variables), then runs each of `MODES`; returns a dict of results.
 
     Writes under `workdir`: `pretrain/` (its checkpoints), `pretrained/` (the pretrained variables,
-    `checkpoint.save_variables`), and one checkpoint folder per mode.
+    `checkpoint.save_variables`), one checkpoint folder per mode, and `tensorboard/<phase>/` (each
+    epoch's figures, and with `tensorboard_every` N every N-th step's, `tools.tensorboard`).
     Args:
       cfg: a `TransferConfig`.
       dataset: a `fnlearn.data.Dataset` holding the source and target classes.
@@ -214,6 +218,8 @@ def run_transfer(cfg, dataset, workdir, *, pretrained=None, resume=False, log=pr
       pretrained: variables to transfer from (`load_weights(cfg)` reads `cfg.weights`); None:
         pretrain on the source classes.
       resume: continue each run from its checkpoints (`recipes.cifar.check_resume`).
+      detect_anomaly: `train_and_evaluate`'s, for every run.
+      profile: trace the first run's second call of steps into `workdir/profile` (`train_and_evaluate`).
     Returns:
       {"pretrain": RunResult or None, mode: RunResult for each of MODES}.
     """
@@ -225,11 +231,22 @@ def run_transfer(cfg, dataset, workdir, *, pretrained=None, resume=False, log=pr
     source = class_subset(dataset, _classes(cfg.source_classes))
     target = class_subset(dataset, _classes(cfg.target_classes), cfg.label_fraction, cfg.seed)
     results = {"pretrain": None}
+    traced = [workdir / "profile"] if profile else []
+
+    def train(run_cfg, data, phase, **kwargs):
+        writer = TensorBoardWriter(workdir / "tensorboard" / phase)
+        try:
+            return train_and_evaluate(run_cfg, data, checkpoint_dir=workdir / phase, resume=resume, log=log,
+                                      progress=progress, on_epoch=writer, detect_anomaly=detect_anomaly,
+                                      summaries=StepSummaries(writer, tensorboard_every) if tensorboard_every else None,
+                                      profile=traced.pop() if traced else None, **kwargs)
+        finally:
+            writer.close()
+
     if pretrained is None:
         log(f"pretraining {cfg.model} on {len(source.train_images)} images of {', '.join(source.class_names)}")
         run_cfg = cfg.run_config("pretrain")
-        results["pretrain"] = train_and_evaluate(run_cfg, source, checkpoint_dir=workdir / "pretrain", resume=resume,
-                                                 log=log, progress=progress)
+        results["pretrain"] = train(run_cfg, source, "pretrain")
         state = results["pretrain"].state
         pretrained = jax.device_get(state.variables)
         save_variables(workdir / "pretrained", pretrained, {
@@ -239,7 +256,5 @@ def run_transfer(cfg, dataset, workdir, *, pretrained=None, resume=False, log=pr
             f"images; weights in {workdir / 'pretrained'}")
     for mode in MODES:
         log(f"{mode}: {len(target.train_images)} labelled images of {', '.join(target.class_names)}")
-        results[mode] = train_and_evaluate(cfg.run_config(mode), target, checkpoint_dir=workdir / mode,
-                                           resume=resume, log=log, progress=progress,
-                                           make_state=transfer_state(mode, pretrained, cfg))
+        results[mode] = train(cfg.run_config(mode), target, mode, make_state=transfer_state(mode, pretrained, cfg))
     return results

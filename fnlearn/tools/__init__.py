@@ -1,5 +1,5 @@
 """Developer tools: the model summary with FLOPs (`python -m fnlearn.summary`), graphs, gradient hooks and
-statistics, profiling, and where a NaN first appears."""
+statistics, TensorBoard histograms every N steps, profiling, and where a NaN first appears."""
 from fnlearn.tools.summary import Summary
 from fnlearn.tools.summary import cost_flops
 from fnlearn.tools.summary import summary
@@ -12,3 +12,5 @@ from fnlearn.tools.graph import jaxpr_dot
 from fnlearn.tools.graph import render
 from fnlearn.tools.anomaly import Anomaly
 from fnlearn.tools.anomaly import find_anomaly
+from fnlearn.tools.tensorboard import StepSummaries
+from fnlearn.tools.tensorboard import histogram_stats

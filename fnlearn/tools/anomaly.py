@@ -46,7 +46,9 @@ def find_anomaly(loss_fn, variables, *args):
       loss_fn: `loss_fn(params, *args) -> scalar`, which runs the model's `apply` (its submodules are
         watched while it runs).
       variables: the model's variables; `variables["params"]` is what the gradients are taken of.
-      *args: the batch (and anything else `loss_fn` takes).
+      *args: the batch (and anything else `loss_fn` takes). Parameters and arguments are copied to the
+        host and the pass runs on the default device; arrays `loss_fn` closes over should be host
+        arrays too (`jax.device_get`).
     Returns:
       an `Anomaly`, or None when every value was finite.
     """
@@ -86,7 +88,9 @@ def find_anomaly(loss_fn, variables, *args):
         with nn.intercept_methods(interceptor):
             return watch("loss", "loss", loss_fn(params, *args))
 
-    params = variables["params"]
+    # Copied to the host, so the pass runs on one device: a host callback inside a program split over
+    # several CPU devices can stall the others in their collectives (measured: XLA's rendezvous aborts).
+    params, args = jax.device_get((variables["params"], args))
     for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         record(-1, "parameter", path_name(keys), leaf)
     grads = jax.block_until_ready(jax.jit(jax.grad(loss))(params, *args))

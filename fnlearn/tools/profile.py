@@ -78,3 +78,14 @@ def readable(op_name):
     """An op's metadata as the layer it came from: "backward block2/conv1/conv_general_dilated"."""
     where = "/".join(part for part in op_name.split("/") if part and not _STRUCTURE.fullmatch(part))
     return ("backward " if "transpose(" in op_name else "") + where
+
+
+def report(folder, hlo_text, steps, first_step):
+    """The lines a training loop logs after tracing `steps` steps from `first_step` (1-based) into
+    `folder`: where the trace is, how to open it, and its slowest ops in ms a step."""
+    rows = top_ops(op_intervals(folder), hlo_ops(hlo_text), steps)
+    span = f"step {first_step}" if steps == 1 else f"steps {first_step}-{first_step + steps - 1}"
+    return (f"profile of {span} in {folder} (open: tensorboard --logdir {folder}, the profile tab; or its "
+            f"perfetto_trace.json.gz in ui.perfetto.dev); the slowest ops, ms a step:\n"
+            + ("\n".join(f"{ms:9.2f}  {opcode:<12} {name:<28} {readable(op_name)}"
+                         for ms, name, opcode, op_name in rows) or "  (none named by the program's HLO here)"))

@@ -1,4 +1,5 @@
 """`fit`: training over in-memory arrays, step by step or as one compiled program."""
+import contextlib
 import time
 from functools import partial
 
@@ -8,30 +9,27 @@ import numpy as np
 from jax import lax
 
 from fnlearn import parallel
+from fnlearn.tools.profile import report as profile_report
 from fnlearn.train.loop import History, TrainingDiverged, epoch_order, scan_steps
 from fnlearn.train.losses import cross_entropy
 from fnlearn.train.progress import StepProgress
-from fnlearn.train.steps import first_nonfinite, make_eval_step, make_train_step
+from fnlearn.train.steps import find_step_anomaly, first_nonfinite, make_eval_step, make_train_step
 
 
-def _diverged(metrics, step0, state):
-    """TrainingDiverged for the first non-finite step in stacked (steps,) metrics, if any."""
+def _first_bad(metrics):
+    """Index of the first non-finite step in stacked (steps,) metrics, or None."""
     ok = np.asarray(metrics["all_finite"]).reshape(-1)
-    if ok.all():
-        return None
-    i = int(np.argmin(ok))
-    finite = jax.tree.map(lambda f: np.asarray(f).reshape(-1)[i], metrics["finite"])
-    return TrainingDiverged(step0 + i, first_nonfinite(finite) or "loss", state=state)
+    return None if ok.all() else int(np.argmin(ok))
 
 
 def _epoch_means(metrics):
-    """`train_*` epoch means of a step's stacked metrics (the finite flags left out)."""
-    return {f"train_{k}": v.mean() for k, v in metrics.items() if k not in ("finite", "all_finite")}
+    """`train_*` epoch means of a step's stacked metrics (the finite flags and histograms left out)."""
+    return {f"train_{k}": v.mean() for k, v in metrics.items() if k not in ("finite", "all_finite", "histograms")}
 
 
 def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entropy, eval_data=None,
         shuffle=True, clip_norm=None, accumulate=1, check_finite=False, compiled=False, mesh=None,
-        fsdp=False, progress=True, log_every=0, log=print):
+        fsdp=False, progress=True, log_every=0, log=print, detect_anomaly=False, summaries=None, profile=None):
     """Trains `state` on in-memory arrays; returns `(state, history)`.
 
     Args:
@@ -51,6 +49,13 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
         must divide by their number.
       fsdp: split the state over the devices instead (`parallel.state_sharding`).
       log_every: print the epoch's metrics every this many epochs (0: never).
+      detect_anomaly: `check_finite`, and the step that broke is rerun from the last finite
+        state layer by layer (`tools.find_anomaly`): the error names the layer, forward or
+        backward, where the first NaN/Inf appeared, and carries that `anomaly`.
+      summaries: a `tools.tensorboard.StepSummaries`: every `summaries.every` steps, the step's
+        scalars and histograms of the weights and gradients, written as each epoch ends.
+      profile: a folder to write a `jax.profiler` trace of one warm step to (with `compiled`,
+        of the whole run), whose slowest ops are then logged.
     Returns:
       history: a `History`: `train_loss`, `train_grad_norm`, `train_accuracy` for
         classification, `eval_loss` and `eval_accuracy` when `eval_data` is given, and
@@ -66,7 +71,9 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
     parallel.check_divides(mesh, {"batch_size": batch_size}, accumulate)
     state_sharding = parallel.state_sharding(state, mesh, fsdp)
     state = jax.device_put(state, state_sharding)
-    train_step = make_train_step(loss_fn, clip_norm=clip_norm, check_finite=check_finite, accumulate=accumulate)
+    check_finite = check_finite or detect_anomaly
+    train_step = make_train_step(loss_fn, clip_norm=clip_norm, check_finite=check_finite, accumulate=accumulate,
+                                 summaries_every=summaries.every if summaries else 0)
     eval_step = make_eval_step(loss_fn, batch_size)
     steps_per_epoch = x.shape[0] // batch_size
     if eval_data is not None:
@@ -78,6 +85,18 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
         return {f"eval_{k}": v for k, v in eval_step(state, eval_data).items()}
 
     history = History()
+    step0 = int(state.step)  # the steps `state` has taken already
+
+    def diverged(finite, i, state):
+        """TrainingDiverged for the run's step `i` (0-based), `finite` its per-leaf flags, `state` the last
+        finite state."""
+        anomaly = None
+        if detect_anomaly:
+            e, j = divmod(i, steps_per_epoch)
+            idx = epoch_order(key, e, x.shape[0], batch_size, shuffle)[j]
+            anomaly = find_step_anomaly(state, loss_fn, (x[idx], y[idx]))
+        return TrainingDiverged(step0 + i, first_nonfinite(finite) or "loss", state=state, anomaly=anomaly,
+                                replayed=detect_anomaly)
 
     def record(epoch, metrics, seconds, write=log):
         history.append({**metrics, "epoch_seconds": seconds})
@@ -107,32 +126,47 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
         compiled_run = run.lower(state).compile()
         history["compile_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        state, (steps_m, epoch_m, eval_m) = jax.block_until_ready(compiled_run(state))
+        with jax.profiler.trace(str(profile), create_perfetto_trace=True) if profile else contextlib.nullcontext():
+            state, (steps_m, epoch_m, eval_m) = jax.block_until_ready(compiled_run(state))
         seconds = (time.perf_counter() - t0) / epochs
-        if check_finite and (error := _diverged(steps_m, 0, state)):
-            raise error
+        if check_finite and (bad := _first_bad(steps_m)) is not None:
+            raise diverged(jax.tree.map(lambda f: np.asarray(f).reshape(-1)[bad], steps_m["finite"]), bad, state)
         for e in range(epochs):
             record(e, {k: v[e] for k, v in {**epoch_m, **eval_m}.items()}, seconds)
+        if summaries:
+            summaries(step0 + 1, jax.device_get(steps_m))
+        if profile:
+            log(profile_report(profile, compiled_run.as_text(), epochs * steps_per_epoch, step0 + 1))
         return state, history
 
     step_fn = jax.jit(lambda state, idx: gathered_step((state, jnp.array(False)), idx), donate_argnums=0,
                       out_shardings=((state_sharding, whole), whole))
     order_fn = jax.jit(epoch_order, static_argnums=(2, 3, 4))
     eval_fn = jax.jit(epoch_eval)
+    traced = min(1, epochs * steps_per_epoch - 1) if profile else None  # the second step: a warm program
     with StepProgress(epochs * steps_per_epoch, "fit", batch_size, unit="ex", disable=not progress) as bar:
         for e in range(epochs):
             t0 = time.perf_counter()
             order = order_fn(key, e, x.shape[0], batch_size, shuffle)
             ms = []
             for i in range(steps_per_epoch):
-                (state, _), m = step_fn(state, order[i])
+                with jax.profiler.trace(str(profile), create_perfetto_trace=True) if (
+                        e * steps_per_epoch + i == traced) else contextlib.nullcontext():
+                    (state, _), m = step_fn(state, order[i])
+                    if e * steps_per_epoch + i == traced:
+                        jax.block_until_ready(m)
                 if check_finite and not bool(m["all_finite"]):
                     # The step was not applied, so `state` is the last finite state.
-                    raise _diverged(jax.tree.map(lambda v: v[None], m), e * steps_per_epoch + i, state)
+                    raise diverged(m["finite"], e * steps_per_epoch + i, state)
                 ms.append(m)
                 bar.dispatched(1, m["loss"])
             stacked = jax.tree.map(lambda *v: jnp.stack(v), *ms)
             metrics = {**_epoch_means(stacked), **eval_fn(state)}
             jax.block_until_ready(metrics)
             record(e, metrics, time.perf_counter() - t0, write=partial(bar.write, log=log))
+            if summaries:
+                summaries(step0 + e * steps_per_epoch + 1, jax.device_get(stacked))
+    if profile:
+        hlo = step_fn.lower(state, order[0]).compile().as_text()
+        log(profile_report(profile, hlo, 1, step0 + traced + 1))
     return state, history

@@ -70,15 +70,19 @@ class History(dict):
 
 
 class TrainingDiverged(FloatingPointError):
-    """A step produced NaN or Inf. The message names the step, where it first showed and
-    the last good checkpoint; `state` is the last finite state, where the loop has it."""
+    """A step produced NaN or Inf. The message names the step, where it first showed (with
+    `--detect-anomaly`, the layer, forward or backward: `anomaly`) and the last good checkpoint;
+    `state` is the last finite state, where the loop has it."""
 
-    def __init__(self, step, leaf="loss", checkpoint=None, state=None, epoch=None):
+    def __init__(self, step, leaf="loss", checkpoint=None, state=None, epoch=None, anomaly=None, replayed=False):
         where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
         in_epoch = f" (epoch {epoch})" if epoch is not None else ""
-        super().__init__(f"training diverged: non-finite value at step {step}{in_epoch}: first in {leaf}; "
+        first = f"first in {leaf}"
+        if replayed:  # the step was rerun from the last finite state, layer by layer
+            first = str(anomaly) if anomaly else f"{first} (its replay from the last finite state stayed finite)"
+        super().__init__(f"training diverged: non-finite value at step {step}{in_epoch}: {first}; "
                          f"{where}. Try a lower learning rate")
-        self.step, self.leaf, self.checkpoint, self.state = step, leaf, checkpoint, state
+        self.step, self.leaf, self.checkpoint, self.state, self.anomaly = step, leaf, checkpoint, state, anomaly
 
 
 def first_nonfinite_step(values):

@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import optax
 
 from fnlearn.pytrees import leaf_paths
+from fnlearn.tools.anomaly import find_anomaly
+from fnlearn.tools.tensorboard import every_nth_step
 from fnlearn.train.loop import batched
 from fnlearn.train.losses import accuracy, cross_entropy
 from fnlearn.train.precision import LossScale
@@ -44,7 +46,8 @@ def _micro_batches(batch, k):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False, grad_norm=True, accumulate=1):
+def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False, grad_norm=True, accumulate=1,
+                    summaries_every=0):
     """Builds a pure `train_step(state, (x, y)) -> (state, metrics)`.
 
     Jit it once, outside the loop: `jax.jit(train_step, donate_argnums=0)`.
@@ -66,6 +69,9 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
         updates its running averages once per micro-batch, as K PyTorch forward passes
         would. A scan rather than `optax.MultiSteps`, so the step count, the schedule
         and anything else keyed to the update (lookahead) stay those of batch B.
+      summaries_every: if N > 0, metrics carry `histograms` of the new weights and of the
+        gradients, computed at every N-th step (`tools.tensorboard.every_nth_step`), and
+        `grad_norm`.
     With `state.loss_scale` (float16, `precision.LossScale`), the loss is scaled before the
     backward pass, the gradients unscaled, and a step whose gradients overflowed skipped (its
     params, optimizer state and statistics kept; its step count advanced).
@@ -105,9 +111,9 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
     def train_step(state, batch):
         loss, grads, stats, acc = (gradients if accumulate == 1 else accumulated)(state, batch)
         metrics = {"loss": loss}
-        if grad_norm or clip_norm is not None:
+        if grad_norm or clip_norm is not None or summaries_every:
             norm = optax.tree.norm(grads)
-            if grad_norm:
+            if grad_norm or summaries_every:
                 metrics["grad_norm"] = norm
             if clip_norm is not None:
                 scale = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
@@ -123,6 +129,8 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
             new_state = jax.tree.map(lambda new, old: jnp.where(grads_finite, new, old), new_state, state)
             new_state = new_state.replace(step=state.step + 1, loss_scale=state.loss_scale.adjust(grads_finite))
             metrics.update(loss_scale=state.loss_scale.scale, skipped=~grads_finite)
+        if summaries_every:
+            metrics["histograms"] = every_nth_step(state.step + 1, summaries_every, new_state.params, grads)
         if check_finite:
             # Under a loss scale an overflow is skipped, not a divergence, unless the scale is at
             # its floor (`LossScale.diverged`).
@@ -136,6 +144,18 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
         return new_state, metrics
 
     return train_step
+
+
+def find_step_anomaly(state, loss_fn, batch):
+    """Where the first NaN/Inf of a training step of `state` on `batch` (x, y) appears: the forward
+    and backward pass of `loss_fn` through `state.apply_fn`, checked layer by layer
+    (`tools.find_anomaly`). Returns an `Anomaly`, or None if the pass stays finite."""
+    state = jax.device_get(state)  # the pass runs on one device (see `find_anomaly`)
+
+    def loss(params, x, y):
+        return loss_fn(_forward(state, params, x, train=True)[0], y)
+
+    return find_anomaly(loss, state.variables, *batch)
 
 
 def make_eval_step(loss_fn=cross_entropy, batch_size=None):
