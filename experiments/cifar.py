@@ -144,8 +144,8 @@ def run_one(cfg, dataset, workdir, run, resume, main_process=True, profile=None,
                                     checkpoint_dir=workdir / "checkpoints" / f"run{run}",
                                     progress=main_process, log=print if main_process else _quiet,
                                     profile=profile, detect_anomaly=detect_anomaly,
-                                    summaries=StepSummaries(scalars, tensorboard_every)
-                                    if scalars and tensorboard_every else None)
+                                    # Every process runs the same step program; process 0 alone writes.
+                                    summaries=StepSummaries(scalars, tensorboard_every) if tensorboard_every else None)
         if scalars:
             scalars(result.history.epochs, {"final/test_accuracy": result.test_accuracy})
     finally:

@@ -33,14 +33,18 @@ def seed_data(key, n=100, noise=0.2):
     return x, x**2 + noise * jax.random.normal(key, x.shape)
 
 
-def train(model, x, y, optimizer, epochs, key, compiled, log_every, **debug):
+def train(model, x, y, optimizer, epochs, key, compiled, log_every, workdir=None, **debug):
     """Full-batch training of `model` on (x, y); returns (state, history). `debug`: `fit`'s
-    `detect_anomaly`, `summaries` and `profile`."""
+    `detect_anomaly`, `summaries` and `profile`; a divergence exits with its one-line error
+    (the last finite weights, where kept, saved under `workdir`)."""
     init_key, shuffle_key = jax.random.split(key)
     state = TrainState.create(apply_fn=model.apply, variables=model.init(init_key, x), tx=optimizer)
-    # 100 points on one device: splitting a batch this small over several would only add traffic.
-    return fit(state, (x, y), epochs=epochs, key=shuffle_key, loss_fn=mse, compiled=compiled,
-               mesh=data_mesh(jax.devices()[:1]), progress=False, log_every=log_every, **debug)
+    try:
+        # 100 points on one device: splitting a batch this small over several would only add traffic.
+        return fit(state, (x, y), epochs=epochs, key=shuffle_key, loss_fn=mse, compiled=compiled,
+                   mesh=data_mesh(jax.devices()[:1]), progress=False, log_every=log_every, **debug)
+    except TrainingDiverged as e:
+        sys.exit(cli.diverged_message(e, workdir, {"model": type(model).__name__}))
 
 
 def plot(path, history, x, y, prediction):
@@ -77,7 +81,7 @@ def main(argv=None):
                } if args.tensorboard_every else {}
 
     def debug(name, lr):
-        return {"detect_anomaly": args.detect_anomaly,
+        return {"workdir": args.workdir, "detect_anomaly": args.detect_anomaly,
                 "summaries": StepSummaries(writers[name], args.tensorboard_every, {"lr": lambda _: lr})
                 if writers else None}
 
@@ -90,8 +94,6 @@ def main(argv=None):
         line_y = true_w * x + true_b + 0.1 * jax.random.normal(line_noise, x.shape)
         line, _ = train(LinearRegression(), x, line_y, make_optimizer("sgd", 0.01), 2000, line_key,
                         compiled, log_every=0, **debug("line", 0.01))
-    except TrainingDiverged as e:
-        sys.exit(cli.diverged_message(e, args.workdir, {"model": "regression"}))
     finally:
         for writer in writers.values():
             writer.close()

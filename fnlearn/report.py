@@ -69,7 +69,7 @@ def read_events(folder):
     """`[(step, tag, value)]` from the TensorBoard event files in `folder`, in the order written: a
     scalar's value is a float, a histogram's its `HistogramProto` (`min`, `max`, `num`, `sum`,
     `sum_squares`, `bucket_limit`, `bucket`). Reads the TFRecord framing (length, its CRC, the
-    event, its CRC) itself: no TensorFlow needed."""
+    event, its CRC) itself: no TensorFlow needed. A last record cut short is left out."""
     from tensorboardX.proto.event_pb2 import Event
 
     found = []
@@ -77,6 +77,8 @@ def read_events(folder):
         data, i = path.read_bytes(), 0
         while i + 12 <= len(data):
             (length,) = struct.unpack("<Q", data[i:i + 8])
+            if i + 12 + length + 4 > len(data):  # a record cut short by a killed writer
+                break
             event = Event.FromString(data[i + 12:i + 12 + length])
             found += [(event.step, v.tag, v.histo if v.HasField("histo") else v.simple_value)
                       for v in event.summary.value]

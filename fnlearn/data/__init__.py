@@ -31,6 +31,7 @@ _LAZY = {
     "Cifar10Builder": "fnlearn.data.online",
     "MnistBuilder": "fnlearn.data.online",
     "load_online": "fnlearn.data.online",
+    "load_canvases": "fnlearn.data.detection",
 }
 
 

@@ -190,3 +190,43 @@ def tta_logits(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array, t
     logits = logits_fn(views.reshape(v * b, *views.shape[2:]))
     logits = logits.reshape(v, b, *logits.shape[1:]).astype(jnp.float32)
     return jnp.tensordot(weights, logits, axes=1)
+
+
+def random_flip_boxes(key: jax.Array, images: jax.Array, boxes: jax.Array, classes: jax.Array):
+    """Mirrors each (B, H, W, C) image left to right with probability 1/2, and its (B, K, 4) xyxy
+    pixel boxes with it (padding, class -1, stays zero). Returns `(images, boxes)`."""
+    mask = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+    width = images.shape[2]
+    mirrored = jnp.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], -1)
+    flipped = mask[:, None, None] & (classes >= 0)[..., None]
+    return _flip_where(mask, images), jnp.where(flipped, mirrored, boxes)
+
+
+def random_scale_boxes(key: jax.Array, images: jax.Array, boxes: jax.Array, classes: jax.Array,
+                       scale: tuple[float, float] = (0.75, 1.25), min_visible: float = 0.5):
+    """Zooms each (B, H, W, C) image by a factor drawn from `scale`, placed at random in the same
+    frame (zoomed in: cropped; zoomed out: on black), moving its (B, K, 4) xyxy boxes with it.
+
+    A box is clipped to the frame, and dropped (class -1, box 0) where less than `min_visible`
+    of it stays inside. Images come back float32 in the input's range. Returns
+    `(images, boxes, classes)`.
+    """
+    b, h, w, _ = images.shape
+    size_key, place_key = jax.random.split(key)
+    s = jax.random.uniform(size_key, (b,), minval=scale[0], maxval=scale[1])
+    room = jnp.stack([h - s * h, w - s * w], -1)  # (B, 2): <0 when zoomed in
+    shift = jax.random.uniform(place_key, (b, 2)) * room  # in [room, 0] or [0, room]
+
+    def zoom(image, s, shift):
+        return jax.image.scale_and_translate(image.astype(jnp.float32), image.shape, (0, 1), jnp.stack([s, s]),
+                                             shift, method="linear", antialias=False)
+
+    images = jax.vmap(zoom)(images, s, shift)
+    moved = boxes * s[:, None, None] + jnp.concatenate([shift[:, ::-1], shift[:, ::-1]], -1)[:, None, :]
+    clipped = jnp.clip(moved, 0, jnp.array([w, h, w, h], jnp.float32))
+
+    def area(box):
+        return jnp.prod(jnp.clip(box[..., 2:] - box[..., :2], 0, None), -1)
+
+    keep = (classes >= 0) & (area(clipped) >= min_visible * jnp.maximum(area(moved), 1e-6))
+    return images, jnp.where(keep[..., None], clipped, 0.0), jnp.where(keep, classes, -1)

@@ -39,6 +39,9 @@ from fnlearn.models.resnet import ResNetTiny
 from fnlearn.models.torchvision import WeightsError
 from fnlearn.models.torchvision import from_torchvision
 from fnlearn.models.torchvision import to_torchvision
+from fnlearn.models.yolo import YOLO
+from fnlearn.models.yolo import YOLOSmall
+from fnlearn.models.yolo import YOLOTiny
 
 register("linear_regression", LinearRegression)
 register("regression_net", RegressionNet)
@@ -59,3 +62,5 @@ register("fastnet", FastNet, task="image_classifier", data_init=with_whitening)
 register("fastnet_muon", FastNetMuon, task="image_classifier", data_init=with_whitening)
 register("fastnet_small", FastNetSmall, task="image_classifier", data_init=with_whitening)
 register("fastnet_tiny", FastNetTiny, task="image_classifier", data_init=with_whitening)
+register("yolo_tiny", YOLOTiny, task="detector")
+register("yolo_small", YOLOSmall, task="detector")

@@ -29,7 +29,7 @@ from fnlearn.tools.profile import report as profile_report
 from fnlearn.train import (POLICIES, History, LossScale, StepProgress, TrainingDiverged, TrainState, batched, chunks,
                            cross_entropy, epoch_order, make_schedule, make_train_step, scan_steps)
 from fnlearn.train.loop import first_nonfinite_step
-from fnlearn.train.steps import find_step_anomaly
+from fnlearn.train.steps import find_step_anomaly, first_nonfinite
 
 
 def _field(default, help):
@@ -397,14 +397,17 @@ def _first_false(flags):
     return None if flags.all() else int(np.argmin(flags))
 
 
-def _replay(cfg, train_fn, state, indices, bad, epoch, images, labels, augment_key, step):
-    """TrainingDiverged for row `bad` of a call of steps that began at `state` on `indices`: the rows
-    before it are rerun to reach the last finite state, then its step's pass is checked layer by layer."""
+def _replay(cfg, train_fn, state, indices, bad, epoch, images, labels, augment_key, step, finite, checkpoint):
+    """TrainingDiverged for row `bad` of a call of steps that began at `state` on `indices` (`finite`:
+    the call's per-step, per-parameter flags): the rows before it are rerun to reach the last finite
+    state, then its step's pass is checked layer by layer."""
     if bad:
         state, _ = train_fn(state, indices[:bad], epoch)
     batch = make_batch_fn(cfg, images, labels, augment_key)(state, indices[bad], epoch)
     anomaly = find_step_anomaly(state, partial(cross_entropy, label_smoothing=cfg.label_smoothing), batch)
-    return TrainingDiverged(step, state=state, epoch=epoch + 1, anomaly=anomaly, replayed=True)
+    leaf = first_nonfinite(jax.tree.map(lambda f: np.asarray(f)[bad], finite)) or "loss"
+    return TrainingDiverged(step, leaf, checkpoint=checkpoint, state=state, epoch=epoch + 1, anomaly=anomaly,
+                            replayed=True)
 
 
 class ConfigError(ValueError):
@@ -429,12 +432,12 @@ def check_devices(cfg, mesh):
         raise ConfigError(str(e)) from None
 
 
-def check_resume(cfg, checkpoint_dir, resume):
+def check_resume(cfg, checkpoint_dir, resume, resumable=RESUMABLE_CHANGES):
     """The last epoch saved in `checkpoint_dir` to resume from (None: start afresh).
 
     Raises ConfigError if the folder holds checkpoints and `resume` is false, or if
-    `cfg` (with its run's seed) differs from the saved run's config in a field
-    outside `RESUMABLE_CHANGES`, naming each such field and both values.
+    `cfg` (a config dataclass, with its run's seed) differs from the saved run's config
+    in a field outside `resumable`, naming each such field and both values.
     """
     checkpoints = Checkpoints(checkpoint_dir, create=False)
     latest = checkpoints.latest_epoch()
@@ -446,7 +449,7 @@ def check_resume(cfg, checkpoint_dir, resume):
     saved = checkpoints.meta(latest).get("config", {})
     changed = [f"--{name.replace('_', '-')} {saved.get(name, _BEFORE_FIELD.get(name))!r} (saved) != {value!r}"
                for name, value in dataclasses.asdict(cfg).items()
-               if name not in RESUMABLE_CHANGES and saved.get(name, _BEFORE_FIELD.get(name, value)) != value]
+               if name not in resumable and saved.get(name, _BEFORE_FIELD.get(name, value)) != value]
     if changed:
         raise ConfigError(f"--resume with a config that differs from the run saved in {checkpoints.directory}: "
                           f"{'; '.join(changed)}. Pass the saved values, or choose another --workdir")
@@ -546,12 +549,16 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         written as each epoch ends.
       detect_anomaly: check every step for NaN/Inf (a sync after every call of steps); the step
         that broke is rerun from the last finite state layer by layer (`tools.find_anomaly`), and
-        TrainingDiverged names the layer, forward or backward, and carries that state.
+        TrainingDiverged names the layer, forward or backward, and carries that state. One
+        process only: the replay reads the whole state and batch on one device.
     Raises:
       ConfigError: the config does not fit the data or the saved run.
       TrainingDiverged: the training loss became NaN or Inf.
     """
     cfg = dataclasses.replace(cfg, seed=cfg.seed + run)
+    if detect_anomaly and jax.process_count() > 1:
+        raise ConfigError("--detect-anomaly runs in one process (its replay reads the whole state on one device): "
+                          "rerun the diverging run alone, from its last checkpoint")
     mesh = parallel.data_mesh() if mesh is None else mesh
     check_devices(cfg, mesh)
     train_x, train_y, test_x, test_y = _subsets(dataset, cfg)
@@ -630,8 +637,9 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
                 else:
                     state, m = train_fns[len(c)](state, indices, epoch)
                 if detect_anomaly and (bad := _first_false(m["all_finite"])) is not None:
+                    last_good = f"{checkpoints.directory}/{epoch}" if checkpoints and epoch else None
                     raise _replay(cfg, train_fn, before, indices, bad, epoch, images, labels, augment_key,
-                                  epoch * steps_per_epoch + c.start + bad)
+                                  epoch * steps_per_epoch + c.start + bad, m["finite"], last_good)
                 metrics.append(m)
                 bar.dispatched(len(c), m["loss"])
         metrics = jax.device_get(jax.tree.map(lambda *v: jnp.concatenate(v), *metrics))

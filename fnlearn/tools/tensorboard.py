@@ -45,18 +45,23 @@ def every_nth_step(step, every, weights, grads):
 class StepSummaries:
     """Writes a loop's per-step metrics to a `fnlearn.report.TensorBoardWriter` every `every` steps.
 
-    Scalars `step/loss`, `step/accuracy`, `step/grad_norm` and `step/<rate>` for each of
-    `learning_rates` (`{name: fn(step)}`, the rate the optimizer applied at that 1-based step);
+    Scalars `step/loss`, `step/accuracy`, `step/grad_norm` (before clipping) and `step/<rate>` for
+    each of `learning_rates` (`{name: fn(step)}`, the rate the optimizer applied at that 1-based step);
     each gradient's `grad_norm/<leaf>`, `grad_mean/<leaf>` and `grad_max_abs/<leaf>` (from its
-    histogram's figures); histograms `weights/<leaf>` and `gradients/<leaf>` (a step whose
-    values are not finite has none: TensorBoard cannot draw them).
+    histogram's figures); histograms `weights/<leaf>` (the weights the step's update made, before a
+    recipe's lookahead sync) and `gradients/<leaf>` (a step whose values are not finite has none:
+    TensorBoard cannot draw them).
     """
 
     def __init__(self, writer, every, learning_rates=None):
         self.writer, self.every, self.learning_rates = writer, every, learning_rates or {}
 
     def __call__(self, first_step, metrics, learning_rates=None):
-        """Writes the steps of `metrics` (host arrays stacked over steps; step `first_step` is row 0)."""
+        """Writes the steps of `metrics` (host arrays stacked over steps; step `first_step` is row 0).
+        With no writer (the other processes of a multi-process run) it writes nothing: every process
+        runs the same step program, and one writes."""
+        if self.writer is None:
+            return
         rates = {**self.learning_rates, **(learning_rates or {})}
         n = len(np.asarray(metrics["loss"]).reshape(-1))
         for i in range(n):
@@ -66,14 +71,18 @@ class StepSummaries:
             record = {f"step/{k}": np.asarray(metrics[k]).reshape(n)[i]
                       for k in ("loss", "accuracy", "grad_norm") if k in metrics}
             record.update({f"step/{name}": fn(step) for name, fn in rates.items()})
+            if "grad_norm" not in record and "gradients" in metrics.get("histograms", {}):
+                # The step skipped its own norm pass (the recipe's): the same figure from the histograms.
+                gradients = metrics["histograms"]["gradients"].values()
+                record["step/grad_norm"] = np.sqrt(sum(np.asarray(g["sum_squares"]).reshape(n)[i] for g in gradients))
             self.writer.scalars(step, record)
             for kind, leaves in metrics.get("histograms", {}).items():
                 for name, stats in leaves.items():
                     row = {k: np.asarray(v).reshape(n, -1)[i].squeeze() for k, v in stats.items()}
                     if kind == "gradients":  # `grad_stats`' figures, per layer
-                        self.writer.scalars(step, {
-                            f"grad_norm/{name}": np.sqrt(row["sum_squares"]), f"grad_mean/{name}": row["sum"] / row["num"],
-                            f"grad_max_abs/{name}": max(abs(row["min"]), abs(row["max"]))})
+                        self.writer.scalars(step, {f"grad_norm/{name}": np.sqrt(row["sum_squares"]),
+                                                   f"grad_mean/{name}": row["sum"] / row["num"],
+                                                   f"grad_max_abs/{name}": max(abs(row["min"]), abs(row["max"]))})
                     if np.isfinite(row["min"]) and np.isfinite(row["max"]):
                         self.writer.histogram(step, f"{kind}/{name}", row)
         self.writer.flush()

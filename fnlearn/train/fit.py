@@ -166,7 +166,7 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
             record(e, metrics, time.perf_counter() - t0, write=partial(bar.write, log=log))
             if summaries:
                 summaries(step0 + e * steps_per_epoch + 1, jax.device_get(stacked))
-    if profile:
+    if profile and epochs * steps_per_epoch:
         hlo = step_fn.lower(state, order[0]).compile().as_text()
         log(profile_report(profile, hlo, 1, step0 + traced + 1))
     return state, history

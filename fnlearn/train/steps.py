@@ -35,7 +35,8 @@ def _forward(state, params, x, train):
 
 
 def _classification(out, y):
-    return out.ndim == 2 and y.ndim == 1 and jnp.issubdtype(y.dtype, jnp.integer)
+    return (hasattr(out, "ndim") and hasattr(y, "ndim") and out.ndim == 2 and y.ndim == 1
+            and jnp.issubdtype(y.dtype, jnp.integer))
 
 
 def _micro_batches(batch, k):
@@ -53,7 +54,9 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
     Jit it once, outside the loop: `jax.jit(train_step, donate_argnums=0)`.
 
     Args:
-      loss_fn: `loss_fn(model_output, y) -> scalar`, a mean over the batch.
+      loss_fn: `loss_fn(model_output, y) -> scalar`, a mean over the batch, or `(scalar, terms)`,
+        a dict of the loss's parts (a detector's box, objectness and class terms), which the
+        metrics then carry.
       clip_norm: if set, gradients are scaled so their global norm is at most this
         (`torch.nn.utils.clip_grad_norm_`); metrics report the norm before clipping.
       check_finite: if True, a step whose loss, gradients or new params hold NaN/Inf
@@ -70,57 +73,59 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
         would. A scan rather than `optax.MultiSteps`, so the step count, the schedule
         and anything else keyed to the update (lookahead) stay those of batch B.
       summaries_every: if N > 0, metrics carry `histograms` of the new weights and of the
-        gradients, computed at every N-th step (`tools.tensorboard.every_nth_step`), and
-        `grad_norm`.
+        gradients (before clipping), computed at every N-th step (`tools.tensorboard.every_nth_step`).
     With `state.loss_scale` (float16, `precision.LossScale`), the loss is scaled before the
     backward pass, the gradients unscaled, and a step whose gradients overflowed skipped (its
     params, optimizer state and statistics kept; its step count advanced).
     Returns:
       metrics: `loss`, `grad_norm` (if asked for), `accuracy` for integer-label classification,
-        and with a loss scale `loss_scale` (the one this step used) and `skipped`.
+        the loss's terms if it returns them, and with a loss scale `loss_scale` (the one this
+        step used) and `skipped`.
     """
     def gradients(state, batch):
-        """`(loss, grads, new batch stats, accuracy or None)` for one (micro-)batch; with a loss
-        scale, the gradients of the scaled loss, scaled back."""
+        """`(loss, grads, new batch stats, further metrics)` for one (micro-)batch: the accuracy for
+        classification, the loss's terms where it returns them; with a loss scale, the gradients of
+        the scaled loss, scaled back."""
         x, y = batch
         scale = 1.0 if state.loss_scale is None else state.loss_scale.scale
 
         def objective(params):
             out, stats = _forward(state, params, x, train=True)
             loss = loss_fn(out, y)
-            return loss * scale, (loss, out, stats)
+            loss, terms = loss if isinstance(loss, tuple) else (loss, {})
+            return loss * scale, (loss, terms, out, stats)
 
-        (_, (loss, out, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (_, (loss, terms, out, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         if state.loss_scale is not None:
             grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
-        return loss, grads, stats, accuracy(out, y) if _classification(out, y) else None
+        extra = {**terms, "accuracy": accuracy(out, y)} if _classification(out, y) else terms
+        return loss, grads, stats, extra
 
     def accumulated(state, batch):
         def micro(carry, batch):
             stats, total = carry
-            loss, grads, stats, acc = gradients(state.replace(batch_stats=stats), batch)
-            return (stats, jax.tree.map(jnp.add, total, (loss, grads, acc))), None
+            loss, grads, stats, extra = gradients(state.replace(batch_stats=stats), batch)
+            return (stats, jax.tree.map(jnp.add, total, (loss, grads, extra))), None
 
         micro_batches = _micro_batches(batch, accumulate)
         first = jax.tree.map(lambda a: a[0], micro_batches)
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(gradients, state, first))
         (stats, total), _ = jax.lax.scan(micro, (state.batch_stats, (zeros[0], zeros[1], zeros[3])), micro_batches)
-        loss, grads, acc = jax.tree.map(lambda t: t / accumulate, total)
-        return loss, grads, stats, acc
+        loss, grads, extra = jax.tree.map(lambda t: t / accumulate, total)
+        return loss, grads, stats, extra
 
     def train_step(state, batch):
-        loss, grads, stats, acc = (gradients if accumulate == 1 else accumulated)(state, batch)
-        metrics = {"loss": loss}
-        if grad_norm or clip_norm is not None or summaries_every:
+        loss, grads, stats, extra = (gradients if accumulate == 1 else accumulated)(state, batch)
+        metrics, raw_grads = {"loss": loss}, grads
+        if grad_norm or clip_norm is not None:
             norm = optax.tree.norm(grads)
-            if grad_norm or summaries_every:
+            if grad_norm:
                 metrics["grad_norm"] = norm
             if clip_norm is not None:
                 scale = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
                 grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         new_state = state.apply_gradients(grads, batch_stats=stats)
-        if acc is not None:
-            metrics["accuracy"] = acc
+        metrics.update(extra)
         if state.loss_scale is not None:
             # GradScaler's rule: a step whose gradients overflowed is skipped and the scale adjusts.
             # The step count still moves on, as PyTorch's loop does, so anything keyed to it
@@ -130,7 +135,7 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
             new_state = new_state.replace(step=state.step + 1, loss_scale=state.loss_scale.adjust(grads_finite))
             metrics.update(loss_scale=state.loss_scale.scale, skipped=~grads_finite)
         if summaries_every:
-            metrics["histograms"] = every_nth_step(state.step + 1, summaries_every, new_state.params, grads)
+            metrics["histograms"] = every_nth_step(state.step + 1, summaries_every, new_state.params, raw_grads)
         if check_finite:
             # Under a loss scale an overflow is skipped, not a divergence, unless the scale is at
             # its floor (`LossScale.diverged`).
@@ -149,7 +154,11 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
 def find_step_anomaly(state, loss_fn, batch):
     """Where the first NaN/Inf of a training step of `state` on `batch` (x, y) appears: the forward
     and backward pass of `loss_fn` through `state.apply_fn`, checked layer by layer
-    (`tools.find_anomaly`). Returns an `Anomaly`, or None if the pass stays finite."""
+    (`tools.find_anomaly`). Returns an `Anomaly`, or None if the pass stays finite.
+
+    The pass is one over the whole batch, without a loss scale: a step that accumulated
+    micro-batches normalised each by its own BatchNorm statistics, and a float16 step scaled
+    its loss, so such a step's NaN may not recur here (the error then says the replay stayed finite)."""
     state = jax.device_get(state)  # the pass runs on one device (see `find_anomaly`)
 
     def loss(params, x, y):
