@@ -12,6 +12,7 @@ Workloads (same shapes and random data on both sides; the conv nets start from t
   fastnet_train    airbench94's net, train step, batch 512, Nesterov SGD      images/s
   resnet18_train   ResNet-18 (CIFAR stem), train step, batch 128              images/s
   resnet18_infer   ResNet-18 (CIFAR stem), inference, batch 256               images/s
+  yolo_infer       the detector yolo_tiny's network, 128x128, batch 64        images/s
   fastnet_epoch    the fast CIFAR recipe on 50,000 random uint8 32x32 images
                    at batch 1024: gather, flip, translate and normalise, step,
                    lookahead. `--epoch-fraction` of its 48 steps is timed

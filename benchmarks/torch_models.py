@@ -179,10 +179,77 @@ def fastnet_like(variables):
     return TorchFastNet(widths, num_classes=params["fc"]["kernel"].shape[-1])
 
 
+class TorchConvBN(nn.Module):
+    """`models.yolo.ConvBN`: conv (no bias), BatchNorm (eps 1e-3, momentum 0.03), SiLU."""
+
+    def __init__(self, c_in, c_out, kernel=3, stride=1):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.03)
+
+    def forward(self, x):
+        return F.silu(self.bn(self.conv(x)))
+
+
+class TorchResidual(nn.Module):
+    """`models.yolo.Residual`: 1x1 to half the channels, 3x3 back, plus the input."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.cv1, self.cv2 = TorchConvBN(c, c // 2, 1), TorchConvBN(c // 2, c, 3)
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x))
+
+
+class TorchYOLO(nn.Module):
+    """`models.YOLO`: the backbone's five stride-2 stages, the top-down pyramid, a head per scale
+    (strides 8 and 16); returns the raw maps, (B, 5 + classes, H/s, W/s) each."""
+
+    def __init__(self, widths, depths, neck, num_classes):
+        super().__init__()
+        self.depths, c = depths, 3
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            setattr(self, f"down{i}", TorchConvBN(c, width, 3, 2))
+            for j in range(depth):
+                setattr(self, f"stage{i}_{j}", TorchResidual(width))
+            c = width
+        self.lateral5 = TorchConvBN(widths[4], neck, 1)
+        self.lateral4, self.merge4 = TorchConvBN(widths[3], neck, 1), TorchConvBN(2 * neck, neck, 3)
+        self.lateral3, self.merge3 = TorchConvBN(widths[2], neck, 1), TorchConvBN(2 * neck, neck, 3)
+        for level in (0, 1):
+            setattr(self, f"head{level}", TorchConvBN(neck, neck, 3))
+            setattr(self, f"predict{level}", nn.Conv2d(neck, 5 + num_classes, 1))
+
+    def forward(self, x):  # (B, 3, H, W)
+        features = []
+        for i, depth in enumerate(self.depths):
+            x = getattr(self, f"down{i}")(x)
+            for j in range(depth):
+                x = getattr(self, f"stage{i}_{j}")(x)
+            features.append(x)
+        up = functools.partial(F.interpolate, scale_factor=2, mode="nearest")
+        p5 = self.lateral5(features[4])
+        p4 = self.merge4(torch.cat([up(p5), self.lateral4(features[3])], 1))
+        p3 = self.merge3(torch.cat([up(p4), self.lateral3(features[2])], 1))
+        return tuple(getattr(self, f"predict{level}")(getattr(self, f"head{level}")(p))
+                     for level, p in enumerate((p3, p4)))
+
+
+def yolo_like(variables):
+    """A `TorchYOLO` with the widths, depths and classes of `models.YOLO` `variables`."""
+    params = variables["params"]
+    widths = tuple(params[f"down{i}"]["conv"]["kernel"].shape[-1] for i in range(5))
+    depths = tuple(sum(name.startswith(f"stage{i}_") for name in params) for i in range(5))
+    neck = params["lateral5"]["conv"]["kernel"].shape[-1]
+    return TorchYOLO(widths, depths, neck, params["predict0"]["kernel"].shape[-1] - 5)
+
+
 # fnlearn's registry name -> (its PyTorch twin, made from the variables; the map of the variables onto it)
 TWINS = {"cnn": (lambda _: TorchCNN(), cnn_state_dict),
          **{name: (fastnet_like, torch_state_dict) for name in ("fastnet", "fastnet_small", "fastnet_tiny")},
-         "resnet18": (lambda _: TorchResNet(), torch_state_dict)}
+         "resnet18": (lambda _: TorchResNet(), torch_state_dict),
+         **{name: (yolo_like, torch_state_dict) for name in ("yolo_tiny", "yolo_small")}}
 
 
 def twin(model, variables):

@@ -454,6 +454,8 @@ WORKLOADS = {w.name: w for w in (
     conv_train("resnet18_train", "resnet18", batch=128, steps=2),
     Workload("resnet18_infer", "images/s", 256, 2, partial(conv_start, model="resnet18"), torch_infer,
              fnlearn_infer, (("jit_apply", 1),)),
+    Workload("yolo_infer", "images/s", 64, 2, partial(conv_start, model="yolo_tiny", size=128), torch_infer,
+             fnlearn_infer, (("jit_apply", 1),)),
     fastnet_epoch(),
     cifar_run(),
 )}

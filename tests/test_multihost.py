@@ -88,6 +88,9 @@ def _leaves(saved):
     return [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]  # less "devices"
 
 
+# Left to `pytest -m slow` (a minute): the experiment's test below checks two processes against one
+# as well, through the FSDP-split state; this one checks the replicated state, bit-equal in both.
+@pytest.mark.slow
 def test_two_processes_end_with_the_same_params_as_one(data, alone, tmp_path):
     port, outs = _free_port(), [tmp_path / f"params{i}.npz" for i in range(2)]
     for code, _, err in _finish(_start(*[_worker(port, 2, i, data, outs[i]) for i in range(2)])):

@@ -2,8 +2,8 @@
 
 Each canvas is another image of the set, scaled up to fill it, with 1 to `max_objects`
 images pasted on top at random scales and places; where an object lies is known exactly,
-so the boxes are exact. Later objects may cover earlier ones, by at most `max_overlap` of
-the smaller box. Canvas i depends only on (seed, i), so any slice of a set can be made alone.
+so the boxes are exact. Each later object may cover an earlier one by at most `max_overlap`
+of the smaller box. Canvas i depends only on (seed, i), so any slice of a set can be made alone.
 """
 import dataclasses
 

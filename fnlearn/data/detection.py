@@ -31,6 +31,8 @@ class CanvasBuilder(ImageBuilder):
     """TFDS builder of a canvas set; construct with `config=` and set `source` (a `Dataset`) before preparing."""
 
     name = "fnlearn_canvases"
+    # Prepared sets are found by name and version: a change to how `make_canvases` draws (its
+    # defaults, its rules) must bump the version.
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "128x128 canvases of 1-4 pasted objects, exact boxes."}
     source: Dataset | None = None

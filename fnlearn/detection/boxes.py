@@ -71,8 +71,9 @@ def decode(t, centres, stride, anchor):
     """Boxes (..., 4) from raw predictions `t` (..., 4) at cells with pixel `centres` (..., 2).
 
     YOLOv5's parameterisation, with one square anchor per scale: the centre is the cell's
-    centre plus (2σ(t) - 1)·stride, so it reaches 1.5 cells away (a neighbouring cell can
-    predict a box whose centre is next door); the side is anchor·(2σ(t))², 0 to 4x the anchor.
+    centre plus (2σ(t) - 1)·stride, within a stride of it (-0.5 to 1.5 cells from the cell's
+    corner, so a neighbouring cell can predict a box whose centre is next door); the side is
+    anchor·(2σ(t))², 0 to 4x the anchor.
     Bounded both ways, unlike exp(t), so an early wild prediction cannot overflow.
     """
     centre = centres + (2 * jax.nn.sigmoid(t[..., :2]) - 1) * stride

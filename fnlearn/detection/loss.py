@@ -29,10 +29,14 @@ def assign(boxes, classes, height, width, stride, anchor, anchor_ratio=4.0):
     Returns:
       (height·width,) int32: the index into `boxes` each cell predicts, -1 for background.
     """
-    cells = grid_centres(height, width, stride) / stride  # (HW, 2) in cells
-    gap = jnp.abs(cells[:, None, :] - (boxes[None, :, :2] + boxes[None, :, 2:]) / (2 * stride))  # (HW, K, 2)
-    # The centre's cell (both gaps <= 0.5) and the nearer neighbour along each axis (that gap < 1).
-    near = ((gap[..., 0] < 1) & (gap[..., 1] <= 0.5)) | ((gap[..., 0] <= 0.5) & (gap[..., 1] < 1))
+    cell = jnp.floor(grid_centres(height, width, stride) / stride)  # (HW, 2): each cell's (column, row)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / (2 * stride)  # (K, 2) in cells
+    home, frac = jnp.floor(centre), centre % 1
+    # The centre's cell, and along each axis the neighbour on the side the centre leans to (none
+    # when it sits mid-cell), as YOLOv5's `build_targets` with its offset 0.5.
+    dx, dy = jnp.moveaxis((cell[:, None, :] - home[None]).astype(jnp.int32), -1, 0)  # (HW, K) each
+    tx, ty = jnp.moveaxis(jnp.where(frac < 0.5, -1, jnp.where(frac > 0.5, 1, 0)), -1, 0)  # (K,) each
+    near = ((dx == 0) & (dy == 0)) | ((dy == 0) & (tx != 0) & (dx == tx)) | ((dx == 0) & (ty != 0) & (dy == ty))
     sides = jnp.maximum(boxes[:, 2:] - boxes[:, :2], 1e-6)
     fits = jnp.max(jnp.maximum(sides / anchor, anchor / sides), -1) < anchor_ratio
     match = near & (fits & (classes >= 0))[None, :]

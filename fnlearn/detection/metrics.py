@@ -28,14 +28,17 @@ def _iou(a, b):
 
 def _match(det_boxes, gt_boxes, thresholds):
     """(T, N) bool: whether each detection (in score order) matches a ground-truth box at each threshold."""
-    ious = _iou(det_boxes, gt_boxes) if len(gt_boxes) else np.zeros((len(det_boxes), 0))
     matched = np.zeros((len(thresholds), len(det_boxes)), bool)
+    if not len(gt_boxes) or not len(det_boxes):
+        return matched
+    ious = _iou(det_boxes, gt_boxes)
     for t, threshold in enumerate(thresholds):
         taken = np.zeros(len(gt_boxes), bool)
         for d in range(len(det_boxes)):
             candidates = np.where(taken, -1.0, ious[d])
-            g = int(np.argmax(candidates)) if len(gt_boxes) else -1
-            if g >= 0 and candidates[g] >= min(threshold, 1 - 1e-10):
+            # The best unmatched box; of equals, the last (COCOeval replaces its choice on a tie).
+            g = len(candidates) - 1 - int(np.argmax(candidates[::-1]))
+            if candidates[g] >= min(threshold, 1 - 1e-10):
                 taken[g], matched[t, d] = True, True
     return matched
 

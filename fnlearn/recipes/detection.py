@@ -44,7 +44,7 @@ class DetectionConfig:
     epochs: int = _field(12, "passes over the training canvases")
     batch_size: int = _field(64, "canvases per step")
     lr: float = _field(3e-3, "AdamW's peak learning rate, reached after the warm-up, then a cosine decay to 0")
-    warmup_epochs: float = _field(1.0, "epochs of linear warm-up from 0")
+    warmup_epochs: float = _field(1.0, "epochs of linear warm-up from 0 (at most half the run)")
     weight_decay: float = _field(5e-4, "AdamW's decoupled weight decay (not on biases and norms)")
     flip: bool = _field(True, "mirror half the training canvases, boxes with them")
     zoom: float = _field(0.25, "zoom each training canvas by a factor in [1 - zoom, 1 + zoom], boxes with it (0: off)")
@@ -91,7 +91,8 @@ def create_state(cfg, key, num_classes, image_size, total_steps, steps_per_epoch
     model = make_detector(cfg, num_classes)
     variables = model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
     tx = make_optimizer("adamw", cfg.lr, weight_decay=cfg.weight_decay, schedule="warmup_cosine",
-                        total_steps=total_steps, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch))
+                        total_steps=total_steps,
+                        warmup_steps=min(int(cfg.warmup_epochs * steps_per_epoch), total_steps // 2))
     return TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
 
 
@@ -181,7 +182,8 @@ def train_and_evaluate(cfg, train, test, num_classes, *, checkpoint_dir=None, re
     test_images = jax.device_put(test.images)
     t0 = time.perf_counter()
     train_fn = jax.jit(make_train_fn(cfg, model_cls, images, boxes, classes, augment_key), donate_argnums=0)
-    lengths = {len(c) for c in chunks(steps_per_epoch, cfg.steps_per_execution)}
+    # One program per chunk length (none when the restored run has nothing left to train).
+    lengths = {len(c) for c in chunks(steps_per_epoch, cfg.steps_per_execution)} if start_epoch < cfg.epochs else ()
     train_fns = {n: train_fn.lower(state, jax.ShapeDtypeStruct((n, cfg.batch_size), jnp.int32)).compile()
                  for n in lengths}
     predict_fn = jax.jit(make_predict_fn(cfg, model_cls, state.apply_fn)).lower(state.variables,
@@ -222,6 +224,6 @@ def train_and_evaluate(cfg, train, test, num_classes, *, checkpoint_dir=None, re
         checkpoints.close()
     if predictions is None:  # nothing left to train: score the restored state
         predictions = jax.device_get(predict_fn(state.variables, test_images))
-    maps = score(predictions, test, num_classes)
+        maps = score(predictions, test, num_classes)
     return DetectionResult(maps["map50"], maps["map50_95"], train_seconds, compile_seconds, history, state,
                            predictions)
