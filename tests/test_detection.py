@@ -244,6 +244,12 @@ def test_the_detectors_give_a_map_per_scale_at_any_multiple_of_32():
         variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
         outputs = jax.eval_shape(model.apply, variables, jnp.zeros((2, size, size, 3)))
         assert [o.shape for o in outputs] == [(2, size // s, size // s, 15) for s in model.STRIDES]
+    # The precision policy: bfloat16 compute, float32 params and maps.
+    model = models.get("yolo_tiny", num_classes=10, dtype=jnp.bfloat16)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    outputs = jax.eval_shape(model.apply, variables, jnp.zeros((2, 64, 64, 3)))
+    assert {o.dtype for o in outputs} == {jnp.dtype(jnp.float32)}
     assert set(models.names(task="detector")) == {"yolo_tiny", "yolo_small"}
 
 
@@ -293,8 +299,9 @@ def test_canvas_sets_are_prepared_once_from_each_split(tree):
 def test_the_experiment_trains_scores_and_writes_its_outputs(tree, tmp_path, capsys):
     src, data_dir = tree
     workdir = tmp_path / "run"
-    flags = ["--data", str(src), "--data-dir", str(data_dir), "--workdir", str(workdir), "--train-canvases", "64",
-             "--test-canvases", "16", "--batch-size", "16", "--epochs", "2", "--eval-batch-size", "8"]
+    flags = ["--preset", "smoke", "--data", str(src), "--data-dir", str(data_dir), "--workdir", str(workdir),
+             "--train-canvases", "64", "--test-canvases", "16", "--batch-size", "16", "--epochs", "2",
+             "--eval-batch-size", "8"]  # the smoke preset, smaller still
     summary = detection_experiment.main(flags)
     saved = json.loads((workdir / "summary.json").read_text())
     assert {"map50", "map50_95", "train_seconds"} <= set(saved) and saved["map50"] == summary["map50"]
