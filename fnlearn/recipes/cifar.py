@@ -28,7 +28,7 @@ from fnlearn.report import confusion_matrix
 from fnlearn.tools.profile import report as profile_report
 from fnlearn.train import (POLICIES, History, LossScale, StepProgress, TrainingDiverged, TrainState, batched, chunks,
                            cross_entropy, epoch_order, make_schedule, make_train_step, scan_steps)
-from fnlearn.train.loop import first_nonfinite_step
+from fnlearn.train.loop import first_false, first_nonfinite_step
 from fnlearn.train.steps import find_step_anomaly, first_nonfinite
 
 
@@ -391,12 +391,6 @@ def whitening_sample(images, labels, n=5000):
     return images[stratified_subset(labels, min(n, len(labels)))]
 
 
-def _first_false(flags):
-    """Index of the first False in a device array of per-step flags, or None (a sync)."""
-    flags = np.asarray(flags)
-    return None if flags.all() else int(np.argmin(flags))
-
-
 def _replay(cfg, train_fn, state, indices, bad, epoch, images, labels, augment_key, step, finite, checkpoint):
     """TrainingDiverged for row `bad` of a call of steps that began at `state` on `indices` (`finite`:
     the call's per-step, per-parameter flags): the rows before it are rerun to reach the last finite
@@ -622,6 +616,7 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         order = epoch_order(order_key, epoch, len(train_x), cfg.batch_size)
         t_epoch = time.perf_counter()
         metrics, profiled = [], None
+        last_good = f"{checkpoints.directory}/{epoch}" if checkpoints and epoch else None  # for a divergence
         epoch_chunks = chunks(steps, cfg.steps_per_execution)
         # The traced call: this call's first epoch's second (a warm program), or its only one.
         traced = min(1, len(epoch_chunks) - 1) if profile is not None and epoch == start_epoch else None
@@ -636,8 +631,7 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
                     profiled = c
                 else:
                     state, m = train_fns[len(c)](state, indices, epoch)
-                if detect_anomaly and (bad := _first_false(m["all_finite"])) is not None:
-                    last_good = f"{checkpoints.directory}/{epoch}" if checkpoints and epoch else None
+                if detect_anomaly and (bad := first_false(m["all_finite"])) is not None:  # a sync
                     raise _replay(cfg, train_fn, before, indices, bad, epoch, images, labels, augment_key,
                                   epoch * steps_per_epoch + c.start + bad, m["finite"], last_good)
                 metrics.append(m)
@@ -651,7 +645,6 @@ def train_and_evaluate(cfg, dataset, *, run=0, checkpoint_dir=None, resume=False
         at_floor = LossScale.diverged(metrics.get("loss_scale", np.inf), skipped)
         checked = np.where(skipped, np.where(at_floor, np.nan, 0.0), metrics["loss"])
         if (bad := first_nonfinite_step(checked)) is not None:
-            last_good = f"{checkpoints.directory}/{epoch}" if checkpoints and epoch else None
             raise TrainingDiverged(epoch * steps_per_epoch + bad, checkpoint=last_good, epoch=epoch + 1)
         loss, accuracy = float(metrics["loss"][~skipped].mean()), float(metrics["accuracy"][~skipped].mean())
         if epoch and not warned:  # a first epoch may well end near chance

@@ -10,16 +10,10 @@ from jax import lax
 
 from fnlearn import parallel
 from fnlearn.tools.profile import report as profile_report
-from fnlearn.train.loop import History, TrainingDiverged, epoch_order, scan_steps
+from fnlearn.train.loop import History, TrainingDiverged, epoch_order, first_false, scan_steps
 from fnlearn.train.losses import cross_entropy
 from fnlearn.train.progress import StepProgress
 from fnlearn.train.steps import find_step_anomaly, first_nonfinite, make_eval_step, make_train_step
-
-
-def _first_bad(metrics):
-    """Index of the first non-finite step in stacked (steps,) metrics, or None."""
-    ok = np.asarray(metrics["all_finite"]).reshape(-1)
-    return None if ok.all() else int(np.argmin(ok))
 
 
 def _epoch_means(metrics):
@@ -129,7 +123,7 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
         with jax.profiler.trace(str(profile), create_perfetto_trace=True) if profile else contextlib.nullcontext():
             state, (steps_m, epoch_m, eval_m) = jax.block_until_ready(compiled_run(state))
         seconds = (time.perf_counter() - t0) / epochs
-        if check_finite and (bad := _first_bad(steps_m)) is not None:
+        if check_finite and (bad := first_false(steps_m["all_finite"])) is not None:
             raise diverged(jax.tree.map(lambda f: np.asarray(f).reshape(-1)[bad], steps_m["finite"]), bad, state)
         for e in range(epochs):
             record(e, {k: v[e] for k, v in {**epoch_m, **eval_m}.items()}, seconds)

@@ -85,6 +85,12 @@ class TrainingDiverged(FloatingPointError):
         self.step, self.leaf, self.checkpoint, self.state, self.anomaly = step, leaf, checkpoint, state, anomaly
 
 
+def first_false(flags):
+    """Index of the first False in an array of per-step flags (any shape, read in order), or None."""
+    flags = np.asarray(flags).reshape(-1)
+    return None if flags.all() else int(np.argmin(flags))
+
+
 def first_nonfinite_step(values):
     """Index of the first non-finite entry of a 1-D host array, or None."""
     bad = np.flatnonzero(~np.isfinite(np.asarray(values)))
