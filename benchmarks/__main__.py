@@ -85,14 +85,31 @@ def print_table(rows):
               + cells * accuracies)
 
 
+# The vector extensions that decide which convolution kernels oneDNN (both sides') can run.
+ISA_FLAGS = {"avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}
+
+
 def cpu_model():
-    """The CPU's model name (as `lscpu` gives it): a CPU figure means nothing without it."""
+    """The CPU's model name (as `lscpu` gives it) and its widest vector extensions: a CPU
+    figure means nothing without them."""
     try:
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            lines = f.readlines()
     except OSError:
-        names = []
-    return f"{names[0]}, {os.cpu_count()} cores" if names else platform.processor() or "unknown CPU"
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    isa = [name for flag, name in ISA_FLAGS.items() if flag in flags] or (["AVX2"] if "avx2" in flags else [])
+    return (f"{names[0]}, {os.cpu_count()} cores{', ' + ' '.join(isa) if isa else ''}" if names
+            else platform.processor() or "unknown CPU")
+
+
+def conv_backend():
+    """What runs fnlearn's CPU convolutions: oneDNN (and whether in native bf16) or XLA's own."""
+    from fnlearn.ops import onednn
+    if not onednn.enabled():
+        return "XLA's own"
+    return f"oneDNN, bf16 {'native' if onednn.native_bfloat16() else 'in fp32'}"
 
 
 def main(argv=None):
@@ -136,6 +153,8 @@ def main(argv=None):
     torch_on = (f"on {torch.cuda.get_device_name()}" if on_gpu else f"with {torch.get_num_threads()} threads")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({cpu_model()}), torch {torch.__version__} "
           f"{torch_on}")
+    if jax.default_backend() == "cpu":
+        print(f"fnlearn's CPU convolutions: {conv_backend()}")
     if jax.default_backend() == "gpu" and not on_gpu:
         print("warning: JAX runs on the GPU but PyTorch has no CUDA here, so it runs on the CPU: "
               "the ratios compare different hardware")

@@ -87,7 +87,8 @@ def test_pointwise_conv_is_a_dot_on_cpu():
         assert "convolution(" not in text
 
 
-def test_spatial_conv_stays_native_on_cpu():
+def test_spatial_conv_stays_native_on_cpu_without_onednn(monkeypatch):
+    monkeypatch.setenv("FNLEARN_ONEDNN", "0")  # with oneDNN: tests/test_onednn.py
     ours, _, x, w = conv_pair("3x3_same")
     assert "convolution(" in compiled_text(ours, x, w)
 
@@ -120,7 +121,8 @@ EIGEN_LAYOUT = "dim_labels=b01f_01io->b01f"  # NHWC input, HWIO kernel, NHWC out
 
 
 @pytest.mark.parametrize("case", ["3x3_same", "3x3_stride2"])
-def test_gradient_convs_in_a_loop_are_in_eigen_layouts(case):
+def test_gradient_convs_in_a_loop_are_in_eigen_layouts(case, monkeypatch):
+    monkeypatch.setenv("FNLEARN_ONEDNN", "0")  # XLA's own convolutions, where oneDNN is off or missing
     # XLA:CPU moves convolutions into the layouts its Eigen kernels take only at a
     # program's top level; inside a loop body, lax's own kernel gradient stays
     # f01b_i01o->01bf and runs as a loop nest, 30-60x slower.

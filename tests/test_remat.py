@@ -30,10 +30,11 @@ def test_remat_gives_the_same_params_and_gradients(name):
 
 # At least what the plain nets keep in their first layers: resnet_tiny's first block 7 (64, 32, 32, 8)
 # float32 tensors; fastnet_tiny's whitening stem its conv output and GELU, 2 (64, 31, 31, 24).
-@pytest.mark.parametrize("name, at_least", [("resnet_tiny", 7 * 64 * 32 * 32 * 8 * 4),
-                                            ("fastnet_tiny", 2 * 64 * 31 * 31 * 24 * 4)])
-def test_remat_keeps_fewer_activations_for_the_backward_pass(name, at_least):
+# The stem and head are not checkpointed: fastnet_tiny's stem is about half of what remat
+# leaves, so remat takes the rest (its blocks) down to under half.
+@pytest.mark.parametrize("name, at_least, stem", [("resnet_tiny", 7 * 64 * 32 * 32 * 8 * 4, 0),
+                                                  ("fastnet_tiny", 2 * 64 * 31 * 31 * 24 * 4, 2 * 64 * 31 * 31 * 24 * 4)])
+def test_remat_keeps_fewer_activations_for_the_backward_pass(name, at_least, stem):
     cfg = CifarConfig(model=name, batch_size=64)
     plain, remat = backward_bytes(cfg), backward_bytes(dataclasses.replace(cfg, remat=True))
-    # The stem and head are not checkpointed; fastnet_tiny's stem is about half of what remat leaves.
-    assert plain > at_least and remat < 0.6 * plain, (remat, plain)
+    assert plain > at_least and remat - stem < 0.55 * (plain - stem), (remat, plain)

@@ -19,6 +19,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from fnlearn.ops import onednn
+
 FORMATS = ("stablehlo", "onnx")
 PLATFORMS = ("cpu", "cuda")
 _META, _EXPORTED = "meta.json", "exported.bin"
@@ -79,6 +81,14 @@ def save(path, fn, input_shape, meta, format="stablehlo", platforms=PLATFORMS):
     if format not in FORMATS:
         raise ArtifactError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     meta = {**meta, "input_shape": list(input_shape), "input_dtype": "uint8", "format": format}
+    with onednn.disabled():  # lax's convolutions: the file must run without fnlearn's library
+        write = _serialize(fn, input_shape, meta, format, platforms)
+    _write_atomically(path, write)
+    return path.stat().st_size
+
+
+def _serialize(fn, input_shape, meta, format, platforms):
+    """A function writing the artifact's bytes to a path."""
     if format == "stablehlo":
         exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(_spec(input_shape))
         meta["platforms"] = list(platforms)
@@ -92,8 +102,7 @@ def save(path, fn, input_shape, meta, format="stablehlo", platforms=PLATFORMS):
         model = onnx_export.export(fn, _spec(input_shape), input_names=["images"], output_names=["logits"],
                                    metadata={"fnlearn": json.dumps(meta)})
         write = lambda tmp: tmp.write_bytes(model.SerializeToString())  # noqa: E731
-    _write_atomically(path, write)
-    return path.stat().st_size
+    return write
 
 
 class Artifact:

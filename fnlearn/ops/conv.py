@@ -40,6 +40,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from fnlearn.ops import onednn
+
 
 def _channels_last_numbers(num_spatial):
     """ConvDimensionNumbers of NHWC / HWIO / NHWC (any number of spatial dims)."""
@@ -164,14 +166,29 @@ def pointwise_conv(x, kernel, strides, precision=None, preferred_element_type=No
     return y.astype(out_dtype).reshape(x.shape[:-1] + (c_out,))
 
 
+def onednn_conv(x, kernel, strides, padding, preferred_element_type=None):
+    """A channels-last 2-D convolution in oneDNN (`fnlearn.ops.onednn`), for XLA:CPU.
+
+    bfloat16 runs as bfloat16 where oneDNN has kernels for it on this CPU, and in
+    float32 elsewhere, as XLA's own convolution does; other floats run in float32.
+    """
+    out_dtype = preferred_element_type or x.dtype
+    native = x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and out_dtype == x.dtype
+                                        and onednn.native_bfloat16())
+    compute = x.dtype if native else jnp.float32
+    y = onednn.conv(x.astype(compute), kernel.astype(compute), strides, padding)
+    return y.astype(out_dtype)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
     """Drop-in for `lax.conv_general_dilated` that takes the fastest lowering on CPU.
 
     Same arguments and result as `lax.conv_general_dilated`. On CPU, plain channels-last
-    convs (no dilation or groups) become a dot when 1x1 and unpadded, and `spatial_conv`
-    otherwise; everything else, and every non-CPU backend, is lax's native convolution.
+    convs (no dilation or groups) become a dot when 1x1 and unpadded; other 2-D ones run
+    in oneDNN where `onednn.enabled()`, and as `spatial_conv` otherwise. Everything else,
+    and every non-CPU backend, is lax's native convolution.
     """
     native = functools.partial(
         lax.conv_general_dilated, window_strides=window_strides, padding=padding,
@@ -186,6 +203,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     num_spatial = lhs.ndim - 2
     if rhs.shape[:num_spatial] == (1,) * num_spatial and all(p == (0, 0) for p in pads):
         cpu = functools.partial(pointwise_conv, strides=strides, precision=precision,
+                                preferred_element_type=preferred_element_type)
+    elif num_spatial == 2 and min(min(p) for p in pads) >= 0 and lhs.dtype != jnp.float64 and onednn.enabled():
+        cpu = functools.partial(onednn_conv, strides=strides, padding=pads,
                                 preferred_element_type=preferred_element_type)
     else:  # a padded 1x1 conv adds a border of zeros, so it is a spatial conv too
         cpu = lambda x, kernel: spatial_conv(x, kernel, strides, pads, precision,  # noqa: E731

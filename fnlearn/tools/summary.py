@@ -16,7 +16,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from fnlearn.ops import onednn
 
+
+@onednn.disabled()  # XLA counts no FLOPs in a custom call
 def cost_flops(fn, *args):
     """XLA's FLOP count of `fn(*args)` compiled for this backend (no computation runs)."""
     analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
@@ -56,6 +59,7 @@ def _takes_train(model):
     return "train" in inspect.signature(model.__call__).parameters
 
 
+@onednn.disabled()
 def summary(model, x, train=False, depth=None, width=160, **call_kwargs):
     """Summarises `model` on the input `x` (e.g. `jnp.zeros((1, 32, 32, 3))`); nothing is computed.
 

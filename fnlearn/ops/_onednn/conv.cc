@@ -1,0 +1,190 @@
+// 2-D convolutions for XLA:CPU through oneDNN, as XLA FFI handlers.
+//
+// Three handlers, one per direction of a channels-last convolution: forward
+// (x, kernel -> y), input gradient (dy, kernel -> dx) and kernel gradient
+// (x, dy -> dkernel). Activations are NHWC and kernels HWIO, as JAX holds them;
+// oneDNN reads NHWC in place (PyTorch's channels_last) and the kernel is reordered
+// into the blocked layout oneDNN picks, which is small next to the convolution.
+// Every shape comes from the buffers; strides and padding are attributes.
+// Primitives are built once per (direction, shapes, dtypes) and kept: building one
+// costs far more than running a small convolution.
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+
+namespace {
+
+enum Direction : int64_t { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+bool ToDnnl(ffi::DataType type, memory::data_type* out) {
+  switch (type) {
+    case ffi::DataType::F32: *out = memory::data_type::f32; return true;
+    case ffi::DataType::BF16: *out = memory::data_type::bf16; return true;
+    default: return false;
+  }
+}
+
+// One built convolution: the primitive, and how the user's HWIO kernel maps to
+// the primitive's own kernel layout (a reorder before, or after for the kernel grad).
+struct Plan {
+  dnnl::primitive conv;
+  memory::desc user_kernel;    // HWIO
+  memory::desc kernel;         // the primitive's layout
+  bool reorder = false;
+  memory::desc scratchpad;     // given by each call, so calls can run concurrently
+};
+
+// Logical oneDNN dims: activations {N, C, H, W}, kernels {O, I, KH, KW}.
+Plan Build(Direction dir, const memory::dims& x, const memory::dims& k, const memory::dims& y,
+           memory::data_type x_type, memory::data_type k_type, memory::data_type y_type,
+           const memory::dims& strides, const memory::dims& pad_lo, const memory::dims& pad_hi) {
+  using tag = memory::format_tag;
+  auto& engine = Engine();
+  memory::desc x_md(x, x_type, tag::nhwc), y_md(y, y_type, tag::nhwc);
+  memory::desc k_any(k, k_type, tag::any);
+  // With the library's own scratchpad, one primitive must not run on two threads at once.
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  Plan plan;
+  plan.user_kernel = memory::desc(k, k_type, tag::hwio);
+  // The forward descriptor is the hint the backward ones need; forward_training
+  // where a backward pass follows, so oneDNN picks kernels that pair with it.
+  auto prop = dir == kForward ? dnnl::prop_kind::forward_inference : dnnl::prop_kind::forward_training;
+  dnnl::convolution_forward::primitive_desc fwd(engine, prop, dnnl::algorithm::convolution_direct, x_md,
+                                                k_any, y_md, strides, pad_lo, pad_hi, attr);
+  if (dir == kForward) {
+    plan.conv = dnnl::convolution_forward(fwd);
+    plan.kernel = fwd.weights_desc();
+    plan.scratchpad = fwd.scratchpad_desc();
+  } else if (dir == kInputGrad) {
+    dnnl::convolution_backward_data::primitive_desc bwd(engine, dnnl::algorithm::convolution_direct, x_md,
+                                                        k_any, y_md, strides, pad_lo, pad_hi, fwd, attr);
+    plan.conv = dnnl::convolution_backward_data(bwd);
+    plan.kernel = bwd.weights_desc();
+    plan.scratchpad = bwd.scratchpad_desc();
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc bwd(engine, dnnl::algorithm::convolution_direct,
+                                                           x_md, k_any, y_md, strides, pad_lo, pad_hi, fwd, attr);
+    plan.conv = dnnl::convolution_backward_weights(bwd);
+    plan.kernel = bwd.diff_weights_desc();
+    plan.scratchpad = bwd.scratchpad_desc();
+  }
+  plan.reorder = plan.kernel != plan.user_kernel;
+  return plan;
+}
+
+const Plan& Lookup(Direction dir, const memory::dims& x, const memory::dims& k, const memory::dims& y,
+                   memory::data_type x_type, memory::data_type k_type, memory::data_type y_type,
+                   const memory::dims& strides, const memory::dims& pad_lo, const memory::dims& pad_hi) {
+  static std::mutex mutex;
+  static std::map<std::vector<int64_t>, Plan> plans;  // node-based: references stay valid
+  std::vector<int64_t> key = {dir, static_cast<int64_t>(x_type), static_cast<int64_t>(k_type),
+                              static_cast<int64_t>(y_type)};
+  for (const auto* part : {&x, &k, &y, &strides, &pad_lo, &pad_hi}) key.insert(key.end(), part->begin(), part->end());
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = plans.find(key);
+  if (found == plans.end()) {
+    found = plans.emplace(key, Build(dir, x, k, y, x_type, k_type, y_type, strides, pad_lo, pad_hi)).first;
+  }
+  return found->second;
+}
+
+memory::dims Activation(ffi::AnyBuffer::Dimensions d) { return {d[0], d[3], d[1], d[2]}; }  // NHWC
+memory::dims Kernel(ffi::AnyBuffer::Dimensions d) { return {d[3], d[2], d[0], d[1]}; }      // HWIO
+
+// x: NHWC input, k: HWIO kernel, y: NHWC output, whichever of them is the result.
+ffi::Error Run(Direction dir, ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::AnyBuffer y, ffi::Span<const int64_t> strides,
+               ffi::Span<const int64_t> padding) {
+  if (x.dimensions().size() != 4 || k.dimensions().size() != 4 || y.dimensions().size() != 4 ||
+      strides.size() != 2 || padding.size() != 4) {
+    return ffi::Error::InvalidArgument("fnlearn oneDNN conv: 2-D NHWC/HWIO operands, 2 strides and 4 pads expected");
+  }
+  memory::data_type x_type, k_type, y_type;
+  if (!ToDnnl(x.element_type(), &x_type) || !ToDnnl(k.element_type(), &k_type) ||
+      !ToDnnl(y.element_type(), &y_type)) {
+    return ffi::Error::InvalidArgument("fnlearn oneDNN conv: float32 or bfloat16 operands expected");
+  }
+  try {
+    memory::dims s = {strides[0], strides[1]}, lo = {padding[0], padding[2]}, hi = {padding[1], padding[3]};
+    memory::dims x_dims = Activation(x.dimensions()), k_dims = Kernel(k.dimensions()),
+                 y_dims = Activation(y.dimensions());
+    const Plan& plan = Lookup(dir, x_dims, k_dims, y_dims, x_type, k_type, y_type, s, lo, hi);
+    auto& engine = Engine();
+    dnnl::stream stream(engine);
+    memory x_mem(memory::desc(x_dims, x_type, memory::format_tag::nhwc), engine, x.untyped_data());
+    memory y_mem(memory::desc(y_dims, y_type, memory::format_tag::nhwc), engine, y.untyped_data());
+    memory user_k(plan.user_kernel, engine, k.untyped_data());
+    memory k_mem = plan.reorder ? memory(plan.kernel, engine) : user_k;
+    memory scratchpad(plan.scratchpad, engine);
+    if (plan.reorder && dir != kKernelGrad) dnnl::reorder(user_k, k_mem).execute(stream, user_k, k_mem);
+    if (dir == kForward) {
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_WEIGHTS, k_mem}, {DNNL_ARG_DST, y_mem},
+                                {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    } else if (dir == kInputGrad) {
+      plan.conv.execute(stream, {{DNNL_ARG_DIFF_SRC, x_mem}, {DNNL_ARG_WEIGHTS, k_mem}, {DNNL_ARG_DIFF_DST, y_mem},
+                                {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    } else {
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_DIFF_WEIGHTS, k_mem}, {DNNL_ARG_DIFF_DST, y_mem},
+                                {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      if (plan.reorder) dnnl::reorder(k_mem, user_k).execute(stream, k_mem, user_k);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("fnlearn oneDNN conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> padding) {
+  return Run(kForward, x, k, *y, strides, padding);
+}
+
+ffi::Error InputGrad(ffi::AnyBuffer dy, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> dx,
+                     ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+  return Run(kInputGrad, *dx, k, dy, strides, padding);
+}
+
+ffi::Error KernelGrad(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dk,
+                      ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+  return Run(kKernelGrad, x, *dk, dy, strides, padding);
+}
+
+}  // namespace
+
+#define FNLEARN_CONV_BINDING                                                                        \
+  ffi::Ffi::Bind()                                                                                 \
+      .Arg<ffi::AnyBuffer>()                                                                       \
+      .Arg<ffi::AnyBuffer>()                                                                       \
+      .Ret<ffi::AnyBuffer>()                                                                       \
+      .Attr<ffi::Span<const int64_t>>("strides")                                                   \
+      .Attr<ffi::Span<const int64_t>>("padding")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FnlearnConvForward, Forward, FNLEARN_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FnlearnConvInputGrad, InputGrad, FNLEARN_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FnlearnConvKernelGrad, KernelGrad, FNLEARN_CONV_BINDING);
+
+// 1 where oneDNN has bfloat16 convolutions in every direction on this CPU.
+extern "C" int FnlearnConvSupportsBf16() {
+  const memory::dims x = {1, 8, 4, 4}, k = {8, 8, 3, 3}, s = {1, 1}, pad = {1, 1};
+  const auto bf16 = memory::data_type::bf16;
+  try {
+    for (Direction dir : {kForward, kInputGrad, kKernelGrad}) Build(dir, x, k, x, bf16, bf16, bf16, s, pad, pad);
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+  return 1;
+}

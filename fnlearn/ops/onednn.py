@@ -1,0 +1,232 @@
+"""Channels-last 2-D convolutions that XLA:CPU runs in oneDNN, through XLA's FFI.
+
+XLA:CPU runs convolutions in Eigen, which is slower than oneDNN (what PyTorch's CPU
+convolutions run in) on most layers, and runs bfloat16 ones in float32. The library
+built from `_onednn/conv.cc` at install runs the three directions of a convolution in
+oneDNN; this module makes them JAX primitives:
+
+- `conv(x, kernel)`: NHWC x, HWIO kernel, explicit padding;
+- `input_grad(dy, kernel)` and `kernel_grad(x, dy)`: its two gradients.
+
+Each is bilinear, and each one's transposes are two of the others, so `jax.grad`,
+`jax.jvp` and any order of derivative stay in these three primitives. `vmap` folds a
+mapped batch axis into the batch, and otherwise maps lax's convolution. CPU lowers
+them to the FFI calls; every other platform to lax's convolutions, so a program
+traced on a CPU host still lowers for a GPU.
+
+The library is loaded at the first convolution. Where it or oneDNN is missing,
+`enabled()` is False, fnlearn says so once, and convolutions keep XLA's lowering;
+`FNLEARN_ONEDNN=0` turns this path off, and `disabled()` turns it off while tracing
+programs that leave the process (`jax.export`, ONNX) or whose cost XLA must count.
+"""
+import contextlib
+import ctypes
+import functools
+import importlib.metadata
+import os
+import pathlib
+import threading
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+ENV = "FNLEARN_ONEDNN"
+_LIBRARY = pathlib.Path(__file__).with_name("_onednn") / "libfnlearn_conv.so"
+_TARGETS = {"forward": "FnlearnConvForward", "input_grad": "FnlearnConvInputGrad",
+            "kernel_grad": "FnlearnConvKernelGrad"}
+_NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def _libdnnl():
+    """Path of libdnnl.so.3 from the onednn-cpu-gomp wheel, or None."""
+    try:
+        files = importlib.metadata.distribution("onednn-cpu-gomp").files or ()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return next((f.locate() for f in files if f.name == "libdnnl.so.3"), None)
+
+
+@functools.cache
+def _load():
+    """(True, bf16 supported) once the FFI targets are registered, else (False, why)."""
+    if not _LIBRARY.exists():
+        return False, f"{_LIBRARY.name} was not built (reinstall fnlearn with a C++ compiler)"
+    dnnl = _libdnnl()
+    if dnnl is None:
+        return False, "oneDNN is not installed (pip install onednn-cpu-gomp)"
+    try:
+        # Loaded first and globally, so the library's own reference to it resolves.
+        ctypes.CDLL(str(dnnl), mode=ctypes.RTLD_GLOBAL)
+        library = ctypes.CDLL(str(_LIBRARY))
+    except OSError as error:
+        return False, f"loading it failed: {error}"
+    for name, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(f"fnlearn_conv_{name}", jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+    return True, bool(library.FnlearnConvSupportsBf16())
+
+
+_off = threading.local()
+
+
+@contextlib.contextmanager
+def disabled():
+    """XLA's own convolutions for what is traced inside, on this thread.
+
+    For exported programs (their custom calls would not run without fnlearn) and for
+    XLA's cost analysis (which counts no FLOPs in a custom call). Trace a fresh
+    function inside: a function jax traced before keeps its cached program.
+    """
+    before = getattr(_off, "on", False)
+    _off.on = True
+    try:
+        yield
+    finally:
+        _off.on = before
+
+
+def enabled():
+    """Whether CPU convolutions run in oneDNN: the library loads, FNLEARN_ONEDNN is not 0,
+    and no `disabled()` is open."""
+    if os.environ.get(ENV, "1") == "0" or getattr(_off, "on", False):
+        return False
+    loaded, detail = _load()
+    if not loaded:
+        _say_once(detail)
+    return loaded
+
+
+def native_bfloat16():
+    """Whether oneDNN has bfloat16 convolutions on this CPU (AVX512-BF16 or AMX)."""
+    return enabled() and _load()[1]
+
+
+@functools.cache
+def _say_once(why):
+    warnings.warn(f"fnlearn: CPU convolutions use XLA's own, not oneDNN: {why}.", stacklevel=3)
+
+
+def _out_size(size, window, stride, pad):
+    return (size + pad[0] + pad[1] - window) // stride + 1
+
+
+def _reference(x, kernel, strides, padding):
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
+# What each primitive computes, in lax: the lowering everywhere but CPU, and the
+# batching rule where a mapped axis cannot join the batch.
+def _forward_ref(x, kernel, *, strides, padding):
+    return _reference(x, kernel, strides, padding)
+
+
+def _input_grad_ref(dy, kernel, *, strides, padding, input_shape):
+    x = jax.ShapeDtypeStruct(input_shape, dy.dtype)
+    return jax.linear_transpose(lambda x: _reference(x, kernel, strides, padding), x)(dy)[0]
+
+
+def _kernel_grad_ref(x, dy, *, strides, padding, window):
+    kernel = jax.ShapeDtypeStruct(tuple(window) + (x.shape[-1], dy.shape[-1]), x.dtype)
+    return jax.linear_transpose(lambda k: _reference(x, k, strides, padding), kernel)(dy)[0]
+
+
+def _primitive(name, reference, abstract):
+    primitive = Primitive(f"fnlearn_onednn_{name}")
+    primitive.def_impl(lambda *args, **params: jax.jit(functools.partial(primitive.bind, **params))(*args))
+    primitive.def_abstract_eval(abstract)
+    ffi = jax.ffi.ffi_lowering(f"fnlearn_conv_{name}")
+
+    def lower_cpu(ctx, a, b, *, strides, padding, **_):
+        return ffi(ctx, a, b, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64).ravel())
+
+    mlir.register_lowering(primitive, lower_cpu, platform="cpu")
+    mlir.register_lowering(primitive, mlir.lower_fun(reference, multiple_results=False))
+    return primitive
+
+
+def _forward_shape(x, kernel, *, strides, padding):
+    spatial = [_out_size(x.shape[i + 1], kernel.shape[i], strides[i], padding[i]) for i in range(2)]
+    return jax.core.ShapedArray((x.shape[0], *spatial, kernel.shape[-1]), x.dtype)
+
+
+conv_p = _primitive("forward", _forward_ref, _forward_shape)
+input_grad_p = _primitive("input_grad", _input_grad_ref,
+                          lambda dy, kernel, *, input_shape, **_: jax.core.ShapedArray(input_shape, dy.dtype))
+kernel_grad_p = _primitive(
+    "kernel_grad", _kernel_grad_ref,
+    lambda x, dy, *, window, **_: jax.core.ShapedArray(tuple(window) + (x.shape[-1], dy.shape[-1]), x.dtype))
+
+
+def conv(x, kernel, strides, padding):
+    """A NHWC x HWIO convolution in oneDNN on CPU; x and kernel of one dtype, f32 or bf16.
+
+    Args:
+      x: (B, H, W, C) input.
+      kernel: (KH, KW, C, O) kernel.
+      strides: (sh, sw).
+      padding: ((top, bottom), (left, right)), each >= 0.
+    Returns:
+      (B, OH, OW, O), as `lax.conv_general_dilated` with NHWC / HWIO / NHWC numbers.
+    """
+    return conv_p.bind(x, kernel, strides=tuple(strides), padding=tuple(map(tuple, padding)))
+
+
+# Transposes: <dy, conv(x, k)> = <input_grad(dy, k), x> = <kernel_grad(x, dy), k>.
+def _shape(operand):  # of a value, or of the undefined primal being transposed
+    return operand.aval.shape if hasattr(operand, "aval") else np.shape(operand)
+
+
+def _conv_t_x(ct, x, kernel, *, strides, padding):
+    return input_grad_p.bind(ct, kernel, strides=strides, padding=padding, input_shape=_shape(x))
+
+
+def _conv_t_kernel(ct, x, kernel, *, strides, padding):
+    return kernel_grad_p.bind(x, ct, strides=strides, padding=padding, window=_shape(kernel)[:2])
+
+
+def _input_grad_t_dy(ct, dy, kernel, *, strides, padding, input_shape):
+    return conv_p.bind(ct, kernel, strides=strides, padding=padding)
+
+
+def _input_grad_t_kernel(ct, dy, kernel, *, strides, padding, input_shape):
+    return kernel_grad_p.bind(ct, dy, strides=strides, padding=padding, window=_shape(kernel)[:2])
+
+
+def _kernel_grad_t_x(ct, x, dy, *, strides, padding, window):
+    return input_grad_p.bind(dy, ct, strides=strides, padding=padding, input_shape=_shape(x))
+
+
+def _kernel_grad_t_dy(ct, x, dy, *, strides, padding, window):
+    return conv_p.bind(x, ct, strides=strides, padding=padding)
+
+
+ad.defbilinear(conv_p, _conv_t_x, _conv_t_kernel)
+ad.defbilinear(input_grad_p, _input_grad_t_dy, _input_grad_t_kernel)
+ad.defbilinear(kernel_grad_p, _kernel_grad_t_x, _kernel_grad_t_dy)
+
+
+def _batcher(primitive, reference, folds):
+    """Folds a mapped axis of operand `folds` into its batch when the other operand is
+    unmapped; otherwise (and always for the kernel gradient, which sums over the
+    batch) vmaps lax's convolution."""
+    def rule(args, dims, **params):
+        if folds is not None and dims[1 - folds] is None:
+            operands = list(args)
+            mapped = jnp.moveaxis(args[folds], dims[folds], 0)
+            operands[folds] = mapped.reshape((-1,) + mapped.shape[2:])
+            if "input_shape" in params:
+                params = dict(params, input_shape=(operands[0].shape[0],) + tuple(params["input_shape"][1:]))
+            out = primitive.bind(*operands, **params)
+            return out.reshape((mapped.shape[0], -1) + out.shape[1:]), 0
+        return jax.vmap(functools.partial(reference, **params), in_axes=dims)(*args), 0
+    batching.primitive_batchers[primitive] = rule
+
+
+_batcher(conv_p, _forward_ref, folds=0)
+_batcher(input_grad_p, _input_grad_ref, folds=0)
+_batcher(kernel_grad_p, _kernel_grad_ref, folds=None)

@@ -1,0 +1,48 @@
+"""Builds fnlearn's oneDNN convolution library for XLA:CPU (loaded by fnlearn/ops/onednn.py).
+
+Optional: without a C++ compiler, oneDNN or XLA's FFI headers the install goes on, and
+fnlearn's CPU convolutions stay XLA's own. The headers come from the jaxlib and
+onednn-devel-cpu-gomp wheels, the library from onednn-cpu-gomp (pyproject's
+build-system requires), found through their installed file lists, so an isolated
+build finds them too.
+"""
+import importlib.metadata
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _dir_of(distribution, filename):
+    """The directory holding `filename` in an installed distribution, or None."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or ()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = next((f for f in files if str(f).endswith(filename)), None)
+    return None if path is None else str(path.locate())[: -len(filename)]
+
+
+class BuildFFI(build_ext):
+    def build_extensions(self):
+        dirs = {"FFI headers (jaxlib)": _dir_of("jaxlib", "xla/ffi/api/ffi.h"),
+                "oneDNN headers (onednn-devel-cpu-gomp)": _dir_of("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp"),
+                "oneDNN (onednn-cpu-gomp)": _dir_of("onednn-cpu-gomp", "libdnnl.so")}
+        missing = [name for name, found in dirs.items() if found is None]
+        if missing:
+            print(f"fnlearn: not building the oneDNN convolutions, missing: {', '.join(missing)}")
+            return
+        extension = self.extensions[0]
+        extension.include_dirs += list(dirs.values())[:2]
+        extension.library_dirs.append(list(dirs.values())[2])
+        super().build_extensions()
+
+    def get_ext_filename(self, name):  # a plain shared library, loaded with ctypes
+        return name.replace(".", "/") + ".so"
+
+
+setup(
+    ext_modules=[Extension("fnlearn.ops._onednn.libfnlearn_conv", ["fnlearn/ops/_onednn/conv.cc"],
+                           libraries=["dnnl"], language="c++", optional=True,
+                           extra_compile_args=["-std=c++17", "-O2", "-g0", "-Wno-return-type"])],
+    cmdclass={"build_ext": BuildFFI},
+)

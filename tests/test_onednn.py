@@ -1,0 +1,197 @@
+"""The oneDNN convolutions (fnlearn.ops.onednn): values and every kind of derivative
+against lax, vmap, scan, donation, threads, and the fallback to XLA's own.
+
+Skipped where the library is not built, unless FNLEARN_REQUIRE_ONEDNN=1 (CI)."""
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from fnlearn.ops import onednn
+from fnlearn.ops.conv import conv_general_dilated
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+TARGET = "fnlearn_conv_"
+
+if not onednn.enabled():
+    if os.environ.get("FNLEARN_REQUIRE_ONEDNN") == "1":
+        raise RuntimeError(f"FNLEARN_REQUIRE_ONEDNN=1 but oneDNN is off: {onednn._load()[1]}")
+    pytest.skip("the oneDNN library is not built here", allow_module_level=True)
+
+# (input shape, kernel shape, strides, padding): stride 2, odd sizes, asymmetric and
+# one-sided padding, a 7x7 stem, a padded 1x1.
+CASES = {
+    "3x3_same": ((2, 9, 9, 8), (3, 3, 8, 16), (1, 1), ((1, 1), (1, 1))),
+    "3x3_stride2_odd": ((3, 11, 9, 5), (3, 3, 5, 7), (2, 2), ((1, 1), (1, 1))),
+    "asymmetric": ((2, 9, 7, 4), (3, 2, 4, 6), (2, 1), ((0, 2), (1, 0))),
+    "7x7_stem": ((1, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),
+    "padded_1x1": ((2, 6, 6, 4), (1, 1, 4, 5), (1, 1), ((1, 1), (1, 1))),
+}
+
+
+def case(name, dtype=jnp.float32):
+    x_shape, w_shape, strides, padding = CASES[name]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+    w = jnp.asarray(rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[:3])), dtype)
+    ours = lambda x, w: conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)  # noqa: E731
+    ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)  # noqa: E731
+    return ours, ref, x, w
+
+
+def error(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def loss_of(conv):
+    return lambda x, w: jnp.sum(jnp.tanh(conv(x, w).astype(jnp.float32)))
+
+
+def compiled(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_values_and_gradients_match_lax(name):
+    ours, ref, x, w = case(name)
+    value_and_grads = lambda conv: jax.jit(jax.value_and_grad(loss_of(conv), argnums=(0, 1)))(x, w)  # noqa: E731
+    (got, got_grads), (want, want_grads) = value_and_grads(ours), value_and_grads(ref)
+    assert error(got, want) < 1e-5
+    for g, h in zip(got_grads, want_grads):
+        assert g.shape == h.shape and g.dtype == h.dtype and error(g, h) < 1e-4
+    text = compiled(jax.grad(loss_of(ours), argnums=(0, 1)), x, w)
+    for direction in ("forward", "input_grad", "kernel_grad"):
+        assert TARGET + direction in text
+    assert " convolution(" not in text
+
+
+@pytest.mark.parametrize("name", ["3x3_same", "asymmetric"])
+def test_bfloat16_matches_lax(name):
+    ours, ref, x, w = case(name, jnp.bfloat16)
+    got = jax.jit(jax.value_and_grad(loss_of(ours), argnums=(0, 1)))(x, w)
+    want = jax.jit(jax.value_and_grad(loss_of(ref), argnums=(0, 1)))(x, w)
+    assert got[1][0].dtype == got[1][1].dtype == jnp.bfloat16
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert error(g, h) < 2e-2  # bf16 keeps 8 bits: ~4e-3 per rounding
+    # Native bf16 kernels where the CPU has them; else float32, as XLA does.
+    operand = "bf16[2,9,9,8]" if onednn.native_bfloat16() else "f32[2,9,9,8]"
+    if name == "3x3_same":
+        call = next(line for line in compiled(ours, x, w).splitlines() if TARGET + "forward" in line)
+        assert operand in call
+
+
+def test_forward_mode_and_second_order():
+    ours, ref, x, w = case("3x3_stride2_odd")
+    rng = np.random.default_rng(1)
+    dx, dw = rng.standard_normal(x.shape).astype(np.float32), rng.standard_normal(w.shape).astype(np.float32)
+    assert error(jax.jvp(ours, (x, w), (dx, dw))[1], jax.jvp(ref, (x, w), (dx, dw))[1]) < 1e-4
+    # Forward over reverse (a Hessian-vector product) and reverse over reverse: every
+    # transpose of every direction is used.
+    hvp = lambda conv: jax.jit(lambda w: jax.jvp(jax.grad(lambda w: loss_of(conv)(x, w)), (w,), (dw,))[1])(w)  # noqa: E731
+    assert error(hvp(ours), hvp(ref)) < 1e-4
+
+    def grad_of_grad_norm(conv):
+        def norm(x, w):
+            gx, gw = jax.grad(loss_of(conv), argnums=(0, 1))(x, w)
+            return jnp.sum(gx ** 2) + jnp.sum(gw ** 2)
+        return jax.jit(jax.grad(norm, argnums=(0, 1)))(x, w)
+
+    for g, h in zip(grad_of_grad_norm(ours), grad_of_grad_norm(ref)):
+        assert error(g, h) < 1e-4
+
+
+def test_vmap_per_example_gradients_and_mapped_kernels():
+    ours, ref, x, w = case("3x3_same")
+    per_example = lambda conv: jax.jit(jax.vmap(jax.grad(  # noqa: E731
+        lambda x, w: loss_of(conv)(x[None], w), argnums=(0, 1)), in_axes=(0, None)))(x, w)
+    for g, h in zip(per_example(ours), per_example(ref)):
+        assert g.shape == h.shape and error(g, h) < 1e-4
+    kernels = jnp.stack([w, 2 * w, -w])  # a mapped kernel: lax's convolution, mapped
+    mapped = lambda conv: jax.jit(jax.vmap(conv, in_axes=(None, 0)))(x, kernels)  # noqa: E731
+    assert error(mapped(ours), mapped(ref)) < 1e-5
+
+
+def test_gradients_inside_scan_with_donated_state():
+    # A tiny conv net's SGD steps in a lax.scan, the state donated, as the recipes run.
+    _, _, x, w = case("3x3_same")
+    w2 = jnp.asarray(np.random.default_rng(2).standard_normal((3, 3, 16, 4)) * 0.1, jnp.float32)
+
+    def run(conv):
+        def loss(params, x):
+            h = jax.nn.relu(conv(x, params[0], (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC))
+            return jnp.mean(conv(h, params[1], (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC) ** 2)
+
+        def step(params, i):
+            grads = jax.grad(loss)(params, x + 0.1 * i)
+            return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), loss(params, x)
+
+        scan = jax.jit(lambda params: lax.scan(step, params, jnp.arange(3.0)), donate_argnums=0)
+        return scan((w + 0, w2 + 0)), scan
+
+    (got, got_losses), scan = run(conv_general_dilated)
+    (want, want_losses), _ = run(lax.conv_general_dilated)
+    assert error(got_losses, want_losses) < 1e-5
+    for g, h in zip(got, want):
+        assert error(g, h) < 1e-4
+    assert TARGET + "kernel_grad" in compiled(scan, (w, w2))
+
+
+def test_calls_from_several_threads_agree():
+    names = ["3x3_same", "3x3_stride2_odd", "asymmetric", "7x7_stem"]
+    jobs = {name: case(name) for name in names}
+    fns = {name: jax.jit(jax.grad(loss_of(ours), argnums=(0, 1))) for name, (ours, _, _, _) in jobs.items()}
+    want = {name: jax.grad(loss_of(ref), argnums=(0, 1))(x, w) for name, (_, ref, x, w) in jobs.items()}
+    results, failures = {}, []
+
+    def work(name, repeat):
+        try:
+            _, _, x, w = jobs[name]
+            for _ in range(5):
+                results[name, repeat] = jax.block_until_ready(fns[name](x, w))
+        except Exception as e:  # surfaced below, not lost in the thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=work, args=(name, r)) for name in names for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    for (name, _), got in results.items():
+        for g, h in zip(got, want[name]):
+            assert error(g, h) < 1e-4
+
+
+def test_switched_off_or_missing_falls_back_to_xla(monkeypatch):
+    ours, ref, x, w = case("3x3_same")
+    monkeypatch.setenv(onednn.ENV, "0")
+    text = compiled(ours, x, w)
+    assert " convolution(" in text and TARGET not in text
+    monkeypatch.delenv(onednn.ENV)
+    monkeypatch.setattr(onednn, "_LIBRARY", onednn._LIBRARY.with_name("missing.so"))
+    onednn._load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="CPU convolutions use XLA's own, not oneDNN: missing.so was not built"):
+            text = compiled(lambda x, w: ours(x, w) + ours(x, w), x, w)
+        assert " convolution(" in text and TARGET not in text
+        assert error(jax.jit(ours)(x, w), ref(x, w)) < 1e-5
+    finally:
+        monkeypatch.undo()
+        onednn._load.cache_clear()
+    assert onednn.enabled()
+
+
+def test_other_platforms_keep_lax_convolutions():
+    ours, _, x, w = case("3x3_same")
+    grad = jax.grad(loss_of(ours), argnums=(0, 1))
+    text = jax.jit(grad).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.convolution" in text and TARGET not in text
+    # The primitives themselves lower to lax's convolutions off the CPU.
+    direct = lambda x, w: onednn.conv(x, w, (1, 1), ((1, 1), (1, 1)))  # noqa: E731
+    text = jax.jit(jax.grad(loss_of(direct), argnums=(0, 1))).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.convolution") == 3 and TARGET not in text
