@@ -43,6 +43,6 @@ class BuildFFI(build_ext):
 setup(
     ext_modules=[Extension("fnlearn.ops._onednn.libfnlearn_conv", ["fnlearn/ops/_onednn/conv.cc"],
                            libraries=["dnnl"], language="c++", optional=True,
-                           extra_compile_args=["-std=c++17", "-O2", "-g0", "-Wno-return-type"])],
+                           extra_compile_args=["-std=c++17", "-O2", "-g0"])],
     cmdclass={"build_ext": BuildFFI},
 )

@@ -17,8 +17,8 @@ as the bench. `--steps-per-call K` profiles fnlearn's compiled run instead: K st
 in one `lax.scan` per call, as the bench's compiled run and the CIFAR recipe run
 them; the times are still per step.
 
-Kinds: conv forward / conv backward (XLA convolutions, and 1x1 convs run as dots;
-PyTorch's mkldnn convolutions), layout copies (the transposes XLA:CPU inserts
+Kinds: conv forward / conv backward (XLA convolutions, fnlearn's oneDNN calls, and 1x1
+convs run as dots; PyTorch's mkldnn convolutions), layout copies (the transposes XLA:CPU inserts
 around a convolution, mostly for kernel gradients; PyTorch's copies), batch norm,
 other model ops (activations, pooling, loss), optimizer (the update, outside the
 model).
@@ -44,6 +44,8 @@ def jax_kind(name, opcode, op_name, model):
     backward = "transpose(" in op_name or not op_name
     if opcode == "convolution" or (opcode == "dot" and re.search(r"/(\w+_)?conv\d*/", op_name)):
         return "conv backward" if backward else "conv forward"
+    if opcode == "custom-call" and name.startswith("fnlearn_onednn_"):  # fnlearn.ops.onednn
+        return "conv forward" if name.startswith("fnlearn_onednn_forward") else "conv backward"
     if opcode in ("copy", "transpose") or name.startswith("transpose"):
         return "layout copies"
     if model not in op_name:

@@ -225,6 +225,10 @@ def test_profile_kinds_and_interval_union():
     assert kind("conv_general_dilated.3", "convolution", "jit(f)/jvp(FastNet)/block1/conv1/conv", "FastNet") \
         == "conv forward"
     assert kind("convolution.7", "convolution", "", "FastNet") == "conv backward"
+    onednn = "jit(f)/transpose(jvp(FastNet))/block1/conv1/cond/branch_0_fun/fnlearn_onednn_kernel_grad"
+    assert kind("fnlearn_onednn_kernel_grad.1", "custom-call", onednn, "FastNet") == "conv backward"
+    assert kind("fnlearn_onednn_forward.2", "custom-call", "jit(f)/jvp(FastNet)/block1/conv1/cond", "FastNet") \
+        == "conv forward"
     one_by_one = "jit(f)/transpose(jvp(ResNet))/layer2_0/downsample_conv/cond/branch_0_fun/dot_general"
     assert kind("dot.2", "dot", one_by_one, "ResNet") == "conv backward"
     assert kind("dot.3", "dot", "jit(f)/jvp(ResNet)/fc/dot_general", "ResNet") == "other model ops"

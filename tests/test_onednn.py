@@ -19,17 +19,21 @@ TARGET = "fnlearn_conv_"
 
 if not onednn.enabled():
     if os.environ.get("FNLEARN_REQUIRE_ONEDNN") == "1":
-        raise RuntimeError(f"FNLEARN_REQUIRE_ONEDNN=1 but oneDNN is off: {onednn._load()[1]}")
+        why = f"{onednn.ENV}={os.environ.get(onednn.ENV)}" if onednn._load()[0] else onednn._load()[1]
+        raise RuntimeError(f"FNLEARN_REQUIRE_ONEDNN=1 but oneDNN is off: {why}")
     pytest.skip("the oneDNN library is not built here", allow_module_level=True)
 
 # (input shape, kernel shape, strides, padding): stride 2, odd sizes, asymmetric and
-# one-sided padding, a 7x7 stem, a padded 1x1.
+# one-sided padding, a 7x7 stem, a padded 1x1, input rows no output reads (their input
+# gradient is 0), a stride longer than the window.
 CASES = {
     "3x3_same": ((2, 9, 9, 8), (3, 3, 8, 16), (1, 1), ((1, 1), (1, 1))),
     "3x3_stride2_odd": ((3, 11, 9, 5), (3, 3, 5, 7), (2, 2), ((1, 1), (1, 1))),
     "asymmetric": ((2, 9, 7, 4), (3, 2, 4, 6), (2, 1), ((0, 2), (1, 0))),
     "7x7_stem": ((1, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),
     "padded_1x1": ((2, 6, 6, 4), (1, 1, 4, 5), (1, 1), ((1, 1), (1, 1))),
+    "unread_rows": ((2, 10, 10, 4), (3, 3, 4, 6), (2, 2), ((0, 0), (0, 0))),
+    "stride_over_window": ((2, 9, 9, 4), (2, 2, 4, 6), (3, 3), ((0, 0), (0, 0))),
 }
 
 
@@ -85,6 +89,22 @@ def test_bfloat16_matches_lax(name):
         assert operand in call
 
 
+def test_other_dtypes_and_empty_results_match_lax():
+    ours, ref, x, w = case("3x3_same")
+    # float16 runs in float32 and rounds back, as XLA's own does; a bf16 conv asked
+    # for a float32 result accumulates and returns float32.
+    x16, w16 = x.astype(jnp.float16), w.astype(jnp.float16)
+    assert ours(x16, w16).dtype == jnp.float16 and error(ours(x16, w16), ref(x16, w16)) < 2e-3
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    wide = lambda conv: conv(xb, wb, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC,  # noqa: E731
+                             preferred_element_type=jnp.float32)
+    assert wide(conv_general_dilated).dtype == jnp.float32
+    assert error(wide(conv_general_dilated), wide(lax.conv_general_dilated)) < 1e-5
+    # A window longer than the padded input: an empty result, as lax gives (oneDNN refuses it).
+    small = lambda conv: conv(x[:, :2], w, (2, 2), ((0, 0), (0, 0)), dimension_numbers=NHWC)  # noqa: E731
+    assert small(conv_general_dilated).shape == small(lax.conv_general_dilated).shape == (2, 0, 4, 16)
+
+
 def test_forward_mode_and_second_order():
     ours, ref, x, w = case("3x3_stride2_odd")
     rng = np.random.default_rng(1)
@@ -111,6 +131,10 @@ def test_vmap_per_example_gradients_and_mapped_kernels():
         lambda x, w: loss_of(conv)(x[None], w), argnums=(0, 1)), in_axes=(0, None)))(x, w)
     for g, h in zip(per_example(ours), per_example(ref)):
         assert g.shape == h.shape and error(g, h) < 1e-4
+    # The forward and input-gradient calls take the mapped axis into their batch.
+    text = jax.jit(jax.vmap(jax.grad(lambda x, w: loss_of(ours)(x[None], w), argnums=(0, 1)),
+                            in_axes=(0, None))).lower(x, w).compile().as_text()
+    assert TARGET + "forward" in text and TARGET + "input_grad" in text
     kernels = jnp.stack([w, 2 * w, -w])  # a mapped kernel: lax's convolution, mapped
     mapped = lambda conv: jax.jit(jax.vmap(conv, in_axes=(None, 0)))(x, kernels)  # noqa: E731
     assert error(mapped(ours), mapped(ref)) < 1e-5
@@ -179,11 +203,27 @@ def test_switched_off_or_missing_falls_back_to_xla(monkeypatch):
         with pytest.warns(UserWarning, match="CPU convolutions use XLA's own, not oneDNN: missing.so was not built"):
             text = compiled(lambda x, w: ours(x, w) + ours(x, w), x, w)
         assert " convolution(" in text and TARGET not in text
-        assert error(jax.jit(ours)(x, w), ref(x, w)) < 1e-5
+        assert error(jax.jit(lambda x, w: ours(x, w))(x, w), ref(x, w)) < 1e-5
     finally:
         monkeypatch.undo()
         onednn._load.cache_clear()
     assert onednn.enabled()
+
+
+def test_programs_split_over_devices_keep_lax_convolutions():
+    # XLA's partitioner cannot split a custom call: it would gather the whole batch onto
+    # every device. Split programs (data parallel over the 8 test devices) keep lax's.
+    from fnlearn import parallel
+    ours, ref, x, w = case("3x3_same")
+    mesh = parallel.data_mesh()
+    x8 = jax.device_put(jnp.concatenate([x] * 4), parallel.batch_sharding(mesh))
+    grad = lambda conv: jax.jit(jax.grad(loss_of(conv), argnums=(0, 1)))  # noqa: E731
+    text = grad(ours).lower(x8, w).compile().as_text()
+    assert TARGET not in text and " convolution(" in text
+    for g, h in zip(grad(ours)(x8, w), grad(ref)(x8, w)):
+        assert error(g, h) < 1e-4
+    # One device: oneDNN again.
+    assert TARGET + "forward" in compiled(lambda x, w: ours(x, w), x, w)
 
 
 def test_other_platforms_keep_lax_convolutions():

@@ -59,16 +59,21 @@ def max_relative_error(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
+# Both CPU paths: oneDNN where it is built (tests/test_onednn.py has more), and XLA's own.
+@pytest.mark.parametrize("onednn", ["1", "0"])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv_matches_lax_float32(case):
+def test_conv_matches_lax_float32(case, onednn, monkeypatch):
+    monkeypatch.setenv("FNLEARN_ONEDNN", onednn)
     ours, ref, x, w = conv_pair(case)
     for got, want in zip(value_and_grads(ours, x, w), value_and_grads(ref, x, w)):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert max_relative_error(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("onednn", ["1", "0"])
 @pytest.mark.parametrize("case", ["3x3_same", "1x1", "1x1_stride2"])
-def test_conv_matches_lax_bfloat16(case):
+def test_conv_matches_lax_bfloat16(case, onednn, monkeypatch):
+    monkeypatch.setenv("FNLEARN_ONEDNN", onednn)
     ours, ref, x, w = conv_pair(case, jnp.bfloat16)
     for got, want in zip(value_and_grads(ours, x, w), value_and_grads(ref, x, w)):
         assert got.dtype == want.dtype == jnp.bfloat16
@@ -105,8 +110,10 @@ def test_other_backends_get_the_native_conv():
     assert "stablehlo.dot_general" in cpu_text and "stablehlo.convolution" not in cpu_text
 
 
+@pytest.mark.parametrize("onednn", ["1", "0"])
 @pytest.mark.parametrize("case", ["1x1", "3x3_same", "3x3_stride2"])
-def test_conv_supports_forward_mode(case):
+def test_conv_supports_forward_mode(case, onednn, monkeypatch):
+    monkeypatch.setenv("FNLEARN_ONEDNN", onednn)
     ours, ref, x, w = conv_pair(case)
     dx, dw = normal(3, x.shape), normal(4, w.shape)
     got = jax.jvp(ours, (x, w), (dx, dw))[1]

@@ -1,14 +1,18 @@
-"""Convolution lowered the way XLA:CPU runs it fastest; other backends keep lax's native conv.
+"""Convolution lowered the way a CPU runs it fastest; other backends keep lax's native conv.
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (Flax passes it as
 `nn.Conv(conv_general_dilated=...)`). The choice is made per backend at lowering time
 with `lax.platform_dependent`, so user code never changes and GPU/TPU programs are
 exactly what lax would build.
 
-What runs on CPU, per case (alternatives were timed interleaved in one process; the
-figures are in docs/performance.md):
+What runs on CPU, per case (the figures are in docs/performance.md):
 
-- k x k convolutions (k > 1): lax's own convolution in all three directions, with the
+- k x k convolutions (k > 1, or padded), 2-D: oneDNN, through an XLA FFI call
+  (`fnlearn.ops.onednn`), where the library is built and loaded. It is the library
+  PyTorch's CPU convolutions run in, faster than XLA's Eigen convolutions in the forward
+  and input-gradient directions, and it has real bf16 kernels on CPUs with AVX512-BF16.
+- The same without oneDNN (not built, `FNLEARN_ONEDNN=0`, 1-D or 3-D): lax's own
+  convolution in all three directions, with the
   kernel- and input-gradient convolutions spelt in the operand layouts XLA:CPU's Eigen
   convolution takes (input (C, H, W, N) and output gradient (H, W, N, C) for the kernel
   gradient; the kernel stored (kh, kw, O, I) for the input gradient). A `custom_jvp`
@@ -166,6 +170,15 @@ def pointwise_conv(x, kernel, strides, precision=None, preferred_element_type=No
     return y.astype(out_dtype).reshape(x.shape[:-1] + (c_out,))
 
 
+def _onednn_takes(x, kernel, pads):
+    """Whether oneDNN runs this plain channels-last conv: 2-D, padding >= 0, a non-empty
+    result (lax makes empty ones where oneDNN refuses), and at most float32 precision."""
+    return (x.ndim == 4 and x.dtype != jnp.float64 and min(x.shape[0], x.shape[3], kernel.shape[3]) > 0
+            and all(lo >= 0 and hi >= 0 and x.shape[1 + i] + lo + hi >= kernel.shape[i]
+                    for i, (lo, hi) in enumerate(pads))
+            and onednn.enabled())
+
+
 def onednn_conv(x, kernel, strides, padding, preferred_element_type=None):
     """A channels-last 2-D convolution in oneDNN (`fnlearn.ops.onednn`), for XLA:CPU.
 
@@ -204,7 +217,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if rhs.shape[:num_spatial] == (1,) * num_spatial and all(p == (0, 0) for p in pads):
         cpu = functools.partial(pointwise_conv, strides=strides, precision=precision,
                                 preferred_element_type=preferred_element_type)
-    elif num_spatial == 2 and min(min(p) for p in pads) >= 0 and lhs.dtype != jnp.float64 and onednn.enabled():
+    elif _onednn_takes(lhs, rhs, pads):
         cpu = functools.partial(onednn_conv, strides=strides, padding=pads,
                                 preferred_element_type=preferred_element_type)
     else:  # a padded 1x1 conv adds a border of zeros, so it is a spatial conv too

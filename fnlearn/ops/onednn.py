@@ -53,22 +53,23 @@ def _libdnnl():
 
 @functools.cache
 def _load():
-    """(True, bf16 supported) once the FFI targets are registered, else (False, why)."""
+    """(True, bf16 native) once the FFI targets are registered, else (False, why)."""
     if not _LIBRARY.exists():
-        return False, f"{_LIBRARY.name} was not built (reinstall fnlearn with a C++ compiler)"
+        return False, f"{_LIBRARY.name} was not built (reinstall fnlearn with a C++17 compiler)"
     dnnl = _libdnnl()
     if dnnl is None:
         return False, "oneDNN is not installed (pip install onednn-cpu-gomp)"
     try:
-        # Loaded first and globally, so the library's own reference to it resolves.
-        ctypes.CDLL(str(dnnl), mode=ctypes.RTLD_GLOBAL)
+        # Loaded first: the library's own reference to libdnnl.so.3 then resolves to it.
+        ctypes.CDLL(str(dnnl))
         library = ctypes.CDLL(str(_LIBRARY))
-    except OSError as error:
-        return False, f"loading it failed: {error}"
-    for name, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(f"fnlearn_conv_{name}", jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")
-    return True, bool(library.FnlearnConvSupportsBf16())
+        handlers = {name: getattr(library, symbol) for name, symbol in _TARGETS.items()}
+        native_bf16 = bool(library.FnlearnConvNativeBf16())
+        for name, handler in handlers.items():
+            jax.ffi.register_ffi_target(f"fnlearn_conv_{name}", jax.ffi.pycapsule(handler), platform="cpu")
+    except Exception as error:  # a stale or foreign build: say why, keep XLA's convolutions
+        return False, f"loading {_LIBRARY.name} failed: {error}"
+    return True, native_bf16
 
 
 _off = threading.local()
@@ -96,13 +97,13 @@ def enabled():
     if os.environ.get(ENV, "1") == "0" or getattr(_off, "on", False):
         return False
     loaded, detail = _load()
-    if not loaded:
+    if not loaded and jax.default_backend() == "cpu":
         _say_once(detail)
     return loaded
 
 
 def native_bfloat16():
-    """Whether oneDNN has bfloat16 convolutions on this CPU (AVX512-BF16 or AMX)."""
+    """Whether oneDNN runs bfloat16 convolutions in bf16 on this CPU (AVX512-BF16 or AMX)."""
     return enabled() and _load()[1]
 
 
@@ -137,29 +138,60 @@ def _kernel_grad_ref(x, dy, *, strides, padding, window):
 
 def _primitive(name, reference, abstract):
     primitive = Primitive(f"fnlearn_onednn_{name}")
-    primitive.def_impl(lambda *args, **params: jax.jit(functools.partial(primitive.bind, **params))(*args))
+
+    @functools.cache  # one compiled program per parameters, for calls outside jit
+    def eager(**params):
+        return jax.jit(functools.partial(primitive.bind, **params))
+
+    primitive.def_impl(lambda *args, **params: eager(**params)(*args))
     primitive.def_abstract_eval(abstract)
     ffi = jax.ffi.ffi_lowering(f"fnlearn_conv_{name}")
+    lax_lowering = mlir.lower_fun(reference, multiple_results=False)
 
-    def lower_cpu(ctx, a, b, *, strides, padding, **_):
-        return ffi(ctx, a, b, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64).ravel())
+    def lower_cpu(ctx, a, b, **params):
+        # XLA's own convolution where the FFI call cannot go: the library did not load;
+        # `jax.export` (the file must run without fnlearn); a program split over several
+        # devices (XLA's partitioner cannot split a custom call, so it would gather the
+        # whole batch onto every device).
+        if (not _load()[0] or ctx.module_context.lowering_parameters.for_export
+                or getattr(ctx.module_context.axis_context, "num_devices", 1) > 1):
+            return lax_lowering(ctx, a, b, **params)
+        return ffi(ctx, a, b, strides=np.asarray(params["strides"], np.int64),
+                   padding=np.asarray(params["padding"], np.int64).ravel())
 
     mlir.register_lowering(primitive, lower_cpu, platform="cpu")
-    mlir.register_lowering(primitive, mlir.lower_fun(reference, multiple_results=False))
+    mlir.register_lowering(primitive, lax_lowering)
     return primitive
 
 
+def _check(a, b, channels_a, channels_b):
+    """Raises TypeError unless the operands are what the library takes."""
+    if a.ndim != 4 or b.ndim != 4 or a.dtype != b.dtype or a.dtype not in (jnp.float32, jnp.bfloat16):
+        raise TypeError(f"oneDNN conv: two 4-D float32 or bfloat16 operands of one dtype, got "
+                        f"{a.str_short()} and {b.str_short()}")
+    if channels_a != channels_b:
+        raise TypeError(f"oneDNN conv: channel counts differ: {a.str_short()} and {b.str_short()}")
+
+
 def _forward_shape(x, kernel, *, strides, padding):
+    _check(x, kernel, x.shape[3], kernel.shape[2])
     spatial = [_out_size(x.shape[i + 1], kernel.shape[i], strides[i], padding[i]) for i in range(2)]
     return jax.core.ShapedArray((x.shape[0], *spatial, kernel.shape[-1]), x.dtype)
 
 
+def _input_grad_shape(dy, kernel, *, input_shape, **_):
+    _check(dy, kernel, dy.shape[3], kernel.shape[3])
+    return jax.core.ShapedArray(input_shape, dy.dtype)
+
+
+def _kernel_grad_shape(x, dy, *, window, **_):
+    _check(x, dy, x.shape[0], dy.shape[0])
+    return jax.core.ShapedArray(tuple(window) + (x.shape[-1], dy.shape[-1]), x.dtype)
+
+
 conv_p = _primitive("forward", _forward_ref, _forward_shape)
-input_grad_p = _primitive("input_grad", _input_grad_ref,
-                          lambda dy, kernel, *, input_shape, **_: jax.core.ShapedArray(input_shape, dy.dtype))
-kernel_grad_p = _primitive(
-    "kernel_grad", _kernel_grad_ref,
-    lambda x, dy, *, window, **_: jax.core.ShapedArray(tuple(window) + (x.shape[-1], dy.shape[-1]), x.dtype))
+input_grad_p = _primitive("input_grad", _input_grad_ref, _input_grad_shape)
+kernel_grad_p = _primitive("kernel_grad", _kernel_grad_ref, _kernel_grad_shape)
 
 
 def conv(x, kernel, strides, padding):
@@ -222,7 +254,7 @@ def _batcher(primitive, reference, folds):
             if "input_shape" in params:
                 params = dict(params, input_shape=(operands[0].shape[0],) + tuple(params["input_shape"][1:]))
             out = primitive.bind(*operands, **params)
-            return out.reshape((mapped.shape[0], -1) + out.shape[1:]), 0
+            return out.reshape(mapped.shape[:2] + out.shape[1:]), 0
         return jax.vmap(functools.partial(reference, **params), in_axes=dims)(*args), 0
     batching.primitive_batchers[primitive] = rule
 

@@ -58,6 +58,7 @@ Plan Build(Direction dir, const memory::dims& x, const memory::dims& k, const me
   // With the library's own scratchpad, one primitive must not run on two threads at once.
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  attr.set_fpmath_mode(dnnl::fpmath_mode::strict);  // float32 stays float32, whatever the environment says
   Plan plan;
   plan.user_kernel = memory::desc(k, k_type, tag::hwio);
   // The forward descriptor is the hint the backward ones need; forward_training
@@ -142,7 +143,7 @@ ffi::Error Run(Direction dir, ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::AnyBuffer
       if (plan.reorder) dnnl::reorder(k_mem, user_k).execute(stream, k_mem, user_k);
     }
     stream.wait();
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {  // nothing may unwind into XLA
     return ffi::Error::Internal(std::string("fnlearn oneDNN conv: ") + e.what());
   }
   return ffi::Error::Success();
@@ -177,13 +178,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FnlearnConvForward, Forward, FNLEARN_CONV_BINDING)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FnlearnConvInputGrad, InputGrad, FNLEARN_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FnlearnConvKernelGrad, KernelGrad, FNLEARN_CONV_BINDING);
 
-// 1 where oneDNN has bfloat16 convolutions in every direction on this CPU.
-extern "C" int FnlearnConvSupportsBf16() {
+// 1 where oneDNN runs bfloat16 convolutions natively (AVX512-BF16, AMX, AVX2-VNNI-2) in
+// every direction; elsewhere it would emulate them, slower than float32.
+extern "C" int FnlearnConvNativeBf16() {
+  const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  auto has = [isa](dnnl::cpu_isa want) { return (isa & static_cast<unsigned>(want)) == static_cast<unsigned>(want); };
+  if (!has(dnnl::cpu_isa::avx512_core_bf16) && !has(dnnl::cpu_isa::avx2_vnni_2)) return 0;
   const memory::dims x = {1, 8, 4, 4}, k = {8, 8, 3, 3}, s = {1, 1}, pad = {1, 1};
   const auto bf16 = memory::data_type::bf16;
   try {
     for (Direction dir : {kForward, kInputGrad, kKernelGrad}) Build(dir, x, k, x, bf16, bf16, bf16, s, pad, pad);
-  } catch (const dnnl::error&) {
+  } catch (const std::exception&) {
     return 0;
   }
   return 1;
