@@ -173,10 +173,11 @@ def pointwise_conv(x, kernel, strides, precision=None, preferred_element_type=No
 def _onednn_takes(x, kernel, pads):
     """Whether oneDNN runs this plain channels-last conv: 2-D, padding >= 0, a non-empty
     result (lax makes empty ones where oneDNN refuses), and at most float32 precision."""
-    return (x.ndim == 4 and x.dtype != jnp.float64 and min(x.shape[0], x.shape[3], kernel.shape[3]) > 0
+    # Each size compared on its own: a symbolic batch (`jax.export`) is known only to be >= 1.
+    return (onednn.enabled() and x.ndim == 4 and x.dtype != jnp.float64
+            and all(size > 0 for size in (x.shape[0], x.shape[3], kernel.shape[3]))
             and all(lo >= 0 and hi >= 0 and x.shape[1 + i] + lo + hi >= kernel.shape[i]
-                    for i, (lo, hi) in enumerate(pads))
-            and onednn.enabled())
+                    for i, (lo, hi) in enumerate(pads)))
 
 
 def onednn_conv(x, kernel, strides, padding, preferred_element_type=None):

@@ -120,20 +120,24 @@ def _reference(x, kernel, strides, padding):
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
 
 
-# What each primitive computes, in lax: the lowering everywhere but CPU, and the
-# batching rule where a mapped axis cannot join the batch.
+# What each primitive computes, in lax: the lowering everywhere the FFI call does not go,
+# and the batching rule where a mapped axis cannot join the batch. Gradients go through
+# `fnlearn.ops.conv.spatial_conv`, whose gradient convolutions XLA:CPU runs in Eigen's
+# layouts even inside a loop (lax's own run there as a loop nest, many times slower).
 def _forward_ref(x, kernel, *, strides, padding):
     return _reference(x, kernel, strides, padding)
 
 
 def _input_grad_ref(dy, kernel, *, strides, padding, input_shape):
-    x = jax.ShapeDtypeStruct(input_shape, dy.dtype)
-    return jax.linear_transpose(lambda x: _reference(x, kernel, strides, padding), x)(dy)[0]
+    from fnlearn.ops.conv import spatial_conv  # conv.py imports this module
+    x = jnp.zeros(input_shape, dy.dtype)
+    return jax.vjp(lambda x: spatial_conv(x, kernel, strides, padding), x)[1](dy)[0]
 
 
 def _kernel_grad_ref(x, dy, *, strides, padding, window):
-    kernel = jax.ShapeDtypeStruct(tuple(window) + (x.shape[-1], dy.shape[-1]), x.dtype)
-    return jax.linear_transpose(lambda k: _reference(x, k, strides, padding), kernel)(dy)[0]
+    from fnlearn.ops.conv import spatial_conv
+    kernel = jnp.zeros(tuple(window) + (x.shape[-1], dy.shape[-1]), x.dtype)
+    return jax.vjp(lambda k: spatial_conv(x, k, strides, padding), kernel)[1](dy)[0]
 
 
 def _primitive(name, reference, abstract):
