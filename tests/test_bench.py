@@ -134,6 +134,7 @@ def test_cifar_run_trains_and_evaluates_both_sides(torch, tmp_path, capsys, writ
     assert last_line.split()[-2:] == [f"{row['torch_accuracy']:.4f}", f"{row['fnlearn_accuracy']:.4f}"]
 
 
+@pytest.mark.slow
 def test_cifar_run_cut_short_or_on_random_data_reports_no_accuracy(torch):
     # On random data (50,000 images), a CPU's epoch fraction: one call of 3 steps, no TTA pass.
     # PyTorch in bf16 autocast here, float32 in the test above.

@@ -97,6 +97,7 @@ def test_the_recipe_on_8_devices_matches_one_device(dataset):
     _close(one.state.params, fsdp.state.params, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_clip_norm_reaches_the_recipe_step(dataset):
     """With the gradients clipped to a norm of 1e-9 and no decay, a run leaves the weights as they were."""
     cfg = CifarConfig(model="fastnet_tiny", epochs=1, batch_size=16, eval_batch_size=16, whiten_bias_epochs=1,

@@ -10,7 +10,7 @@ from fnlearn.recipes.cifar import CifarConfig, backward_bytes
 from fnlearn.train import cross_entropy
 
 
-@pytest.mark.parametrize("name", ["resnet_tiny", "fastnet_tiny"])
+@pytest.mark.parametrize("name", ["resnet_tiny", pytest.param("fastnet_tiny", marks=pytest.mark.slow)])
 def test_remat_gives_the_same_params_and_gradients(name):
     x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
     y = jax.random.randint(jax.random.key(1), (8,), 0, 10)

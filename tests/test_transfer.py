@@ -86,7 +86,7 @@ def test_the_experiment_end_to_end(tree, tmp_path, capsys):
     assert other["head_only"] == summary["head_only"]  # same weights, same seed: the same run
 
 
-@pytest.mark.parametrize("mode", ["head_only", "full_finetune"])
+@pytest.mark.parametrize("mode", ["head_only", pytest.param("full_finetune", marks=pytest.mark.slow)])
 def test_a_resumed_fine_tuning_run_is_the_same_run(mode, tree, tmp_path):
     cfg = TransferConfig(model="resnet_tiny", source_classes="0,1", target_classes="2,3", epochs=2, batch_size=8)
     dataset = class_subset(load_dataset(tree, data_dir=tmp_path / "tfds"), (2, 3), 0.5)
