@@ -31,7 +31,6 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -39,7 +38,6 @@ ENV = "FNLEARN_ONEDNN"
 _LIBRARY = pathlib.Path(__file__).with_name("_onednn") / "libfnlearn_conv.so"
 _TARGETS = {"forward": "FnlearnConvForward", "input_grad": "FnlearnConvInputGrad",
             "kernel_grad": "FnlearnConvKernelGrad"}
-_NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
 def _libdnnl():
@@ -116,20 +114,18 @@ def _out_size(size, window, stride, pad):
     return (size + pad[0] + pad[1] - window) // stride + 1
 
 
-def _reference(x, kernel, strides, padding):
-    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
-
-
 # What each primitive computes, in lax: the lowering everywhere the FFI call does not go,
-# and the batching rule where a mapped axis cannot join the batch. Gradients go through
-# `fnlearn.ops.conv.spatial_conv`, whose gradient convolutions XLA:CPU runs in Eigen's
-# layouts even inside a loop (lax's own run there as a loop nest, many times slower).
+# and the batching rule where a mapped axis cannot join the batch. All go through
+# `fnlearn.ops.conv.spatial_conv` (imported late: conv.py imports this module), whose
+# gradient convolutions XLA:CPU runs in Eigen's layouts even inside a loop (lax's own
+# run there as a loop nest, many times slower).
 def _forward_ref(x, kernel, *, strides, padding):
-    return _reference(x, kernel, strides, padding)
+    from fnlearn.ops.conv import spatial_conv
+    return spatial_conv(x, kernel, strides, padding)
 
 
 def _input_grad_ref(dy, kernel, *, strides, padding, input_shape):
-    from fnlearn.ops.conv import spatial_conv  # conv.py imports this module
+    from fnlearn.ops.conv import spatial_conv
     x = jnp.zeros(input_shape, dy.dtype)
     return jax.vjp(lambda x: spatial_conv(x, kernel, strides, padding), x)[1](dy)[0]
 

@@ -38,14 +38,20 @@ bool ToDnnl(ffi::DataType type, memory::data_type* out) {
 }
 
 // One built convolution: the primitive, and how the user's HWIO kernel maps to
-// the primitive's own kernel layout (a reorder before, or after for the kernel grad).
+// the primitive's own kernel layout (a reorder before, or after for the kernel grad;
+// empty where the layouts agree).
 struct Plan {
   dnnl::primitive conv;
   memory::desc user_kernel;    // HWIO
   memory::desc kernel;         // the primitive's layout
-  bool reorder = false;
+  dnnl::primitive reorder;
   memory::desc scratchpad;     // given by each call, so calls can run concurrently
 };
+
+// Each direction's (x, kernel, y) execution arguments.
+const int kArgs[3][3] = {{DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST},
+                         {DNNL_ARG_DIFF_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DIFF_DST},
+                         {DNNL_ARG_SRC, DNNL_ARG_DIFF_WEIGHTS, DNNL_ARG_DIFF_DST}};
 
 // Logical oneDNN dims: activations {N, C, H, W}, kernels {O, I, KH, KW}.
 Plan Build(Direction dir, const memory::dims& x, const memory::dims& k, const memory::dims& y,
@@ -83,7 +89,10 @@ Plan Build(Direction dir, const memory::dims& x, const memory::dims& k, const me
     plan.kernel = bwd.diff_weights_desc();
     plan.scratchpad = bwd.scratchpad_desc();
   }
-  plan.reorder = plan.kernel != plan.user_kernel;
+  if (plan.kernel != plan.user_kernel) {
+    plan.reorder = dir == kKernelGrad ? dnnl::reorder(dnnl::reorder::primitive_desc(engine, plan.kernel, engine, plan.user_kernel))
+                                      : dnnl::reorder(dnnl::reorder::primitive_desc(engine, plan.user_kernel, engine, plan.kernel));
+  }
   return plan;
 }
 
@@ -130,18 +139,10 @@ ffi::Error Run(Direction dir, ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::AnyBuffer
     memory user_k(plan.user_kernel, engine, k.untyped_data());
     memory k_mem = plan.reorder ? memory(plan.kernel, engine) : user_k;
     memory scratchpad(plan.scratchpad, engine);
-    if (plan.reorder && dir != kKernelGrad) dnnl::reorder(user_k, k_mem).execute(stream, user_k, k_mem);
-    if (dir == kForward) {
-      plan.conv.execute(stream, {{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_WEIGHTS, k_mem}, {DNNL_ARG_DST, y_mem},
-                                {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    } else if (dir == kInputGrad) {
-      plan.conv.execute(stream, {{DNNL_ARG_DIFF_SRC, x_mem}, {DNNL_ARG_WEIGHTS, k_mem}, {DNNL_ARG_DIFF_DST, y_mem},
-                                {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    } else {
-      plan.conv.execute(stream, {{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_DIFF_WEIGHTS, k_mem}, {DNNL_ARG_DIFF_DST, y_mem},
-                                {DNNL_ARG_SCRATCHPAD, scratchpad}});
-      if (plan.reorder) dnnl::reorder(k_mem, user_k).execute(stream, k_mem, user_k);
-    }
+    if (plan.reorder && dir != kKernelGrad) plan.reorder.execute(stream, {{DNNL_ARG_FROM, user_k}, {DNNL_ARG_TO, k_mem}});
+    const int* args = kArgs[dir];
+    plan.conv.execute(stream, {{args[0], x_mem}, {args[1], k_mem}, {args[2], y_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    if (plan.reorder && dir == kKernelGrad) plan.reorder.execute(stream, {{DNNL_ARG_FROM, k_mem}, {DNNL_ARG_TO, user_k}});
     stream.wait();
   } catch (const std::exception& e) {  // nothing may unwind into XLA
     return ffi::Error::Internal(std::string("fnlearn oneDNN conv: ") + e.what());
