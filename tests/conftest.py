@@ -1,5 +1,10 @@
-"""Test setup: the CPU backend, several fake CPU devices, a TFDS data dir of the session's own,
-and an image-folder writer.
+"""Test setup: the CPU backend, several fake CPU devices, programs compiled at LLVM -O1, a TFDS
+data dir of the session's own, and an image-folder writer.
+
+The suite is compile-bound, and on small programs XLA:CPU spends most of its compile time
+in LLVM's -O2 (docs/performance.md, "The test suite"). What runs as a user runs it (the
+smoke run on the shared CIFAR-10) goes through `user_environ`: its own process, the user's
+flags. Not -O0: there the accumulating recipe step gave NaN where -O1 and -O2 train.
 
 Strict dtype promotion is not turned on: optax's own Adam (`decay ** count`, float by
 int32) fails under it, so dtype tests check dtypes explicitly instead.
@@ -8,9 +13,12 @@ import os
 import shutil
 import tempfile
 
-# Must be set before JAX starts: fake devices make multi-device bugs show on CPU.
+# Must be set before JAX starts: fake devices make multi-device bugs show on CPU. A user's
+# own optimization level wins.
+USER_ENVIRON = dict(os.environ)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+_level = "" if "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "") else " --xla_backend_optimization_level=1"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + _level).strip()
 
 # Tests that load without a data dir (the experiments' defaults) prepare here, not in
 # the user's ~/tensorflow_datasets or $TFDS_DATA_DIR. TFDS reads the variable at import
@@ -48,6 +56,13 @@ def write_tree():
     """`write_tree(root, per_class=(24, 8), size=32, channels=3, classes=4, suffix=".jpg")`: an image
     folder of learnable classes for the recipe and benchmark tests."""
     return _write_tree
+
+
+@pytest.fixture
+def user_environ():
+    """The environment pytest started in (the user's XLA_FLAGS), on the suite's backend and data
+    dir, for commands that must run as a user runs them."""
+    return {**USER_ENVIRON, "JAX_PLATFORMS": os.environ["JAX_PLATFORMS"], "TFDS_DATA_DIR": TFDS_DATA_DIR}
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ import gc
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import jax
@@ -21,7 +23,8 @@ from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resu
                                    make_train_fn, param_labels, sgd_rates, train_and_evaluate)
 from fnlearn.train import TrainingDiverged
 
-SHARED_CIFAR = pathlib.Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"
 
 
 @pytest.fixture(scope="module")
@@ -254,14 +257,17 @@ def test_mnist_experiment_on_a_generated_tree(tmp_path, write_tree, capsys):
     assert f"profile of step 2 in {tmp_path / 'run' / 'profile'}" in out and "dot" in out  # SimpleNet's matmuls
 
 
-def test_smoke_preset_on_the_shared_cifar10(tmp_path):
-    """`--preset smoke` on the real (JPEG) CIFAR-10 must reach 50% on a test set of all ten classes."""
+def test_smoke_preset_on_the_shared_cifar10(tmp_path, user_environ):
+    """`--preset smoke` on the real (JPEG) CIFAR-10 must reach 50% on a test set of all ten classes:
+    run as a user runs it, in its own process with the user's flags (one device, -O2)."""
     if not SHARED_CIFAR.exists():
         if os.environ.get("FNLEARN_REQUIRE_DATA") == "1":
             raise FileNotFoundError(f"FNLEARN_REQUIRE_DATA=1 but {SHARED_CIFAR} is missing")
         pytest.skip(f"{SHARED_CIFAR} not present")
-    summary = cifar_experiment.main(["--preset", "smoke", "--data", str(SHARED_CIFAR),
-                                     "--workdir", str(tmp_path)])
+    run = subprocess.run([sys.executable, "-m", "experiments.cifar", "--preset", "smoke", "--data", str(SHARED_CIFAR),
+                          "--workdir", str(tmp_path)], cwd=ROOT, env=user_environ, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
     # The figure covers the class-balanced test subset: every class, each 1/10 of it.
     per_class = np.array(summary["confusion"]).sum(1)
     assert len(per_class) == 10 and (per_class == per_class.sum() // 10).all()

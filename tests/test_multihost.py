@@ -38,9 +38,11 @@ def _free_port():
 
 
 def _start(*commands):
-    """Starts one process per command (each with 2 fake CPU devices), returns them."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
+    """Starts one process per command (each with 2 fake CPU devices, the suite's other flags),
+    returns them."""
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f]
+    env = {**os.environ, "XLA_FLAGS": " ".join([*flags, "--xla_force_host_platform_device_count=2"]),
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     return [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for c in commands]
 
