@@ -118,7 +118,9 @@ def _out_size(size, window, stride, pad):
 # and the batching rule where a mapped axis cannot join the batch. All go through
 # `fnlearn.ops.conv.spatial_conv` (imported late: conv.py imports this module), whose
 # gradient convolutions XLA:CPU runs in Eigen's layouts even inside a loop (lax's own
-# run there as a loop nest, many times slower).
+# run there as a loop nest, many times slower). The gradients are taken with `jax.vjp`:
+# `jax.linear_transpose` skips spatial_conv's JVP rule and gets lax's layouts back; the
+# forward convolution vjp also traces is dead code, which XLA drops.
 def _forward_ref(x, kernel, *, strides, padding):
     from fnlearn.ops.conv import spatial_conv
     return spatial_conv(x, kernel, strides, padding)
