@@ -31,7 +31,7 @@ import jax
 
 from benchmarks.workloads import WORKLOADS
 from experiments import cli
-from fnlearn.tools.profile import hlo_ops, op_intervals, union_ms
+from fnlearn.tools.profile import hlo_ops, op_intervals, split_kernels, union_ms
 
 # net -> (the bench's workload of its train step, the Flax module in op names)
 NETS = {"fastnet": ("fastnet_train", "FastNet"), "resnet18": ("resnet18_train", "ResNet")}
@@ -57,13 +57,14 @@ def jax_kind(name, opcode, op_name, model):
 
 def jax_profile(step, steps):
     """{instruction name: [(start_ns, end_ns), ...]} of `steps` calls of `step()` (a `timing.Carried`)."""
+    split = split_kernels(step.compiled.as_text())
     jax.block_until_ready(step())  # warm-up
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             for _ in range(steps):
                 out = step()
             jax.block_until_ready(out)
-        return op_intervals(trace_dir)
+        return op_intervals(trace_dir, split)
 
 
 def torch_profile(torch, step, steps):

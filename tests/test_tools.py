@@ -169,6 +169,23 @@ def test_the_first_nan_is_named_forward_or_backward(inject, where, name):
         assert name in str(anomaly)
 
 
+def test_an_async_op_runs_until_its_end_unless_it_is_a_split_kernel():
+    from fnlearn.tools.profile import event_intervals, split_kernels
+    hlo = ("  %conv.1 = f32[8,4,4,16]{3,2,1,0} convolution(%x, %k), window={size=3x3}\n"
+           "  %pad_fusion.2 = f32[8,7,7,16]{3,2,1,0} fusion(%a), kind=kLoop, calls=%f, "
+           'backend_config={"outer_dimension_partitions":["2"]}\n'
+           "  %add_fusion = f32[8]{0} fusion(%b), kind=kLoop, calls=%g\n")
+    split = split_kernels(hlo)
+    assert split == {"pad_fusion.2"}
+    ms = 1_000_000
+    events = [("conv.1", 0, ms // 10), ("pad_fusion.2", 2 * ms, 5 * ms), ("add_fusion", 5 * ms, 6 * ms),
+              ("end: conv.1", 9 * ms, 9 * ms), ("end: pad_fusion.2", 500 * ms, 500 * ms)]
+    # The convolution's start event is its dispatch; the split kernel's is its run, however late its end.
+    assert event_intervals(events, split) == {"conv.1": [(0, ms // 10), (0, 9 * ms)],
+                                              "pad_fusion.2": [(2 * ms, 5 * ms)], "add_fusion": [(5 * ms, 6 * ms)]}
+    assert event_intervals(events)["pad_fusion.2"] == [(2 * ms, 5 * ms), (2 * ms, 500 * ms)]
+
+
 def test_an_ops_metadata_reads_as_its_layer():
     from fnlearn.tools.profile import readable, union_ms
     assert readable("jit(train)/while/body/closed_call/transpose(jvp(FastNet))/block2/conv1/cond/branch_0_fun/"

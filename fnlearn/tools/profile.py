@@ -38,24 +38,44 @@ def union_ms(intervals):
     return total / 1e6
 
 
-def op_intervals(folder):
-    """{event name: [(start_ns, end_ns), ...]} of the newest trace under `folder` (one `jax.profiler.trace` wrote)."""
+def split_kernels(hlo_text):
+    """Names of a compiled module's kernels that XLA:CPU splits over its threads (`outer_dimension_partitions`)."""
+    return set(re.findall(r'%(\S+) = [^\n]*"outer_dimension_partitions"', hlo_text))
+
+
+def event_intervals(events, split=frozenset()):
+    """{op name: [(start_ns, end_ns), ...]} of trace events `(name, start_ns, end_ns)`.
+
+    XLA:CPU traces an op it runs asynchronously twice: its start, and an "end: <name>" event when
+    its result is ready. A library call (an Eigen convolution or matmul) is dispatched in its start
+    event and counts until that end, including any wait for a thread busy with another op. A kernel
+    in `split` runs one partition inside its start event while the pool runs the others alongside;
+    its end can come long after, when a partition waited for a busy thread (one running a oneDNN
+    convolution, which holds its thread throughout), so its start event is its run.
+    """
+    spans, ends = collections.defaultdict(list), collections.defaultdict(list)
+    for name, start, end in events:
+        if name.startswith("end: "):
+            ends[name[5:]].append((start, end))
+        else:
+            spans[name].append((start, end))
+    for name, done in ends.items():  # an async op runs from its last start before the end event
+        if name in split:
+            continue
+        starts = sorted(s for s, _ in spans[name])
+        spans[name] += [(max([s for s in starts if s <= start] or [start]), end) for start, end in done]
+    return spans
+
+
+def op_intervals(folder, split=frozenset()):
+    """{event name: [(start_ns, end_ns), ...]} of the newest trace under `folder` (one `jax.profiler.trace`
+    wrote), as `event_intervals` reads them; `split`: `split_kernels` of the program that ran."""
     paths = glob.glob(os.path.join(glob.escape(str(folder)), "**", "*.xplane.pb"), recursive=True)
     if not paths:
         raise FileNotFoundError(f"no jax.profiler trace (*.xplane.pb) under {folder}")
     data = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
-    intervals, ends = collections.defaultdict(list), collections.defaultdict(list)
-    for plane in data.planes:
-        for line in plane.lines:
-            for e in line.events:
-                if e.name.startswith("end: "):  # an asynchronous op (a convolution) completes here
-                    ends[e.name[5:]].append((e.start_ns, e.end_ns))
-                else:
-                    intervals[e.name].append((e.start_ns, e.end_ns))
-    for name, done in ends.items():  # an async op runs from its last start before the end event
-        starts = sorted(s for s, _ in intervals[name])
-        intervals[name] += [(max([s for s in starts if s <= start] or [start]), end) for start, end in done]
-    return intervals
+    return event_intervals(((e.name, e.start_ns, e.end_ns) for plane in data.planes for line in plane.lines
+                            for e in line.events), split)
 
 
 def top_ops(intervals, ops, steps=1, top=10):
@@ -83,7 +103,7 @@ def readable(op_name):
 def report(folder, hlo_text, steps, first_step):
     """The lines a training loop logs after tracing `steps` steps from `first_step` (1-based) into
     `folder`: where the trace is, how to open it, and its slowest ops in ms a step."""
-    rows = top_ops(op_intervals(folder), hlo_ops(hlo_text), steps)
+    rows = top_ops(op_intervals(folder, split_kernels(hlo_text)), hlo_ops(hlo_text), steps)
     span = f"step {first_step}" if steps == 1 else f"steps {first_step}-{first_step + steps - 1}"
     return (f"profile of {span} in {folder} (open: tensorboard --logdir {folder}, the profile tab; or its "
             f"perfetto_trace.json.gz in ui.perfetto.dev); the slowest ops, ms a step:\n"
