@@ -2,6 +2,7 @@
 against lax, vmap, scan, donation, threads, and the fallback to XLA's own.
 
 Skipped where the library is not built, unless FNLEARN_REQUIRE_ONEDNN=1 (CI)."""
+import ctypes
 import os
 import threading
 
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 from jax import lax
 
+from conv_testing import NHWC, compiled_text, conv_pair, max_relative_error
 from fnlearn.ops import onednn
 from fnlearn.ops.conv import conv_general_dilated
 
-NHWC = ("NHWC", "HWIO", "NHWC")
 TARGET = "fnlearn_conv_"
 
 if not onednn.enabled():
@@ -38,26 +39,11 @@ CASES = {
 
 
 def case(name, dtype=jnp.float32):
-    x_shape, w_shape, strides, padding = CASES[name]
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal(x_shape), dtype)
-    w = jnp.asarray(rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[:3])), dtype)
-    ours = lambda x, w: conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)  # noqa: E731
-    ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)  # noqa: E731
-    return ours, ref, x, w
-
-
-def error(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return np.abs(a - b).max() / np.abs(b).max()
+    return conv_pair(*CASES[name], dtype)
 
 
 def loss_of(conv):
     return lambda x, w: jnp.sum(jnp.tanh(conv(x, w).astype(jnp.float32)))
-
-
-def compiled(fn, *args):
-    return jax.jit(fn).lower(*args).compile().as_text()
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -65,10 +51,10 @@ def test_values_and_gradients_match_lax(name):
     ours, ref, x, w = case(name)
     value_and_grads = lambda conv: jax.jit(jax.value_and_grad(loss_of(conv), argnums=(0, 1)))(x, w)  # noqa: E731
     (got, got_grads), (want, want_grads) = value_and_grads(ours), value_and_grads(ref)
-    assert error(got, want) < 1e-5
+    assert max_relative_error(got, want) < 1e-5
     for g, h in zip(got_grads, want_grads):
-        assert g.shape == h.shape and g.dtype == h.dtype and error(g, h) < 1e-4
-    text = compiled(jax.grad(loss_of(ours), argnums=(0, 1)), x, w)
+        assert g.shape == h.shape and g.dtype == h.dtype and max_relative_error(g, h) < 1e-4
+    text = compiled_text(jax.grad(loss_of(ours), argnums=(0, 1)), x, w)
     for direction in ("forward", "input_grad", "kernel_grad"):
         assert TARGET + direction in text
     assert " convolution(" not in text
@@ -81,11 +67,11 @@ def test_bfloat16_matches_lax(name):
     want = jax.jit(jax.value_and_grad(loss_of(ref), argnums=(0, 1)))(x, w)
     assert got[1][0].dtype == got[1][1].dtype == jnp.bfloat16
     for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        assert error(g, h) < 2e-2  # bf16 keeps 8 bits: ~4e-3 per rounding
+        assert max_relative_error(g, h) < 2e-2  # bf16 keeps 8 bits: ~4e-3 per rounding
     # Native bf16 kernels where the CPU has them; else float32, as XLA does.
     operand = "bf16[2,9,9,8]" if onednn.native_bfloat16() else "f32[2,9,9,8]"
     if name == "3x3_same":
-        call = next(line for line in compiled(ours, x, w).splitlines() if TARGET + "forward" in line)
+        call = next(line for line in compiled_text(ours, x, w).splitlines() if TARGET + "forward" in line)
         assert operand in call
 
 
@@ -94,12 +80,12 @@ def test_other_dtypes_and_empty_results_match_lax():
     # float16 runs in float32 and rounds back, as XLA's own does; a bf16 conv asked
     # for a float32 result accumulates and returns float32.
     x16, w16 = x.astype(jnp.float16), w.astype(jnp.float16)
-    assert ours(x16, w16).dtype == jnp.float16 and error(ours(x16, w16), ref(x16, w16)) < 2e-3
+    assert ours(x16, w16).dtype == jnp.float16 and max_relative_error(ours(x16, w16), ref(x16, w16)) < 2e-3
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     wide = lambda conv: conv(xb, wb, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC,  # noqa: E731
                              preferred_element_type=jnp.float32)
     assert wide(conv_general_dilated).dtype == jnp.float32
-    assert error(wide(conv_general_dilated), wide(lax.conv_general_dilated)) < 1e-5
+    assert max_relative_error(wide(conv_general_dilated), wide(lax.conv_general_dilated)) < 1e-5
     # A window longer than the padded input: an empty result, as lax gives (oneDNN refuses it).
     small = lambda conv: conv(x[:, :2], w, (2, 2), ((0, 0), (0, 0)), dimension_numbers=NHWC)  # noqa: E731
     assert small(conv_general_dilated).shape == small(lax.conv_general_dilated).shape == (2, 0, 4, 16)
@@ -109,11 +95,11 @@ def test_forward_mode_and_second_order():
     ours, ref, x, w = case("3x3_stride2_odd")
     rng = np.random.default_rng(1)
     dx, dw = rng.standard_normal(x.shape).astype(np.float32), rng.standard_normal(w.shape).astype(np.float32)
-    assert error(jax.jvp(ours, (x, w), (dx, dw))[1], jax.jvp(ref, (x, w), (dx, dw))[1]) < 1e-4
+    assert max_relative_error(jax.jvp(ours, (x, w), (dx, dw))[1], jax.jvp(ref, (x, w), (dx, dw))[1]) < 1e-4
     # Forward over reverse (a Hessian-vector product) and reverse over reverse: every
     # transpose of every direction is used.
     hvp = lambda conv: jax.jit(lambda w: jax.jvp(jax.grad(lambda w: loss_of(conv)(x, w)), (w,), (dw,))[1])(w)  # noqa: E731
-    assert error(hvp(ours), hvp(ref)) < 1e-4
+    assert max_relative_error(hvp(ours), hvp(ref)) < 1e-4
 
     def grad_of_grad_norm(conv):
         def norm(x, w):
@@ -122,7 +108,7 @@ def test_forward_mode_and_second_order():
         return jax.jit(jax.grad(norm, argnums=(0, 1)))(x, w)
 
     for g, h in zip(grad_of_grad_norm(ours), grad_of_grad_norm(ref)):
-        assert error(g, h) < 1e-4
+        assert max_relative_error(g, h) < 1e-4
 
 
 def test_vmap_per_example_gradients_and_mapped_kernels():
@@ -130,14 +116,14 @@ def test_vmap_per_example_gradients_and_mapped_kernels():
     per_example = lambda conv: jax.jit(jax.vmap(jax.grad(  # noqa: E731
         lambda x, w: loss_of(conv)(x[None], w), argnums=(0, 1)), in_axes=(0, None)))(x, w)
     for g, h in zip(per_example(ours), per_example(ref)):
-        assert g.shape == h.shape and error(g, h) < 1e-4
+        assert g.shape == h.shape and max_relative_error(g, h) < 1e-4
     # The forward and input-gradient calls take the mapped axis into their batch.
     text = jax.jit(jax.vmap(jax.grad(lambda x, w: loss_of(ours)(x[None], w), argnums=(0, 1)),
                             in_axes=(0, None))).lower(x, w).compile().as_text()
     assert TARGET + "forward" in text and TARGET + "input_grad" in text
     kernels = jnp.stack([w, 2 * w, -w])  # a mapped kernel: lax's convolution, mapped
     mapped = lambda conv: jax.jit(jax.vmap(conv, in_axes=(None, 0)))(x, kernels)  # noqa: E731
-    assert error(mapped(ours), mapped(ref)) < 1e-5
+    assert max_relative_error(mapped(ours), mapped(ref)) < 1e-5
 
 
 def test_gradients_inside_scan_with_donated_state():
@@ -159,10 +145,10 @@ def test_gradients_inside_scan_with_donated_state():
 
     (got, got_losses), scan = run(conv_general_dilated)
     (want, want_losses), _ = run(lax.conv_general_dilated)
-    assert error(got_losses, want_losses) < 1e-5
+    assert max_relative_error(got_losses, want_losses) < 1e-5
     for g, h in zip(got, want):
-        assert error(g, h) < 1e-4
-    assert TARGET + "kernel_grad" in compiled(scan, (w, w2))
+        assert max_relative_error(g, h) < 1e-4
+    assert TARGET + "kernel_grad" in compiled_text(scan, (w, w2))
 
 
 def test_calls_from_several_threads_agree():
@@ -188,22 +174,36 @@ def test_calls_from_several_threads_agree():
     assert not failures, failures
     for (name, _), got in results.items():
         for g, h in zip(got, want[name]):
-            assert error(g, h) < 1e-4
+            assert max_relative_error(g, h) < 1e-4
+
+
+def test_plans_beyond_the_capacity_are_evicted_while_other_threads_run_them():
+    library = ctypes.CDLL(str(onednn._LIBRARY))  # the library already loaded: its plans
+    library.FnlearnConvSetPlanCapacity.argtypes = [ctypes.c_int64]
+    library.FnlearnConvSetPlanCapacity.restype = library.FnlearnConvPlansBuilt.restype = ctypes.c_int64
+    before = library.FnlearnConvSetPlanCapacity(1)  # each new plan evicts one a thread may be running
+    try:
+        built = library.FnlearnConvPlansBuilt()
+        test_calls_from_several_threads_agree()
+        # 4 cases x 3 directions are 12 plans: more builds mean plans went and came back.
+        assert library.FnlearnConvPlansBuilt() - built > 12
+    finally:
+        library.FnlearnConvSetPlanCapacity(before)
 
 
 def test_switched_off_or_missing_falls_back_to_xla(monkeypatch):
     ours, ref, x, w = case("3x3_same")
     monkeypatch.setenv(onednn.ENV, "0")
-    text = compiled(ours, x, w)
+    text = compiled_text(ours, x, w)
     assert " convolution(" in text and TARGET not in text
     monkeypatch.delenv(onednn.ENV)
     monkeypatch.setattr(onednn, "_LIBRARY", onednn._LIBRARY.with_name("missing.so"))
     onednn._load.cache_clear()
     try:
         with pytest.warns(UserWarning, match="CPU convolutions use XLA's own, not oneDNN: missing.so was not built"):
-            text = compiled(lambda x, w: ours(x, w) + ours(x, w), x, w)
+            text = compiled_text(lambda x, w: ours(x, w) + ours(x, w), x, w)
         assert " convolution(" in text and TARGET not in text
-        assert error(jax.jit(lambda x, w: ours(x, w))(x, w), ref(x, w)) < 1e-5
+        assert max_relative_error(jax.jit(lambda x, w: ours(x, w))(x, w), ref(x, w)) < 1e-5
     finally:
         monkeypatch.undo()
         onednn._load.cache_clear()
@@ -221,7 +221,7 @@ def test_programs_split_over_devices_keep_lax_convolutions():
     text = grad(ours).lower(x8, w).compile().as_text()
     assert TARGET not in text and " convolution(" in text
     for g, h in zip(grad(ours)(x8, w), grad(ref)(x8, w)):
-        assert error(g, h) < 1e-4
+        assert max_relative_error(g, h) < 1e-4
     # Inside a loop too, the gradient convolutions are in the layouts XLA:CPU's Eigen
     # convolution takes (left in lax's, a loop runs them as a loop nest, many times slower).
     def in_a_loop(x, w):
@@ -230,7 +230,7 @@ def test_programs_split_over_devices_keep_lax_convolutions():
              if " convolution(" in line]
     assert convs and all("dim_labels=b01f_01io->b01f" in line for line in convs), convs
     # One device: oneDNN again.
-    assert TARGET + "forward" in compiled(lambda x, w: ours(x, w), x, w)
+    assert TARGET + "forward" in compiled_text(lambda x, w: ours(x, w), x, w)
 
 
 def test_jax_export_gets_lax_convolutions():
@@ -239,7 +239,7 @@ def test_jax_export_gets_lax_convolutions():
     batch, = jax.export.symbolic_shape("batch")
     exported = jax.export.export(jax.jit(lambda x: ours(x, w)))(jax.ShapeDtypeStruct((batch, *x.shape[1:]), x.dtype))
     assert TARGET not in exported.mlir_module()
-    assert error(exported.call(x), ref(x, w)) < 1e-5
+    assert max_relative_error(exported.call(x), ref(x, w)) < 1e-5
 
 
 def test_other_platforms_keep_lax_convolutions():

@@ -6,17 +6,11 @@ import numpy as np
 import pytest
 from jax import lax
 
+from conv_testing import compiled_text, max_relative_error, normal
+from conv_testing import conv_pair as pair
 from fnlearn.models import layers
 from fnlearn.ops import flags, gelu
-from fnlearn.ops.conv import conv_general_dilated
 from fnlearn.ops.pool import max_pool
-
-NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def normal(seed, shape):
-    """Test data from numpy: jax.random would compile a program per shape."""
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 # (input shape, kernel shape, strides, padding): the convs of the zoo.
 CONV_CASES = {
@@ -33,12 +27,7 @@ CONV_CASES = {
 
 def conv_pair(case, dtype=jnp.float32):
     """(conv, reference conv, x, w) for a case; both convs take (x, w)."""
-    x_shape, w_shape, strides, padding = CONV_CASES[case]
-    x = jnp.asarray(normal(0, x_shape), dtype)
-    w = jnp.asarray(normal(1, w_shape) / np.sqrt(np.prod(w_shape[:3])), dtype)
-    ours = lambda x, w: conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)  # noqa: E731
-    ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)  # noqa: E731
-    return ours, ref, x, w
+    return pair(*CONV_CASES[case], dtype)
 
 
 def value_and_grads(conv, x, w):
@@ -52,11 +41,6 @@ def value_and_grads(conv, x, w):
     # One jit for value and grads: op-by-op gradients would compile every primitive.
     (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
     return (y,) + grads
-
-
-def max_relative_error(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 # Both CPU paths: oneDNN where it is built (tests/test_onednn.py has more), and XLA's own.
@@ -78,10 +62,6 @@ def test_conv_matches_lax_bfloat16(case, onednn, monkeypatch):
     for got, want in zip(value_and_grads(ours, x, w), value_and_grads(ref, x, w)):
         assert got.dtype == want.dtype == jnp.bfloat16
         assert max_relative_error(got, want) < 2e-2  # bf16 keeps 8 bits: ~4e-3 per rounding
-
-
-def compiled_text(fn, *args):
-    return jax.jit(fn).lower(*args).compile().as_text()
 
 
 def test_pointwise_conv_is_a_dot_on_cpu():

@@ -81,7 +81,9 @@ def save(path, fn, input_shape, meta, format="stablehlo", platforms=PLATFORMS):
     if format not in FORMATS:
         raise ArtifactError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     meta = {**meta, "input_shape": list(input_shape), "input_dtype": "uint8", "format": format}
-    with onednn.disabled():  # lax's convolutions: the file must run without fnlearn's library
+    # lax's convolutions in the jaxpr, which the ONNX converter reads (jax.export alone
+    # would lower fnlearn's to lax): the file must run without fnlearn's library.
+    with onednn.disabled():
         write = _serialize(fn, input_shape, meta, format, platforms)
     _write_atomically(path, write)
     return path.stat().st_size

@@ -6,10 +6,11 @@
 // oneDNN reads NHWC in place (PyTorch's channels_last) and the kernel is reordered
 // into the blocked layout oneDNN picks, which is small next to the convolution.
 // Every shape comes from the buffers; strides and padding are attributes.
-// Primitives are built once per (direction, shapes, dtypes) and kept: building one
-// costs far more than running a small convolution.
+// Primitives are built once per (direction, shapes, dtypes) and kept (up to 1024):
+// building one costs far more than running a small convolution.
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -96,20 +97,53 @@ Plan Build(Direction dir, const memory::dims& x, const memory::dims& k, const me
   return plan;
 }
 
-const Plan& Lookup(Direction dir, const memory::dims& x, const memory::dims& k, const memory::dims& y,
-                   memory::data_type x_type, memory::data_type k_type, memory::data_type y_type,
-                   const memory::dims& strides, const memory::dims& pad_lo, const memory::dims& pad_hi) {
-  static std::mutex mutex;
-  static std::map<std::vector<int64_t>, Plan> plans;  // node-based: references stay valid
+// The plans kept, the least recently used going first beyond `capacity` (a server meeting
+// many batch sizes); 1024, as oneDNN's own primitive cache. A plan a call is running stays
+// alive through its shared_ptr until the call returns.
+struct Plans {
+  struct Entry {
+    std::shared_ptr<const Plan> plan;
+    uint64_t last_use;
+  };
+  std::mutex mutex;
+  std::map<std::vector<int64_t>, Entry> entries;
+  size_t capacity = 1024;
+  uint64_t uses = 0, built = 0;
+};
+
+Plans& Cache() {
+  static Plans plans;
+  return plans;
+}
+
+// Drops the least recently used plans until `keep` are left; the caller holds the mutex.
+void Shrink(Plans& plans, size_t keep) {
+  while (plans.entries.size() > keep) {
+    auto oldest = plans.entries.begin();
+    for (auto it = plans.entries.begin(); it != plans.entries.end(); ++it) {
+      if (it->second.last_use < oldest->second.last_use) oldest = it;
+    }
+    plans.entries.erase(oldest);
+  }
+}
+
+std::shared_ptr<const Plan> Lookup(Direction dir, const memory::dims& x, const memory::dims& k, const memory::dims& y,
+                                   memory::data_type x_type, memory::data_type k_type, memory::data_type y_type,
+                                   const memory::dims& strides, const memory::dims& pad_lo, const memory::dims& pad_hi) {
   std::vector<int64_t> key = {dir, static_cast<int64_t>(x_type), static_cast<int64_t>(k_type),
                               static_cast<int64_t>(y_type)};
   for (const auto* part : {&x, &k, &y, &strides, &pad_lo, &pad_hi}) key.insert(key.end(), part->begin(), part->end());
-  std::lock_guard<std::mutex> lock(mutex);
-  auto found = plans.find(key);
-  if (found == plans.end()) {
-    found = plans.emplace(key, Build(dir, x, k, y, x_type, k_type, y_type, strides, pad_lo, pad_hi)).first;
+  Plans& plans = Cache();
+  std::lock_guard<std::mutex> lock(plans.mutex);
+  auto found = plans.entries.find(key);
+  if (found == plans.entries.end()) {
+    Shrink(plans, plans.capacity - 1);
+    auto plan = std::make_shared<const Plan>(Build(dir, x, k, y, x_type, k_type, y_type, strides, pad_lo, pad_hi));
+    found = plans.entries.emplace(key, Plans::Entry{std::move(plan), 0}).first;
+    ++plans.built;
   }
-  return found->second;
+  found->second.last_use = ++plans.uses;
+  return found->second.plan;
 }
 
 memory::dims Activation(ffi::AnyBuffer::Dimensions d) { return {d[0], d[3], d[1], d[2]}; }  // NHWC
@@ -131,7 +165,8 @@ ffi::Error Run(Direction dir, ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::AnyBuffer
     memory::dims s = {strides[0], strides[1]}, lo = {padding[0], padding[2]}, hi = {padding[1], padding[3]};
     memory::dims x_dims = Activation(x.dimensions()), k_dims = Kernel(k.dimensions()),
                  y_dims = Activation(y.dimensions());
-    const Plan& plan = Lookup(dir, x_dims, k_dims, y_dims, x_type, k_type, y_type, s, lo, hi);
+    const auto plan_ptr = Lookup(dir, x_dims, k_dims, y_dims, x_type, k_type, y_type, s, lo, hi);
+    const Plan& plan = *plan_ptr;
     auto& engine = Engine();
     dnnl::stream stream(engine);
     memory x_mem(memory::desc(x_dims, x_type, memory::format_tag::nhwc), engine, x.untyped_data());
@@ -178,6 +213,23 @@ ffi::Error KernelGrad(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyB
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FnlearnConvForward, Forward, FNLEARN_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FnlearnConvInputGrad, InputGrad, FNLEARN_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FnlearnConvKernelGrad, KernelGrad, FNLEARN_CONV_BINDING);
+
+// For tests: sets how many plans are kept (at least 1) and returns the previous capacity.
+extern "C" int64_t FnlearnConvSetPlanCapacity(int64_t capacity) {
+  Plans& plans = Cache();
+  std::lock_guard<std::mutex> lock(plans.mutex);
+  const auto before = static_cast<int64_t>(plans.capacity);
+  plans.capacity = static_cast<size_t>(capacity < 1 ? 1 : capacity);
+  Shrink(plans, plans.capacity);
+  return before;
+}
+
+// For tests: how many plans have been built.
+extern "C" int64_t FnlearnConvPlansBuilt() {
+  Plans& plans = Cache();
+  std::lock_guard<std::mutex> lock(plans.mutex);
+  return static_cast<int64_t>(plans.built);
+}
 
 // 1 where oneDNN runs bfloat16 convolutions natively (AVX512-BF16, AMX, AVX2-VNNI-2) in
 // every direction; elsewhere it would emulate them, slower than float32.
