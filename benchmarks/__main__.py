@@ -43,7 +43,10 @@ bfloat16 (the model built with dtype=bfloat16, params float32), each row against
 that one PyTorch number. fnlearn's train steps run as jitted steps, one a call, and
 as a compiled run: `lax.scan` over every step of the basics, or over the conv nets'
 timed steps, as the CIFAR recipe's `steps_per_execution` does.
-ratio = fnlearn_per_s / torch_per_s.
+ratio = fnlearn_per_s / torch_per_s. paired: the median over the rounds of
+--repeats of each round's ratio (PyTorch's run and fnlearn's side by side); on a
+machine whose speed drifts between rounds it varies less than ratio, which may
+set the two sides' best runs from different rounds.
 
 Run it on an idle machine: anything else heavy running skews the ratio (PyTorch's
 threads suffer most). `python -m benchmarks.profile` splits the conv train steps by
@@ -75,13 +78,14 @@ def print_table(rows):
     The accuracy columns show only where some row has an accuracy (cifar_run's)."""
     accuracies = any(r["torch_accuracy"] is not None for r in rows)
     head = (f"{'workload':<16}{'mode':<14}{'prec':<6}{'unit':<10}{'torch/s':>11}  {'torch mode':<29}"
-            f"{'fnlearn/s':>11}{'ratio':>8}{'compile s':>11}" + f"  {'torch acc':<12}{'fnlearn acc':<12}" * accuracies)
+            f"{'fnlearn/s':>11}{'ratio':>8}{'paired':>8}{'compile s':>11}" + f"  {'torch acc':<12}{'fnlearn acc':<12}" * accuracies)
     print(head)
     print("-" * len(head))
     for r in rows:
         cells = f"  {accuracy_cell(r['torch_accuracy']):<12}{accuracy_cell(r['fnlearn_accuracy']):<12}"
         print(f"{r['workload']:<16}{r['mode']:<14}{r['precision']:<6}{r['unit']:<10}{r['torch_per_s']:>11.1f}  "
-              f"{r['torch_mode']:<29}{r['fnlearn_per_s']:>11.1f}{r['ratio']:>7.2f}x{r['compile_s']:>11.2f}"
+              f"{r['torch_mode']:<29}{r['fnlearn_per_s']:>11.1f}{r['ratio']:>7.2f}x{r['paired_ratio']:>7.2f}x"
+              f"{r['compile_s']:>11.2f}"
               + cells * accuracies)
 
 

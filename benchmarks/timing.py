@@ -3,7 +3,9 @@
 Each side is warmed up first (compilation for fnlearn, kernel selection for PyTorch);
 then the best of `repeats` timed runs counts, the two sides' runs taking turns
 (PyTorch, fnlearn, fnlearn, ..., PyTorch, ...), so a slow spell of a shared machine hits
-both sides, not one. Compile time is reported apart and never counted.
+both sides, not one. Where such spells come and go between rounds, the best runs of the
+two sides may come from different rounds; the paired ratio, each round's ratio and their
+median, does not mix them. Compile time is reported apart and never counted.
 
 Both sides run on one kind of device: JAX's default backend, and PyTorch on CUDA where
 JAX runs on a GPU and PyTorch has CUDA (`torch_device`), else both on the CPU.
@@ -11,6 +13,7 @@ JAX runs on a GPU and PyTorch has CUDA (`torch_device`), else both on the CPU.
 import dataclasses
 import itertools
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -113,14 +116,20 @@ def seconds_of(step, calls=1, finish=jax.block_until_ready):
     return time.perf_counter() - t0
 
 
-def best_rates(runs, repeats):
-    """Items per second of each run: the best of `repeats` rounds, each round timing every run once, in turn.
+def round_rates(runs, repeats):
+    """Items per second of each run in each of `repeats` rounds, each round timing every run once, in turn.
 
     Args:
       runs: list of `(time_run, items)`: `time_run()` returns the seconds of a run of `items` items.
+    Returns:
+      rates[round][run].
     """
-    times = [[time_run() for time_run, _ in runs] for _ in range(repeats)]
-    return [items / min(t[i] for t in times) for i, (_, items) in enumerate(runs)]
+    return [[items / time_run() for time_run, items in runs] for _ in range(repeats)]
+
+
+def best_rates(runs, repeats):
+    """Items per second of each run: its best of `repeats` rounds (`round_rates`)."""
+    return [max(column) for column in zip(*round_rates(runs, repeats))]
 
 
 def timed_run(workload, step, steps_per_call, seconds_per_call=None, finish=jax.block_until_ready):
@@ -157,7 +166,8 @@ def measure(workload: Workload, torch, repeats: int) -> Iterator[dict]:
     on CUDA only), and every fnlearn (mode, precision) is measured against that one PyTorch
     number.
     Rows: workload, mode, precision, unit, torch_per_s, torch_mode, fnlearn_per_s,
-    ratio (fnlearn_per_s / torch_per_s), compile_s, and torch_accuracy and fnlearn_accuracy
+    ratio (fnlearn_per_s / torch_per_s), paired_ratio (the median over rounds of fnlearn's
+    rate over PyTorch's in the same round), compile_s, and torch_accuracy and fnlearn_accuracy
     (with `workload.accuracy`: the timed runs' mean, or why there is none; else None).
     """
     w = workload
@@ -182,10 +192,13 @@ def measure(workload: Workload, torch, repeats: int) -> Iterator[dict]:
             steps.append(Recorded(step) if w.accuracy else step)
             runs.append(timed_run(w, steps[-1], steps_per_call, seconds))
             labels.append((mode, precision, compile_s))
-    torch_per_s, *rates = best_rates(runs, repeats)
+    rounds = round_rates(runs, repeats)
+    torch_per_s, *rates = [max(column) for column in zip(*rounds)]
+    # Each round's ratio: runs side by side meet the same spell of a noisy machine.
+    paired = [statistics.median(r[i] / r[0] for r in rounds) for i in range(1, len(runs))]
     torch_accuracy, *accuracies = [mean_accuracy(s.outputs) if w.accuracy else None for s in steps]
-    for (mode, precision, compile_s), per_s, accuracy in zip(labels, rates, accuracies):
+    for (mode, precision, compile_s), per_s, ratio, accuracy in zip(labels, rates, paired, accuracies):
         yield {"workload": w.name, "mode": mode, "precision": precision, "unit": w.unit,
                "torch_per_s": torch_per_s, "torch_mode": torch_mode, "fnlearn_per_s": per_s,
-               "ratio": per_s / torch_per_s, "compile_s": compile_s,
+               "ratio": per_s / torch_per_s, "paired_ratio": ratio, "compile_s": compile_s,
                "torch_accuracy": torch_accuracy, "fnlearn_accuracy": accuracy}

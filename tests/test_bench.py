@@ -15,7 +15,7 @@ from fnlearn.data.augment import CIFAR10_MEAN, CIFAR10_STD, tta_logits
 from fnlearn.recipes.cifar import CifarConfig
 
 FIELDS = {"workload", "mode", "precision", "unit", "torch_per_s", "torch_mode", "fnlearn_per_s", "ratio",
-          "compile_s", "torch_accuracy", "fnlearn_accuracy"}
+          "paired_ratio", "compile_s", "torch_accuracy", "fnlearn_accuracy"}
 # The recipe at a test's size: 96 training images of 4 classes make 6 steps an epoch, 12 in all,
 # in calls of 3 steps (one program to compile).
 TINY = CifarConfig(model="fastnet_tiny", epochs=2, batch_size=16, eval_batch_size=16, whiten_bias_epochs=1,
@@ -35,6 +35,7 @@ def test_rows_in_the_json(torch, tmp_path):
         assert set(r) == FIELDS
         assert r["torch_per_s"] > 0 and r["fnlearn_per_s"] > 0 and r["compile_s"] > 0
         assert r["ratio"] == pytest.approx(r["fnlearn_per_s"] / r["torch_per_s"], rel=1e-12)
+        assert r["paired_ratio"] == pytest.approx(r["ratio"], rel=1e-12)  # one round: the same runs
     assert {r["unit"] for r in rows[:2]} == {"steps/s"} and {r["unit"] for r in rows[2:]} == {"images/s"}
     assert rows[0]["torch_mode"] == "fp32_eager" and rows[2]["torch_mode"] in timing.TORCH_MODES
     # fp16 autocast is probed on CUDA only.
@@ -62,6 +63,19 @@ def test_measure_yields_a_row_per_fnlearn_mode_against_one_torch_number(torch):
         assert set(r) == FIELDS
         assert r["ratio"] == pytest.approx(r["fnlearn_per_s"] / r["torch_per_s"], rel=1e-12)
     assert rows[0]["torch_per_s"] == rows[1]["torch_per_s"]
+
+
+def test_paired_ratio_takes_each_rounds_ratio(torch, monkeypatch):
+    # Round 1 meets a slow spell in PyTorch's run (4 s) and not in fnlearn's (2 s); round 2 runs
+    # both in 1 s. Best against best is 1.0x; the rounds' own ratios are 2.0x and 1.0x.
+    seconds = iter([4.0, 2.0, 1.0, 1.0])
+    monkeypatch.setattr(timing, "round_rates", lambda runs, repeats: [
+        [items / next(seconds) for _, items in runs] for _ in range(repeats)])
+    small = dataclasses.replace(workloads.basic("simple_net", workloads.simple_net_start, batch=8, steps=4),
+                                min_seconds=0.0, modes=(("jit_step", 1),))
+    (row,) = timing.measure(small, torch, repeats=2)
+    assert row["ratio"] == pytest.approx(1.0)
+    assert row["paired_ratio"] == pytest.approx(1.5)  # the median of 2.0 and 1.0
 
 
 def test_timed_run_counts_the_items_it_makes():
