@@ -78,7 +78,8 @@ def print_table(rows):
     The accuracy columns show only where some row has an accuracy (cifar_run's)."""
     accuracies = any(r["torch_accuracy"] is not None for r in rows)
     head = (f"{'workload':<16}{'mode':<14}{'prec':<6}{'unit':<10}{'torch/s':>11}  {'torch mode':<29}"
-            f"{'fnlearn/s':>11}{'ratio':>8}{'paired':>8}{'compile s':>11}" + f"  {'torch acc':<12}{'fnlearn acc':<12}" * accuracies)
+            f"{'fnlearn/s':>11}{'ratio':>8}{'paired':>8}{'compile s':>11}"
+            + f"  {'torch acc':<12}{'fnlearn acc':<12}" * accuracies)
     print(head)
     print("-" * len(head))
     for r in rows:
