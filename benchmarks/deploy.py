@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.__main__ import cpu_model
-from benchmarks.timing import best_rates, seconds_of
+from benchmarks.timing import best_rates, round_rates, seconds_of
 from experiments import cli
 from fnlearn import export, models
 from fnlearn.data import CIFAR10_MEAN, CIFAR10_STD
@@ -102,8 +102,8 @@ def infer_rows(names, batches, repeats, calls):
             compile_s = time.perf_counter() - t0
             for step in steps.values():  # warm-up: kernel selection, allocations
                 seconds_of(step, 2)
-            rates = dict(zip(steps, best_rates([(lambda s=s: seconds_of(s, calls), calls * batch)
-                                                for s in steps.values()], repeats)))
+            rates = dict(zip(steps, best_rates(round_rates([(lambda s=s: seconds_of(s, calls), calls * batch)
+                                                            for s in steps.values()], repeats))))
             torch_mode = max(("torch fp32", "torch bf16"), key=rates.get)
             difference = float(np.abs(steps["onnxruntime"]() - np.asarray(steps["fnlearn"]())).max())
             rows.append({"model": name, "batch": batch, "fnlearn_per_s": rates["fnlearn"],

@@ -55,9 +55,9 @@ def jax_kind(name, opcode, op_name, model):
     return "other model ops"
 
 
-def jax_profile(step, steps):
-    """{instruction name: [(start_ns, end_ns), ...]} of `steps` calls of `step()` (a `timing.Carried`)."""
-    split = split_kernels(step.compiled.as_text())
+def jax_profile(step, steps, split):
+    """{instruction name: [(start_ns, end_ns), ...]} of `steps` calls of `step()` (a `timing.Carried`);
+    `split`: `split_kernels` of its program."""
     jax.block_until_ready(step())  # warm-up
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
@@ -111,9 +111,10 @@ def main(argv=None):
     workload = dataclasses.replace(workload, batch=args.batch or workload.batch)
     start = workload.setup(torch, workload)
     step, _ = workload.fnlearn_step(start, "fp32", args.steps_per_call)
-    ops = hlo_ops(step.compiled.as_text())
+    hlo = step.compiled.as_text()
+    ops = hlo_ops(hlo)
     # A `while` (the scan) or `call` spans the ops it runs: only the ops inside count.
-    jax_iv = {name: iv for name, iv in jax_profile(step, args.steps).items()
+    jax_iv = {name: iv for name, iv in jax_profile(step, args.steps, split_kernels(hlo)).items()
               if name in ops and ops[name][0] not in ("while", "conditional", "call")}
     fnlearn_steps = args.steps * args.steps_per_call
     jax_ms = {name: union_ms(iv) / fnlearn_steps for name, iv in jax_iv.items()}

@@ -127,13 +127,13 @@ def round_rates(runs, repeats):
     return [[items / time_run() for time_run, items in runs] for _ in range(repeats)]
 
 
-def best_rates(runs, repeats):
-    """Items per second of each run: its best of `repeats` rounds (`round_rates`)."""
-    return [max(column) for column in zip(*round_rates(runs, repeats))]
+def best_rates(rounds):
+    """Items per second of each run: its best round of `round_rates`'s."""
+    return [max(column) for column in zip(*rounds)]
 
 
 def timed_run(workload, step, steps_per_call, seconds_per_call=None, finish=jax.block_until_ready):
-    """`(time_run, items)` for `best_rates`: a run makes `workload.steps` steps, or more to last `min_seconds`."""
+    """`(time_run, items)` for `round_rates`: a run makes `workload.steps` steps, or more to last `min_seconds`."""
     calls = workload.steps // steps_per_call
     if workload.min_seconds:
         calls = max(calls, math.ceil(workload.min_seconds / seconds_per_call))
@@ -193,7 +193,7 @@ def measure(workload: Workload, torch, repeats: int) -> Iterator[dict]:
             runs.append(timed_run(w, steps[-1], steps_per_call, seconds))
             labels.append((mode, precision, compile_s))
     rounds = round_rates(runs, repeats)
-    torch_per_s, *rates = [max(column) for column in zip(*rounds)]
+    torch_per_s, *rates = best_rates(rounds)
     # Each round's ratio: runs side by side meet the same spell of a noisy machine.
     paired = [statistics.median(r[i] / r[0] for r in rounds) for i in range(1, len(runs))]
     torch_accuracy, *accuracies = [mean_accuracy(s.outputs) if w.accuracy else None for s in steps]
