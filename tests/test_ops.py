@@ -112,7 +112,7 @@ def test_gradient_convs_in_a_loop_are_in_eigen_layouts(case, monkeypatch):
     monkeypatch.setenv("FNLEARN_ONEDNN", "0")  # XLA's own convolutions, where oneDNN is off or missing
     # XLA:CPU moves convolutions into the layouts its Eigen kernels take only at a
     # program's top level; inside a loop body, lax's own kernel gradient stays
-    # f01b_i01o->01bf and runs as a loop nest, 30-60x slower.
+    # f01b_i01o->01bf and runs as a loop nest, many times slower.
     ours, ref, x, w = conv_pair(case)
 
     def grads_in_a_loop(conv):
@@ -137,6 +137,31 @@ def test_layers_conv_is_flax_conv(kernel_size, strides):
     variables = flax_conv.init(jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
     assert max_relative_error(ours.apply(variables, x), flax_conv.apply(variables, x)) < 1e-5
+
+
+class _AnySizeNet(nn.Module):
+    """The convolutions and pool of the zoo's nets, for images of any size."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = layers.Conv(8, (3, 3), strides=2)(x)                 # "SAME", stride 2: padding depends on the size
+        x = layers.Conv(8, (3, 3), padding="VALID")(x)
+        x = layers.max_pool(x, (2, 2), (2, 2))
+        return layers.Conv(4, (1, 1))(x)
+
+
+def test_export_with_symbolic_image_sizes_matches_flax():
+    # jax.export with a symbolic height and width (yolo takes any multiple of 32): the
+    # conv and pool lowerings leave such shapes to lax, and flax's ops give the same.
+    net, x = _AnySizeNet(), normal(0, (2, 20, 24, 3))
+    variables = net.init(jax.random.key(0), x)
+    b, h, w = jax.export.symbolic_shape("b, h, w")
+    spec = jax.ShapeDtypeStruct((b, h, w, 3), x.dtype)
+    exported = jax.export.export(jax.jit(lambda x: net.apply(variables, x)))(spec)
+    for shape in [(2, 20, 24, 3), (1, 33, 17, 3)]:
+        x = normal(1, shape)
+        want = jax.jit(lambda x: net.apply(variables, x))(x)
+        assert max_relative_error(exported.call(x), want) < 1e-5
 
 
 def pool_grad(pool, x, window, strides):

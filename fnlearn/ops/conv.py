@@ -59,10 +59,14 @@ def _channels_last_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dil
                         dimension_numbers, feature_group_count, batch_group_count):
     """(strides, explicit padding) if this is a plain channels-last conv fnlearn lowers itself, else None.
 
-    Plain: NHWC / HWIO / NHWC, one floating dtype, no dilation, no groups.
+    Plain: NHWC / HWIO / NHWC, one floating dtype, no dilation, no groups, and image and
+    window sizes known when tracing (a symbolic height or width from `jax.export` makes
+    symbolic padding, which lax's convolution takes and these lowerings do not).
     """
     num_spatial = lhs.ndim - 2
     if num_spatial < 1 or rhs.ndim != lhs.ndim or lhs.dtype != rhs.dtype:
+        return None
+    if any(jax.export.is_symbolic_dim(d) for d in lhs.shape[1:-1] + rhs.shape[:num_spatial]):
         return None
     if not jnp.issubdtype(lhs.dtype, jnp.floating):
         return None

@@ -80,10 +80,14 @@ def _tiled_max_pool_jvp(window, primals, tangents):
 
 
 def _tiles(inputs, window_shape, strides, padding):
-    """True if the windows tile the (cropped) input: stride == window, no padding."""
+    """True if the windows tile the (cropped) input: stride == window, no padding, and
+    sizes known when tracing (with a symbolic height or width from `jax.export`, the
+    blocked and the native output sizes are different expressions of one number)."""
     n = len(window_shape)
     strides = tuple(strides) if strides is not None else (1,) * n
     if strides != tuple(window_shape) or inputs.ndim < n + 1:
+        return False
+    if any(jax.export.is_symbolic_dim(d) for d in inputs.shape[-n - 1:-1]):
         return False
     if not jnp.issubdtype(inputs.dtype, jnp.floating) or math.prod(window_shape) > MAX_WINDOW_SIZE:
         return False
