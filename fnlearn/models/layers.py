@@ -41,9 +41,10 @@ def torch_uniform_init(fan_in):
 class Conv(nn.Conv):
     """`nn.Conv` whose convolution is `fnlearn.ops.conv_general_dilated`.
 
-    Same attributes, parameters and results as `nn.Conv`; on CPU, 1x1 convs run as
-    dots and other plain convs have gradients spelt in XLA:CPU's fast layouts (see
-    `fnlearn.ops.conv`); every other backend gets lax's convolution.
+    Same attributes, parameters and results as `nn.Conv`; on CPU, unpadded 1x1 convs
+    run as dots and other plain 2-D convs in oneDNN (or, without it, with gradients spelt
+    in XLA:CPU's fast layouts; see `fnlearn.ops.conv`); every other backend gets lax's
+    convolution.
     """
     conv_general_dilated: Any = conv_general_dilated
 

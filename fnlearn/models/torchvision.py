@@ -81,7 +81,8 @@ def read_state_dict(path):
       path: the file. A torch file may also hold the state dict under "state_dict" or "model",
         as training checkpoints do.
     Returns:
-      dict of str -> np.ndarray in the file's order; bfloat16 tensors come as float32.
+      dict of str -> np.ndarray in the file's order; bfloat16 tensors come as float32 from a
+      torch file (numpy has no bfloat16 of torch's) and as ml_dtypes' bfloat16 from safetensors.
     Raises:
       WeightsError: the file cannot be read or does not hold a mapping of names to tensors.
     """

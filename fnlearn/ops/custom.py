@@ -5,7 +5,11 @@ import jax.numpy as jnp
 
 @jax.custom_vjp
 def relu(x):
-    """ReLU with an explicit backward rule, the PyTorch tutorial's `MyReLU`."""
+    """ReLU with an explicit backward rule, as the PyTorch tutorial's `MyReLU`.
+
+    At exactly 0 the gradient is 0, as `jax.nn.relu`'s and `torch.relu`'s (the tutorial's
+    rule, which zeroes only where x < 0, passes it there).
+    """
     return jnp.maximum(x, 0)
 
 

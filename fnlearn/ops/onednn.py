@@ -101,7 +101,7 @@ def enabled():
 
 
 def native_bfloat16():
-    """Whether oneDNN runs bfloat16 convolutions in bf16 on this CPU (AVX512-BF16 or AMX)."""
+    """Whether oneDNN runs bfloat16 convolutions in bf16 on this CPU (AVX512-BF16, AMX or AVX2-VNNI-2)."""
     return enabled() and _load()[1]
 
 
@@ -166,13 +166,13 @@ def _primitive(name, reference, abstract):
     return primitive
 
 
-def _check(a, b, channels_a, channels_b):
-    """Raises TypeError unless the operands are what the library takes."""
+def _check(a, b, size_a, size_b, what="channel counts"):
+    """Raises TypeError unless the operands are what the library takes, sizes `what` agreeing."""
     if a.ndim != 4 or b.ndim != 4 or a.dtype != b.dtype or a.dtype not in (jnp.float32, jnp.bfloat16):
         raise TypeError(f"oneDNN conv: two 4-D float32 or bfloat16 operands of one dtype, got "
                         f"{a.str_short()} and {b.str_short()}")
-    if channels_a != channels_b:
-        raise TypeError(f"oneDNN conv: channel counts differ: {a.str_short()} and {b.str_short()}")
+    if size_a != size_b:
+        raise TypeError(f"oneDNN conv: {what} differ: {a.str_short()} and {b.str_short()}")
 
 
 def _forward_shape(x, kernel, *, strides, padding):
@@ -187,7 +187,7 @@ def _input_grad_shape(dy, kernel, *, input_shape, **_):
 
 
 def _kernel_grad_shape(x, dy, *, window, **_):
-    _check(x, dy, x.shape[0], dy.shape[0])
+    _check(x, dy, x.shape[0], dy.shape[0], what="batch sizes")
     return jax.core.ShapedArray(tuple(window) + (x.shape[-1], dy.shape[-1]), x.dtype)
 
 
