@@ -99,7 +99,7 @@ def infer_rows(names, batches, repeats, calls):
                      "torch fp32": torch_step(False), "torch bf16": torch_step(True)}
             t0 = time.perf_counter()
             jax.block_until_ready(jitted(x))
-            compile_s = time.perf_counter() - t0
+            first_call_s = time.perf_counter() - t0  # compilation and one call
             for step in steps.values():  # warm-up: kernel selection, allocations
                 seconds_of(step, 2)
             rates = dict(zip(steps, best_rates(round_rates([(lambda s=s: seconds_of(s, calls), calls * batch)
@@ -108,7 +108,7 @@ def infer_rows(names, batches, repeats, calls):
             difference = float(np.abs(steps["onnxruntime"]() - np.asarray(steps["fnlearn"]())).max())
             rows.append({"model": name, "batch": batch, "fnlearn_per_s": rates["fnlearn"],
                          "onnx_per_s": rates["onnxruntime"], "torch_per_s": rates[torch_mode],
-                         "torch_mode": torch_mode.split()[1], "fnlearn_compile_s": compile_s,
+                         "torch_mode": torch_mode.split()[1], "fnlearn_first_call_s": first_call_s,
                          "onnx_mib": onnx_mib, "onnx_max_abs_diff": difference, "ort_mib": ort_mib,
                          "ort_max_abs_diff_vs_onnx": ort_difference})
     return rows
@@ -215,9 +215,10 @@ def serve_rows(client_counts, requests, seconds, max_batch):
                     t.join()
                 elapsed = time.perf_counter() - start
                 ms = np.array(latencies) * 1000
+                percentile = lambda q: float(np.percentile(ms, q)) if len(ms) else None  # noqa: E731
                 rows.append({"clients": clients, "requests": len(latencies), "errors": len(errors),
                              "seconds": elapsed, "requests_per_s": len(latencies) / elapsed,
-                             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))})
+                             "p50_ms": percentile(50), "p99_ms": percentile(99)})
             batches = json.loads(_get(port, "/metrics")[1])["batches"]
         finally:
             server.terminate()
@@ -228,9 +229,10 @@ def serve_rows(client_counts, requests, seconds, max_batch):
 def print_serve(rows, batches):
     head = f"{'clients':>8}{'requests':>10}{'errors':>8}{'seconds':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
     print(head + "\n" + "-" * len(head))
+    ms = lambda v: f"{v:>9.1f}" if v is not None else f"{'-':>9}"  # noqa: E731  (no request answered)
     for r in rows:
         print(f"{r['clients']:>8}{r['requests']:>10}{r['errors']:>8}{r['seconds']:>9.1f}{r['requests_per_s']:>9.1f}"
-              f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}")
+              f"{ms(r['p50_ms'])}{ms(r['p99_ms'])}")
     print(f"model calls: {batches['count']}, {batches['mean_images']:.1f} images each on average")
 
 
@@ -251,6 +253,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if unknown := [p for p in args.parts if p not in ("infer", "serve")]:
         parser.error(f"unknown part {unknown[0]!r}: choose infer, serve, or neither for both")
+    if args.json and (args.json.is_dir() or not args.json.parent.is_dir()):
+        parser.error(f"--json {args.json}: pass a file path in an existing folder")
+    # CPU against CPU (onnxruntime and PyTorch run there), unless JAX_PLATFORMS says otherwise:
+    # set before jax picks its backend (importing it does not), and inherited by the server.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
     parts = args.parts or ["infer", "serve"]
     versions = f"jax {jax.__version__}"
     if "infer" in parts:  # only infer needs these
@@ -274,5 +282,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     main()

@@ -31,7 +31,7 @@ import jax
 
 from benchmarks.workloads import WORKLOADS
 from experiments import cli
-from fnlearn.tools.profile import hlo_ops, op_intervals, split_kernels, union_ms
+from fnlearn.tools.profile import hlo_ops, inner_ops, op_intervals, split_kernels, union_ms
 
 # net -> (the bench's workload of its train step, the Flax module in op names)
 NETS = {"fastnet": ("fastnet_train", "FastNet"), "resnet18": ("resnet18_train", "ResNet")}
@@ -113,9 +113,7 @@ def main(argv=None):
     step, _ = workload.fnlearn_step(start, "fp32", args.steps_per_call)
     hlo = step.compiled.as_text()
     ops = hlo_ops(hlo)
-    # A `while` (the scan) or `call` spans the ops it runs: only the ops inside count.
-    jax_iv = {name: iv for name, iv in jax_profile(step, args.steps, split_kernels(hlo)).items()
-              if name in ops and ops[name][0] not in ("while", "conditional", "call")}
+    jax_iv = inner_ops(jax_profile(step, args.steps, split_kernels(hlo)), ops)
     fnlearn_steps = args.steps * args.steps_per_call
     jax_ms = {name: union_ms(iv) / fnlearn_steps for name, iv in jax_iv.items()}
     torch_ms = torch_profile(torch, workload.torch_step(torch, start, None), args.steps)

@@ -255,11 +255,16 @@ TWINS = {"cnn": (lambda _: TorchCNN(), cnn_state_dict),
 def twin(model, variables):
     """The PyTorch twin of fnlearn's `model` holding `variables`, in channels_last memory format, on the CPU.
 
-    What the variables lack (FastNet's frozen BatchNorm weights) keeps torch's init.
+    Frozen parameters the variables lack (FastNet's BatchNorm weights) keep torch's init;
+    any other key that does not fit is an error, as the two sides must hold the same weights.
     """
     make_net, to_state_dict = TWINS[model]
     net = make_net(variables)
-    net.load_state_dict(to_state_dict(variables), strict=False)
+    loaded = net.load_state_dict(to_state_dict(variables), strict=False)
+    frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
+    if loaded.unexpected_keys or set(loaded.missing_keys) - frozen:
+        raise KeyError(f"{model}'s PyTorch twin does not fit its variables: missing "
+                       f"{sorted(set(loaded.missing_keys) - frozen)}, unexpected {loaded.unexpected_keys}")
     return net.to(memory_format=torch.channels_last)
 
 

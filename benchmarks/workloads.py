@@ -221,8 +221,11 @@ def torch_epoch(torch, start, autocast):
                for idx in itertools.cycle(torch.from_numpy(start.order).to(device)))
 
     def lookahead(t):
+        # The timed runs together pass the epoch's last step: the decay then stays at its
+        # end value (past 1 the sync would extrapolate, and the weights diverge); the work
+        # each step is unchanged.
         if t % cfg.lookahead_every == 0:
-            torch_models.lookahead_(average, net, 0.95**5 * (t / steps_per_epoch) ** 3)
+            torch_models.lookahead_(average, net, 0.95**5 * min(t / steps_per_epoch, 1.0) ** 3)
 
     loss_fn = partial(torch.nn.functional.cross_entropy, label_smoothing=cfg.label_smoothing)
     return torch_train_step(torch, net, opt, loss_fn, batches.__next__, autocast, lookahead)

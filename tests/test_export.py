@@ -172,3 +172,11 @@ def test_a_file_that_is_no_artifact_is_named(tmp_path):
         export.load(tmp_path / "junk.onnx")
     with pytest.raises(export.ArtifactError, match="no such file"):
         export.load(tmp_path / "missing.zip")
+
+
+def test_labels_must_name_every_logit(tmp_path):
+    model, variables = trained_like("fastnet_tiny")
+    fn = export.classifier(model.apply, variables, MEAN, STD)
+    with pytest.raises(export.ArtifactError, match="2 labels for 10 logits"):
+        export.save(tmp_path / "m.zip", fn, (32, 32, 3), {"labels": ["cat", "dog"]})
+    assert not list(tmp_path.iterdir())

@@ -282,3 +282,20 @@ def test_callers_past_the_concurrency_limit_get_a_503(artifact_path):
         status, body = request(port, "POST", "/predict", image, "image/png")
         assert status == 503 and "busy" in body["error"]
         assert first.result()[0] == 200
+
+
+def test_an_artifact_whose_labels_do_not_fit_its_logits_is_refused_at_start(artifact_path, tmp_path, monkeypatch):
+    import zipfile
+
+    from fnlearn.serve.__main__ import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)  # were it accepted: return, not serve
+    bad = tmp_path / "bad.zip"  # written by hand: export.save refuses such labels
+    with zipfile.ZipFile(artifact_path) as source, zipfile.ZipFile(bad, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if name == "meta.json":
+                data = json.dumps({**json.loads(data), "labels": ["cat", "dog"]}).encode()
+            target.writestr(name, data)
+    with pytest.raises(SystemExit, match="has 2 labels for 10 logits"):
+        main(["--artifact", str(bad), "--max-batch", "1"])

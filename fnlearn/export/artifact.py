@@ -81,6 +81,9 @@ def save(path, fn, input_shape, meta, format="stablehlo", platforms=PLATFORMS):
     if format not in FORMATS:
         raise ArtifactError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     meta = {**meta, "input_shape": list(input_shape), "input_dtype": "uint8", "format": format}
+    logits = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *input_shape), jnp.uint8)).shape[-1]
+    if "labels" in meta and len(meta["labels"]) != logits:  # the server names each logit by its label
+        raise ArtifactError(f"{len(meta['labels'])} labels for {logits} logits: give one label a logit")
     # lax's convolutions in the jaxpr, which the ONNX converter reads (jax.export alone
     # would lower fnlearn's to lax): the file must run without fnlearn's library.
     with onednn.disabled():

@@ -63,9 +63,12 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         for size in predict.sizes:  # compile every batch shape before the first caller waits on it
-            predict(np.zeros((size, *artifact.input_shape), np.uint8))
+            logits = predict(np.zeros((size, *artifact.input_shape), np.uint8))
     except Exception as e:  # an artifact that loads but cannot run here: say so before opening the port
         sys.exit(f"error: {args.artifact} does not run here: {type(e).__name__}: {str(e).splitlines()[0]}")
+    if logits.shape[-1] != len(artifact.labels):  # a file not written by fnlearn.export.save
+        sys.exit(f"error: {args.artifact} has {len(artifact.labels)} labels for {logits.shape[-1]} logits: "
+                 "export it again with one label a logit")
     logger.info(
         "%s (%s, %d classes) ready in %.1f s for batches of %s", args.artifact, artifact.meta.get("format"),
         len(artifact.labels), time.perf_counter() - start, ", ".join(map(str, predict.sizes)))

@@ -9,8 +9,9 @@ Concurrent requests share calls of the model of up to `max_batch` images: the re
 already queued join a batch at once, and a batch waits at most `max_wait` seconds for more.
 The model runs in one worker thread, so the event loop keeps answering meanwhile. An image of another size is resized to the model's (bilinear, as
 TorchServe's image handlers do); a JSON array of another shape is refused. Every refusal
-is a 4xx with `{"error": message}`; an error inside the model is logged and answered
-with a 500, and the server goes on serving.
+is answered with `{"error": message}`: a 4xx for a bad request, 503 while the server is
+full and 504 when the model takes too long; an error inside the model is logged and
+answered with a 500, and the server goes on serving.
 """
 import asyncio
 import collections

@@ -78,6 +78,13 @@ def op_intervals(folder, split=frozenset()):
                             for e in line.events), split)
 
 
+def inner_ops(intervals, ops):
+    """`intervals` of the program's instructions less those that span others (a `while`, such as
+    a scan's, a `conditional` or a `call`): those count through the ops they run."""
+    return {name: iv for name, iv in intervals.items()
+            if name in ops and ops[name][0] not in ("while", "conditional", "call")}
+
+
 def top_ops(intervals, ops, steps=1, top=10):
     """`[(ms per step, instruction, opcode, op_name)]`, the `top` slowest of the program's instructions.
 
@@ -86,8 +93,7 @@ def top_ops(intervals, ops, steps=1, top=10):
       ops: `hlo_ops` of the compiled program that ran.
       steps: how many steps the trace holds, to divide by.
     """
-    rows = [(union_ms(iv) / steps, name, *ops[name]) for name, iv in intervals.items()
-            if name in ops and ops[name][0] not in ("while", "conditional", "call")]  # these span others
+    rows = [(union_ms(iv) / steps, name, *ops[name]) for name, iv in inner_ops(intervals, ops).items()]
     return sorted(rows, key=lambda row: -row[0])[:top]
 
 
