@@ -36,7 +36,8 @@ from fnlearn.checkpoint import CheckpointError
 from fnlearn.data import DataError, load_dataset
 from fnlearn.parallel import data_mesh
 from fnlearn.recipes.cifar import (CHOICES, DEFAULT_PRESET, PRESETS, CifarConfig, ConfigError, TrainingDiverged,
-                                   backward_bytes, check_devices, check_resume, train_and_evaluate)
+                                   backward_bytes, check_data, check_devices, check_resume,
+                                   train_and_evaluate)
 from fnlearn.report import TensorBoardWriter, plot_confusion, plot_curves
 from fnlearn.tools.tensorboard import StepSummaries
 
@@ -73,6 +74,8 @@ def parse_config(argv):
         cfg = dataclasses.replace(PRESETS[args.preset], **cli.config_overrides(args, CifarConfig))
     except ValueError as e:
         parser.error(str(e))
+    if cfg.seed + cfg.runs - 1 >= 2**32:
+        parser.error(f"--seed {cfg.seed} --runs {cfg.runs}: run i uses seed + i, which must stay below 2**32")
     cli.check_workdir(parser, args.workdir)
     return cfg, args, parser
 
@@ -195,14 +198,16 @@ def run(cfg, args):
         # Refuse a changed config, a batch the devices cannot share or a clash with saved
         # checkpoints before loading any data.
         check_devices(cfg, data_mesh())
-        for run in range(cfg.runs):
-            check_resume(dataclasses.replace(cfg, seed=cfg.seed + run), workdir / "checkpoints" / f"run{run}",
-                         args.resume)
+        saved = [check_resume(dataclasses.replace(cfg, seed=cfg.seed + run), workdir / "checkpoints" / f"run{run}",
+                              args.resume) for run in range(cfg.runs)]
+        if args.resume and all(epoch is None for epoch in saved):
+            say(f"--resume: {workdir / 'checkpoints'} holds no checkpoints yet; starting the run afresh")
         if several and not main_process:
             multihost_utils.sync_global_devices("data prepared")  # process 0 prepares it, once
         dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, skip_corrupt=cfg.skip_corrupt)
         if several and main_process:
             multihost_utils.sync_global_devices("data prepared")
+        check_data(cfg, dataset)  # before the workdir gets its first file
     except (ConfigError, CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
     workdir.mkdir(parents=True, exist_ok=True)

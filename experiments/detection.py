@@ -28,7 +28,8 @@ from matplotlib.patches import Rectangle
 from experiments import cli
 from fnlearn.checkpoint import CheckpointError
 from fnlearn.data import DataError, load_canvases, load_dataset
-from fnlearn.recipes.detection import PRESETS, ConfigError, DetectionConfig, train_and_evaluate
+from fnlearn.recipes.cifar import check_resume
+from fnlearn.recipes.detection import PRESETS, RESUMABLE, ConfigError, DetectionConfig, train_and_evaluate
 from fnlearn.report import TensorBoardWriter
 from fnlearn.train import TrainingDiverged
 
@@ -103,10 +104,12 @@ def plot_curves(history, path):
 def main(argv=None):
     cfg, args = parse_config(argv)
     try:
+        if check_resume(cfg, args.workdir / "checkpoints", args.resume, RESUMABLE) is None and args.resume:
+            print(f"--resume: {args.workdir / 'checkpoints'} holds no checkpoints yet; starting the run afresh")
         dataset = load_dataset(cfg.data, data_dir=cfg.data_dir)
         train, test = load_canvases(dataset, train=cfg.train_canvases, test=cfg.test_canvases, seed=cfg.canvas_seed,
                                     data_dir=cfg.data_dir)
-    except DataError as e:
+    except (ConfigError, CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)

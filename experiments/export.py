@@ -12,6 +12,8 @@ fnlearn, or an `.onnx` model (BatchNorm folded) that onnxruntime runs. The comma
 the written file against fnlearn's own forward pass and prints the largest difference.
 Without `--checkpoint` the model keeps its random init (for trying the tools). Seconds.
 """
+import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -26,8 +28,15 @@ from fnlearn.data import CIFAR10_MEAN, CIFAR10_STD
 from fnlearn.pytrees import leaf_shapes, shape_mismatches
 
 
-def _floats(text):
-    return tuple(float(v) for v in text.split(","))
+def channel_values(text):
+    """`"0.49,0.48,0.45"` -> (0.49, 0.48, 0.45); finite numbers only."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated finite numbers, e.g. 0.49,0.48,0.45")
+    return values
 
 
 def parse_args(argv):
@@ -45,9 +54,9 @@ def parse_args(argv):
                         help="comma-separated class names, one per logit (default: the checkpoint's, else 0..N-1)")
     parser.add_argument("--num-classes", type=cli.positive_int,
                         help="logits (default: the checkpoint's, else 10)")
-    parser.add_argument("--mean", type=_floats, default=CIFAR10_MEAN,
+    parser.add_argument("--mean", type=channel_values, default=CIFAR10_MEAN,
                         help="per-channel mean the model was trained with, in [0, 1] units (CIFAR-10's)")
-    parser.add_argument("--std", type=_floats, default=CIFAR10_STD,
+    parser.add_argument("--std", type=channel_values, default=CIFAR10_STD,
                         help="per-channel std the model was trained with, in [0, 1] units (CIFAR-10's)")
     parser.add_argument("--platforms", default=",".join(export.PLATFORMS),
                         help="StableHLO's lowering platforms, comma-separated (cpu, cuda, rocm, tpu)")
@@ -70,6 +79,8 @@ def parse_args(argv):
     unknown = [p for p in args.platforms if p not in ("cpu", "cuda", "rocm", "tpu")]
     if unknown or not args.platforms:
         parser.error(f"--platforms {','.join(unknown)!r}: choose among cpu, cuda, rocm, tpu")
+    if args.checkpoint is not None and not args.checkpoint.exists():
+        parser.error(f"--checkpoint {args.checkpoint}: no such folder")
     if args.model is None and args.checkpoint is None:
         parser.error("pass --model NAME, or a --checkpoint whose run names its model")
     if args.out.is_dir() or not args.out.parent.is_dir():
@@ -93,10 +104,14 @@ def model_and_variables(args):
         raise CheckpointError(f"{len(labels)} labels for {num_classes} classes: pass --labels with one name a class")
     model = models.get(args.model, num_classes=num_classes)
     x = jnp.zeros((1, *args.input_shape), jnp.float32)
+    try:
+        like = jax.eval_shape(model.init, jax.random.key(0), x)
+    except (TypeError, ValueError) as e:  # e.g. images too small for the model's pooling
+        raise export.ArtifactError(f"--input-shape {','.join(map(str, args.input_shape))}: {args.model} cannot "
+                                   f"take such images ({str(e).splitlines()[0]})") from None
     if saved is None:
         variables = model.init(jax.random.key(args.seed), x)
     else:
-        like = jax.eval_shape(model.init, jax.random.key(0), x)
         if lines := shape_mismatches(leaf_shapes(saved), leaf_shapes(like)):
             raise CheckpointError(f"checkpoint {args.checkpoint} does not fit --model {args.model} with "
                                   f"{num_classes} classes:\n  " + "\n  ".join(lines))
@@ -125,8 +140,12 @@ def main(argv=None):
         return
     images = np.random.default_rng(0).integers(0, 256, (8, *args.input_shape), np.uint8)
     expected = np.asarray(jax.jit(fn)(images))
+    if not np.isfinite(expected).all():
+        args.out.unlink()
+        sys.exit(f"error: the model's logits are not finite (NaN or inf in its weights?); {args.out} was removed")
     difference = float(np.max(np.abs(export.load(args.out)(images) - expected)))
-    if difference > 1e-4 * max(1.0, float(np.abs(expected).max())):  # float32 reassociation stays far below
+    # float32 reassociation stays far below this; a NaN difference fails it too
+    if not difference <= 1e-4 * max(1.0, float(np.abs(expected).max())):
         args.out.unlink()
         sys.exit(f"error: the exported model's logits differ from fnlearn's by {difference:.2e} on 8 random "
                  f"images: a converter bug; {args.out} was removed. Please report it with the command")

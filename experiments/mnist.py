@@ -9,7 +9,6 @@ epoch is one jitted step per batch. Writes `summary.json` (with `test_accuracy`)
 to the workdir, and with `--tensorboard-every N` TensorBoard events to WORKDIR/tensorboard.
 Target with TFDS MNIST: >= 97.5% for SimpleNet in 5 epochs.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def main(argv=None):
             writer.close()
     summary = {"test_accuracy": history["eval_accuracy"][-1], "model": args.model, "epochs": args.epochs,
                "seconds": sum(history["epoch_seconds"]), "history": history}
-    (args.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    cli.write_json(args.workdir / "summary.json", summary)
     print(f"test accuracy {summary['test_accuracy']:.4f}; wrote {args.workdir}/summary.json")
     return summary
 

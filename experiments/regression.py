@@ -8,7 +8,6 @@ line's w and b come back within 0.01. Writes `summary.json` and `regression.png`
 (loss curve and fit) to the workdir, and with `--tensorboard-every N` TensorBoard events to
 WORKDIR/tensorboard/{net,line}.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -106,7 +105,7 @@ def main(argv=None):
     summary = {"final_loss": history["train_loss"][-1], "final_grad_norm": history["train_grad_norm"][-1],
                "epochs": args.epochs, "mode": args.mode, "compile_seconds": history.get("compile_seconds"),
                "line_w": w, "line_b": b}
-    (args.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    cli.write_json(args.workdir / "summary.json", summary)
     print(f"final loss {summary['final_loss']:.4f}; wrote {args.workdir}/summary.json and regression.png")
     return summary
 

@@ -147,7 +147,8 @@ def main(argv=None):
       'placement' (device -> result devices) and 'matmul' (benchmark rows).
     """
     parser = cli.make_parser("tensors", __doc__)
-    parser.add_argument("--size", type=cli.positive_int, default=2048, help="N of the N x N matmul")
+    parser.add_argument("--size", type=cli.int_between(1, 16384), default=2048,
+                        help="N of the N x N matmul, up to 16384 (each matrix takes 4 N^2 bytes, several at once)")
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed matmuls per measurement")
     args = parser.parse_args(argv)
 

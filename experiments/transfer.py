@@ -82,7 +82,8 @@ def main(argv=None):
     cfg, args = parse_config(argv)
     t0 = time.perf_counter()
     try:
-        check_resumes(cfg, args.workdir, args.resume)
+        if not check_resumes(cfg, args.workdir, args.resume) and args.resume:
+            print(f"--resume: {args.workdir} holds no checkpoints yet; starting the experiment afresh")
         pretrained = load_weights(cfg) if cfg.weights else None
         if pretrained is not None:
             print(f"{cfg.model} from {cfg.weights}")

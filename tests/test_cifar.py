@@ -16,7 +16,7 @@ import pytest
 from experiments import cifar as cifar_experiment
 from experiments import mnist as mnist_experiment
 from fnlearn.checkpoint import CheckpointError, Checkpoints
-from fnlearn.data import load_dataset, online
+from fnlearn.data import DataError, load_dataset, online
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import TensorBoardWriter, read_events
 from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resume, create_state,
@@ -321,6 +321,24 @@ def test_resume_with_a_changed_config_is_refused_naming_the_fields(tiny_dataset,
                                "--model", "fastnet_tiny", "--epochs", "2", "--batch-size", "16",
                                "--eval-batch-size", "16", "--whiten-bias-epochs", "1"])
     assert "--epochs 1 (saved) != 2" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("flags, message", [(["--batch-size", "4096"], "--batch-size 4096 is larger than the"),
+                                            (["--train-subset", "9999"], "--train-subset 9999 is larger than the")])
+def test_sizes_the_data_cannot_fill_are_refused_before_anything_is_written(tiny_dataset, tmp_path, flags, message):
+    workdir = tmp_path / "run"
+    with pytest.raises(SystemExit, match=message):
+        cifar_experiment.main(["--data", tiny_dataset.source, "--data-dir", str(tmp_path / "tfds"), "--workdir",
+                               str(workdir), "--model", "fastnet_tiny", *flags])
+    assert not workdir.exists()
+
+
+def test_resume_with_nothing_saved_says_so_and_starts(tiny_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cifar_experiment, "load_dataset", lambda *args, **kwargs: (_ for _ in ()).throw(
+        DataError("stop here")))  # the notice comes before the data
+    with pytest.raises(SystemExit, match="stop here"):
+        cifar_experiment.main(["--data", "unused", "--workdir", str(tmp_path / "new"), "--resume"])
+    assert "holds no checkpoints yet; starting the run afresh" in capsys.readouterr().out
 
 
 BAD_ARGUMENTS = [["--eval-batch-size", "0"], ["--momentum", "1.0"], ["--train-subset", "-5"],

@@ -156,6 +156,9 @@ def test_the_command_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     (["--model", "fastnet_tiny", "--platforms", "cpu,gpu"], "--platforms 'gpu'"),
     (["--model", "fastnet_tiny", "--platforms", ","], "--platforms ''"),
     (["--model", "fastnet_tiny", "--mean", "0.5"], "--mean has 1 values for 3 channels"),
+    (["--model", "fastnet_tiny", "--mean", "nan,0,0"], "'nan,0,0' is not comma-separated finite numbers"),
+    (["--model", "fastnet_tiny", "--std", "a,b,c"], "'a,b,c' is not comma-separated finite numbers"),
+    (["--checkpoint", "no/such/run"], "--checkpoint no/such/run: no such folder"),
     ([], "pass --model NAME, or a --checkpoint"),
 ])
 def test_the_command_refuses_bad_flags_in_two_lines(tmp_path, capsys, flags, message):
@@ -164,6 +167,12 @@ def test_the_command_refuses_bad_flags_in_two_lines(tmp_path, capsys, flags, mes
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 2
+
+
+def test_images_too_small_for_the_model_are_named(tmp_path):
+    with pytest.raises(SystemExit, match="--input-shape 2,2,3: fastnet_tiny cannot take such images"):
+        export_experiment.main(["--model", "fastnet_tiny", "--out", str(tmp_path / "m.zip"), "--input-shape", "2,2,3"])
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_file_that_is_no_artifact_is_named(tmp_path):

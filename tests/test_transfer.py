@@ -156,6 +156,20 @@ def test_bad_arguments_are_refused_in_one_line(flags, message, tmp_path, capsys)
     assert message in error
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--label-fraction", "0.1"], "--batch-size 8 is larger than the 5 labelled target images"),  # 10% of 48
+    (["--pretrain-batch-size", "64"], "--pretrain-batch-size 64 is larger than the 48 source images"),
+    (["--head", "classifier"], "--head 'classifier' matches no parameter of resnet_tiny"),
+    (["--target-classes", "2,12"], "class 12 does not exist"),
+])
+def test_runs_that_cannot_start_are_refused_before_pretraining(flags, message, tree, tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(SystemExit, match=message):
+        transfer_experiment.main(["--data", tree, "--data-dir", str(tmp_path / "tfds"), "--workdir", str(workdir),
+                                  *TINY, *flags])
+    assert not workdir.exists()  # nothing written, nothing trained
+
+
 def test_a_torchvision_file_for_a_model_torchvision_lacks_is_refused(tmp_path):
     file = tmp_path / "w.safetensors"
     file.write_bytes(b"")

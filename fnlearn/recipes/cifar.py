@@ -471,6 +471,11 @@ def _subsets(dataset, cfg):
     return out
 
 
+def check_data(cfg, dataset):
+    """Raises ConfigError where `cfg`'s subsets or batch do not fit `dataset`, as a run would when it starts."""
+    _subsets(dataset, cfg)
+
+
 def _chance_warning(num_classes, accuracy, loss=None):
     """A warning if `accuracy` (and the training `loss`, if given) are what a network that learnt nothing gets.
 

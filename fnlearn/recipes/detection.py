@@ -61,6 +61,13 @@ class DetectionConfig:
         for name in ("lr", "warmup_epochs", "weight_decay", "zoom"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be a finite number >= 0")
+        for name in ("seed", "canvas_seed"):
+            if not (isinstance(getattr(self, name), int) and 0 <= getattr(self, name) < 2**32):
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be a whole number in "
+                                 f"0..2**32-1")
+        if self.batch_size > self.train_canvases:
+            raise ValueError(f"--batch-size {self.batch_size} is larger than the {self.train_canvases} "
+                             f"--train-canvases: pass a smaller batch or more canvases")
         if self.zoom >= 1:
             raise ValueError(f"--zoom {self.zoom}: must be below 1")
         if self.precision not in ("fp32", "bf16"):

@@ -26,7 +26,9 @@ from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resu
                                    train_and_evaluate)
 from fnlearn.report import TensorBoardWriter
 from fnlearn.tools.tensorboard import StepSummaries
+from fnlearn.pytrees import leaf_paths
 from fnlearn.train import FROZEN, freeze_batch_norm, load_pretrained, partition
+from fnlearn.train.finetune import matches
 
 MODES = ("head_only", "full_finetune", "scratch")
 _CIFAR_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(CifarConfig)}  # the fields both configs have
@@ -182,7 +184,9 @@ RESUMABLE_CHANGES = frozenset({"data", "data_dir"})
 
 
 def check_resumes(cfg, workdir, resume):
-    """Raises ConfigError, before any data is loaded, where the checkpoints in `workdir` clash with
+    """Whether any run of the experiment in `workdir` has saved a checkpoint.
+
+    Raises ConfigError, before any data is loaded, where the checkpoints in `workdir` clash with
     `resume` or with `cfg`: the experiment's own fields (saved as `transfer_config.json`) and each
     run's (`recipes.cifar.check_resume`), naming each changed field."""
     phases = MODES if cfg.weights else ("pretrain", *MODES)
@@ -202,6 +206,21 @@ def check_resumes(cfg, workdir, resume):
                               f"{'; '.join(changed)}. Pass the saved values, or choose another --workdir")
     for phase in phases:
         check_resume(cfg.run_config(phase), Path(workdir) / phase, resume)
+    return started
+
+
+def _check_runs(cfg, source, target, pretraining):
+    """Raises ConfigError for what would otherwise fail only when its run starts, after pretraining."""
+    if pretraining and cfg.pretrain_batch_size > len(source.train_images):
+        raise ConfigError(f"--pretrain-batch-size {cfg.pretrain_batch_size} is larger than the "
+                          f"{len(source.train_images)} source images: pass a smaller batch")
+    if cfg.batch_size > len(target.train_images):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(target.train_images)} labelled "
+                          f"target images: pass a smaller batch or a larger --label-fraction")
+    model = models.get(cfg.model, num_classes=len(target.class_names))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *target.train_images.shape[1:])))
+    if not any(matches(path.split("/", 1)[-1], cfg.head) for path in leaf_paths(shapes)):
+        raise ConfigError(f"--head {cfg.head!r} matches no parameter of {cfg.model}: pass its head's path, e.g. fc")
 
 
 def run_transfer(cfg, dataset, workdir, *, pretrained=None, resume=False, log=print, progress=True,
@@ -224,12 +243,13 @@ def run_transfer(cfg, dataset, workdir, *, pretrained=None, resume=False, log=pr
       {"pretrain": RunResult or None, mode: RunResult for each of MODES}.
     """
     workdir = Path(workdir)
+    source = class_subset(dataset, _classes(cfg.source_classes))
+    target = class_subset(dataset, _classes(cfg.target_classes), cfg.label_fraction, cfg.seed)
+    _check_runs(cfg, source, target, pretrained is None)
     workdir.mkdir(parents=True, exist_ok=True)
     config_file = workdir / "transfer_config.json"
     config_file.with_suffix(".tmp").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     config_file.with_suffix(".tmp").replace(config_file)
-    source = class_subset(dataset, _classes(cfg.source_classes))
-    target = class_subset(dataset, _classes(cfg.target_classes), cfg.label_fraction, cfg.seed)
     results = {"pretrain": None}
     traced = [workdir / "profile"] if profile else []
 

@@ -44,6 +44,7 @@ def batched(fn, x, batch_size):
     (BatchNorm in inference mode). Returns `fn`'s outputs for all N examples.
     """
     n = x.shape[0]
+    batch_size = max(1, min(batch_size, n))  # a batch past N would only be padding
     pad = -n % batch_size
     padded = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
     out = jax.lax.map(fn, padded.reshape(-1, batch_size, *x.shape[1:]))
