@@ -25,7 +25,7 @@ TINY = CifarConfig(model="fastnet_tiny", epochs=2, batch_size=16, eval_batch_siz
 
 def test_rows_in_the_json(torch, tmp_path):
     path = tmp_path / "bench.json"
-    returned = bench_main(["regression", "cnn", "--repeats", "1", "--json", str(path)])  # ~15 s
+    returned = bench_main(["regression", "cnn", "--repeats", "1", "--json", str(path)])
     rows = json.loads(path.read_text())
     assert rows == returned
     assert [(r["workload"], r["mode"], r["precision"]) for r in rows] == [
