@@ -22,11 +22,11 @@ from fnlearn.checkpoint import load_variables, save_variables
 from fnlearn.data.dataset import Dataset
 from fnlearn.data.subset import stratified_subset
 from fnlearn.models.torchvision import RESNETS
+from fnlearn.pytrees import leaf_paths
 from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resume, create_state, make_cifar_optimizer,
                                    train_and_evaluate)
 from fnlearn.report import TensorBoardWriter
 from fnlearn.tools.tensorboard import StepSummaries
-from fnlearn.pytrees import leaf_paths
 from fnlearn.train import FROZEN, freeze_batch_norm, load_pretrained, partition
 from fnlearn.train.finetune import matches
 
