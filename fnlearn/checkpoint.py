@@ -88,7 +88,8 @@ class Checkpoints:
         try:
             return self._manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # orbax raises many types; the user needs the path and the cause
-            raise CheckpointError(f"cannot read checkpoint {self.directory / str(epoch)}: {_first_line(e)}") from None
+            raise CheckpointError(f"cannot read checkpoint {self.directory / str(epoch)}: {_first_line(e)}. Delete "
+                                  f"that folder to resume from the epoch before it") from None
 
     def restore(self, state, epoch=None):
         """Restores into the structure of `state` (a freshly built TrainState); returns (state, meta)."""

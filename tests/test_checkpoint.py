@@ -1,5 +1,6 @@
 """Checkpoints: exact round trips, the last N kept, a killed save, shape mismatches named, shared variables."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +59,22 @@ def test_only_the_last_n_are_kept(tmp_path):
         checkpoints.save(epoch, state, {"epoch": epoch})
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [3, 4]
     assert checkpoints.latest_epoch() == 4
+
+
+def test_a_damaged_epoch_is_named_and_deleting_it_resumes_from_the_one_before(tmp_path):
+    state = _state(steps=0, ema=False, loss_scale=False)
+    checkpoints = Checkpoints(tmp_path)
+    for epoch in (1, 2):
+        checkpoints.save(epoch, state, {"epoch": epoch})
+    for file in (tmp_path / "2" / "meta").rglob("*"):
+        if file.is_file():
+            file.write_text("{not json")
+    reader = Checkpoints(tmp_path, create=False)  # as a resumed run reads it
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*2: .*Delete that folder to resume"):
+        reader.meta(reader.latest_epoch())
+    shutil.rmtree(tmp_path / "2")
+    reader = Checkpoints(tmp_path, create=False)
+    assert reader.latest_epoch() == 1 and reader.meta(1) == {"epoch": 1}
 
 
 def test_a_mismatched_model_is_refused_naming_every_leaf(tmp_path):
