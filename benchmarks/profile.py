@@ -31,7 +31,7 @@ import jax
 
 from benchmarks.workloads import WORKLOADS
 from experiments import cli
-from fnlearn.tools.profile import hlo_ops, inner_ops, op_intervals, split_kernels, union_ms
+from fnlearn.tools.profile import hlo_ops, inner_ops, op_intervals, split_kernels, top_ops, union_ms
 
 # net -> (the bench's workload of its train step, the Flax module in op names)
 NETS = {"fastnet": ("fastnet_train", "FastNet"), "resnet18": ("resnet18_train", "ResNet")}
@@ -115,7 +115,6 @@ def main(argv=None):
     ops = hlo_ops(hlo)
     jax_iv = inner_ops(jax_profile(step, args.steps, split_kernels(hlo)), ops)
     fnlearn_steps = args.steps * args.steps_per_call
-    jax_ms = {name: union_ms(iv) / fnlearn_steps for name, iv in jax_iv.items()}
     torch_ms = torch_profile(torch, workload.torch_step(torch, start, None), args.steps)
 
     calls = f", fnlearn {args.steps_per_call} steps a call" if args.steps_per_call > 1 else ""
@@ -131,8 +130,7 @@ def main(argv=None):
     every = union_ms([i for iv in jax_iv.values() for i in iv]) / fnlearn_steps
     print(f"{'all ops':<18}{sum(torch_ms.values()):>10.1f}{every:>10.1f}\n")
     print(f"fnlearn's top {args.top} ops")
-    for name, ms in sorted(jax_ms.items(), key=lambda kv: -kv[1])[:args.top]:
-        opcode, op_name = ops[name]
+    for ms, name, opcode, op_name in top_ops(jax_iv, ops, fnlearn_steps, args.top):
         print(f"{ms:8.1f} ms  {jax_kind(name, opcode, op_name, model):<16} {name:<30} {op_name[-60:]}")
     return table
 
