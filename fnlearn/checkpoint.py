@@ -1,5 +1,6 @@
 """Checkpoints with orbax, written atomically: a training state per epoch (`Checkpoints`),
 and a model's variables alone, for sharing (`save_variables` / `load_variables`)."""
+import contextlib
 import logging
 import pathlib
 import shutil
@@ -19,20 +20,30 @@ def _first_line(error):
     return f"{type(error).__name__}: {text.splitlines()[0].rstrip('.') if text else ''}"
 
 
-def _ignoring_failed_reads(hook):
-    """`hook` (a `sys.unraisablehook`) less the errors of reads left in flight by a failed restore.
+@contextlib.contextmanager
+def _quiet_failed_reads(path):
+    """Runs an orbax restore of `path`; where it fails, quiets the reads it left in flight.
 
-    Orbax stops at the first unreadable array and closes its event loop; its other reads
-    then fail onto the closed loop or are dropped unawaited, and Python prints a
-    traceback of hundreds of lines for each, which say nothing the first error did not.
+    Orbax stops at the first unreadable array and closes its event loop; its other reads then
+    fail onto the closed loop (Python's unraisable hook), even before the restore raises, or
+    are dropped unawaited (asyncio's log), each with a traceback of hundreds of lines that
+    says nothing the first error did not. They end after the restore, so the filters stay.
     """
-    def filtered(unraisable):
-        error = unraisable.exc_value
-        closed_loop = isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
-        in_orbax = any("/orbax/" in frame.filename for frame in traceback.extract_tb(unraisable.exc_traceback))
+    hook, path = sys.unraisablehook, str(path)
+
+    def unraisable(report):
+        closed_loop = isinstance(report.exc_value, RuntimeError) and "Event loop is closed" in str(report.exc_value)
+        in_orbax = any("/orbax/" in frame.filename for frame in traceback.extract_tb(report.exc_traceback))
         if not (closed_loop or in_orbax):
-            hook(unraisable)
-    return filtered
+            hook(report)
+
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    except Exception:
+        logging.getLogger("asyncio").addFilter(lambda record: path not in record.getMessage())
+        raise
+    sys.unraisablehook = hook
 
 
 class CheckpointError(RuntimeError):
@@ -104,17 +115,15 @@ class Checkpoints:
             saved = None
         if saved is not None:
             _check_fits(saved, template, path)
-        previous_hook, sys.unraisablehook = sys.unraisablehook, _ignoring_failed_reads(sys.unraisablehook)
         try:
-            restored = self._manager.restore(epoch, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+            with _quiet_failed_reads(path):
+                restored = self._manager.restore(epoch, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises many types; the user needs the path and the cause
             earlier = [s for s in self._manager.all_steps() if s < epoch]
             advice = (f"delete {path} to resume from epoch {max(earlier)}" if earlier else
                       f"delete {self.directory} to start the run again")
-            # The filter stays: the reads still in flight finish after this returns.
             raise CheckpointError(f"cannot restore checkpoint {path}: {_first_line(e)}; {advice}") from None
-        sys.unraisablehook = previous_hook
         return state.replace(**restored.state), restored.meta
 
     def close(self):
@@ -178,9 +187,10 @@ def load_variables(path, like=None):
             saved = {k: saved[k] for k in ("params", "batch_stats") if saved.get(k) is not None}
             if like is not None:
                 _check_fits(saved, like, path)
-            variables = checkpointer.restore(path / item, args=ocp.args.PyTreeRestore(
-                item=jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved), partial_restore=True,
-                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)))
+            with _quiet_failed_reads(path):
+                variables = checkpointer.restore(path / item, args=ocp.args.PyTreeRestore(
+                    item=jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved), partial_restore=True,
+                    restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)))
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler(meta=ocp.JsonCheckpointHandler())) as checkpointer:
             meta = checkpointer.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except CheckpointError:

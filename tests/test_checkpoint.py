@@ -197,3 +197,17 @@ def test_variables_that_do_not_fit_or_a_folder_that_is_no_checkpoint_are_refused
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="is not an fnlearn checkpoint"):
         load_variables(tmp_path / "empty")
+
+
+def test_variables_whose_array_files_are_gone_fail_in_one_line(tmp_path):
+    save_variables(tmp_path / "weights", _state(ema=False, loss_scale=False, steps=0).variables, {})
+    for file in (tmp_path / "weights" / "variables" / "ocdbt.process_0" / "d").iterdir():  # the arrays' data
+        file.unlink()
+    # In a process of its own: the failed restore's other reads report their errors as it exits.
+    code = ("import sys\nfrom fnlearn.checkpoint import CheckpointError, load_variables\n"
+            "try:\n    load_variables(sys.argv[1])\nexcept CheckpointError as e:\n    sys.exit(f'error: {e}')")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "weights")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot read checkpoint {tmp_path / 'weights'}: ")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[:2000]
