@@ -44,6 +44,10 @@ def _help(field):
     return help.replace("%", "%%")
 
 
+# The fields that shape the pretraining alone: with --weights there is none.
+_PRETRAINING = ("source_classes", "pretrain_epochs", "pretrain_batch_size")
+
+
 def parse_config(argv):
     """`(cfg, args)`: a TransferConfig from the defaults and any field given as `--field-name value`."""
     parser = cli.make_parser("transfer", __doc__)
@@ -58,6 +62,10 @@ def parse_config(argv):
         cfg = TransferConfig(**cli.config_overrides(args, TransferConfig))
     except ValueError as e:
         parser.error(str(e))
+    if cfg.weights is not None and (pretraining := [f for f in _PRETRAINING if hasattr(args, f)]):
+        flags = " and ".join("--" + f.replace("_", "-") for f in pretraining)
+        parser.error(f"{flags}: for the pretraining, which --weights replaces; drop "
+                     f"{'them' if len(pretraining) > 1 else 'it'} or --weights")
     cli.check_workdir(parser, args.workdir)
     return cfg, args
 

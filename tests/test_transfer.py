@@ -129,7 +129,8 @@ def test_torchvision_weights_start_the_transfer(tmp_path):
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(shapes))))
     variables = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape, s.dtype), shapes)
     models.to_torchvision(variables, tmp_path / "resnet18.safetensors")
-    cfg = TransferConfig(weights=str(tmp_path / "resnet18.safetensors"))
+    # Given weights, no source task: the targets may be any classes, the default source ones included.
+    cfg = TransferConfig(weights=str(tmp_path / "resnet18.safetensors"), target_classes="3,4,5,6,7")
     pretrained = load_weights(cfg)
     run_cfg = cfg.run_config("head_only")
     state = transfer_state("head_only", pretrained, cfg)(run_cfg, jax.random.key(2), np.zeros((1, 32, 32, 3)), 5,
@@ -148,6 +149,8 @@ def test_torchvision_weights_start_the_transfer(tmp_path):
     (["--model", "simple_net"], "argument --model: invalid choice: 'simple_net'"),
     (["--pretrain-epochs", "0"], "--pretrain-epochs 0.0: must be a finite number > 0"),
     (["--batch-size", "0"], "--batch-size 0: must be a finite number > 0"),
+    (["--weights", "w.pth", "--pretrain-epochs", "2"], "--pretrain-epochs: for the pretraining, which --weights "
+                                                        "replaces; drop it or --weights"),
 ])
 def test_bad_arguments_are_refused_in_one_line(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:

@@ -19,6 +19,7 @@ import numpy as np
 
 from fnlearn import models
 from fnlearn.checkpoint import load_variables, save_variables
+from fnlearn.cli import check_seed
 from fnlearn.data.dataset import Dataset
 from fnlearn.data.subset import stratified_subset
 from fnlearn.models.torchvision import RESNETS
@@ -76,9 +77,10 @@ class TransferConfig:
         except ValueError:
             raise ValueError(f"--source-classes {self.source_classes!r} / --target-classes {self.target_classes!r}: "
                              f"pass comma-separated class indices, e.g. 0,1,2") from None
-        if not source or not target or set(source) & set(target) or min(source + target) < 0:
-            raise ValueError("--source-classes and --target-classes must be disjoint, non-empty lists of "
-                             "class indices >= 0")
+        if not source or not target or min(source + target) < 0:
+            raise ValueError("--source-classes and --target-classes must be non-empty lists of class indices >= 0")
+        if self.weights is None and set(source) & set(target):  # given weights: no source task here
+            raise ValueError("--source-classes and --target-classes must be disjoint")
         if len(set(target)) < 2 or len(set(target)) != len(target) or len(set(source)) != len(source):
             raise ValueError("--target-classes needs at least 2 classes, and neither list may repeat one")
         if not 0 < self.label_fraction <= 1:
@@ -87,8 +89,7 @@ class TransferConfig:
             value = getattr(self, name)
             if not 0 < value < math.inf:  # NaN fails too
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be a finite number > 0")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"--seed {self.seed}: must be a whole number in 0..2**32-1")
+        check_seed("--seed", self.seed)
         if self.model not in models.names(task="image_classifier"):
             raise ValueError(f"unknown --model {self.model!r}: choose from "
                              f"{', '.join(models.names(task='image_classifier'))}")
