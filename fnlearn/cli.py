@@ -3,6 +3,7 @@
 and number types that refuse bad values before any work starts."""
 import argparse
 import math
+import operator
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -46,4 +47,15 @@ def int_between(low, high):
     return _number(int, lambda v: low <= v <= high, f"a whole number in {low}..{high}")
 
 
-seed = int_between(0, 2**32 - 1)  # the usual seed range; jax.random.key overflows past 2**63
+SEEDS = range(2**32)  # the usual seed range; jax.random.key overflows past 2**63
+seed = int_between(SEEDS.start, SEEDS.stop - 1)
+
+
+def check_seed(flag, value):
+    """Raises ValueError unless `value` is a seed in SEEDS: the configs' check, for seeds given in code."""
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) in SEEDS  # NumPy's integers too
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{flag} {value!r}: must be a whole number in 0..2**32-1")

@@ -145,6 +145,19 @@ def test_number_types_refuse(parse, text):
         parse(text)
 
 
+@pytest.mark.parametrize("config, field", [("cifar.CifarConfig", "seed"), ("transfer.TransferConfig", "seed"),
+                                           ("detection.DetectionConfig", "seed"),
+                                           ("detection.DetectionConfig", "canvas_seed")])
+def test_configs_made_in_code_take_the_seeds_the_command_lines_take(config, field):
+    module, name = config.split(".")
+    config = getattr(importlib.import_module(f"fnlearn.recipes.{module}"), name)
+    for good in (0, 2**32 - 1, np.uint32(7)):
+        assert getattr(config(**{field: good}), field) == good
+    for bad in (-1, 2**32, 1.5, True, "3"):
+        with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} {bad!r}: must be a whole number"):
+            config(**{field: bad})
+
+
 def test_check_workdir(tmp_path, capsys):
     parser = cli.make_parser("x", "doc")
     assert cli.check_workdir(parser, tmp_path / "new" / "run") == tmp_path / "new" / "run"

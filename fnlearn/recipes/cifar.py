@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from fnlearn import models, parallel
 from fnlearn.checkpoint import Checkpoints
+from fnlearn.cli import check_seed
 from fnlearn.data import augment
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import confusion_matrix
@@ -107,6 +108,7 @@ class CifarConfig:
                 raise ValueError(f"unknown {flag} {value!r}: choose from {', '.join(CHOICES[name])}")
             if name in _RULES and not _RULES[name][0](value):
                 raise ValueError(f"{flag} {value!r}: must be {_RULES[name][1]}")
+        check_seed("--seed", self.seed)
 
 
 CHOICES = {"precision": tuple(POLICIES), "flip": ("alternating", "random", "none"), "optimizer": ("sgd", "muon"),
@@ -125,7 +127,6 @@ _RULES = {
     **{name: _NON_NEGATIVE for name in ("weight_decay", "whiten_bias_epochs", "lookahead_every", "translate",
                                         "train_subset", "test_subset", "lr_end", "clip_norm")},
     **{name: _UNIT for name in ("momentum", "label_smoothing", "lr_peak_at", "muon_momentum")},
-    "seed": (lambda v: 0 <= v < 2**32, "a whole number in 0..2**32-1"),
 }
 
 

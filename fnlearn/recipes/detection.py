@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from fnlearn import models
 from fnlearn.checkpoint import Checkpoints
+from fnlearn.cli import check_seed
 from fnlearn.data import augment
 from fnlearn.detection.loss import yolo_loss
 from fnlearn.detection.metrics import mean_average_precision
@@ -61,10 +62,8 @@ class DetectionConfig:
         for name in ("lr", "warmup_epochs", "weight_decay", "zoom"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be a finite number >= 0")
-        for name in ("seed", "canvas_seed"):
-            if not (isinstance(getattr(self, name), int) and 0 <= getattr(self, name) < 2**32):
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be a whole number in "
-                                 f"0..2**32-1")
+        check_seed("--seed", self.seed)
+        check_seed("--canvas-seed", self.canvas_seed)
         if self.batch_size > self.train_canvases:
             raise ValueError(f"--batch-size {self.batch_size} is larger than the {self.train_canvases} "
                              f"--train-canvases: pass a smaller batch or more canvases")
