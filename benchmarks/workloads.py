@@ -376,10 +376,10 @@ def torch_run(torch, start, autocast):
                 t += 1
                 if not cfg.lookahead_every:
                     continue
-                if t >= total:  # as fnlearn's `lookahead`: the weights take the average
-                    torch_models.lookahead_(average, net, 1.0)
-                elif t % cfg.lookahead_every == 0:
+                if t % cfg.lookahead_every == 0:  # as airbench and fnlearn's `lookahead`
                     torch_models.lookahead_(average, net, 0.95**5 * (t / total) ** 3)
+                if t >= total:  # then the weights take the average
+                    torch_models.lookahead_(average, net, 1.0)
         if start.steps < total:
             return "part run"  # `torch_finish` waits for CUDA's queued work
         net.eval()

@@ -13,6 +13,7 @@ the written file against fnlearn's own forward pass and prints the largest diffe
 Without `--checkpoint` the model keeps its random init (for trying the tools). Seconds.
 """
 import argparse
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -119,9 +120,17 @@ def model_and_variables(args):
     return model, variables, labels or [str(i) for i in range(num_classes)]
 
 
-def runs_here(fmt, platforms):
-    """Whether this process's backend can run the artifact (ONNX: onnxruntime on the CPU, always)."""
-    return fmt == "onnx" or any(p in platforms for p in export.platforms_here())
+def why_unchecked(fmt, platforms):
+    """Why this process cannot run the artifact to check it (ONNX: onnxruntime, on the CPU), or None."""
+    if fmt == "onnx":
+        try:
+            importlib.import_module("onnxruntime")
+        except ImportError:
+            return "onnxruntime is not installed (pip install -e '.[onnx]')"
+        return None
+    if not any(p in platforms for p in export.platforms_here()):
+        return f"this {jax.default_backend()} backend is not among --platforms"
+    return None
 
 
 def main(argv=None):
@@ -135,8 +144,8 @@ def main(argv=None):
     except (CheckpointError, export.ArtifactError, export.ExportError) as e:
         sys.exit(f"error: {e}")
     written = f"wrote {args.out} ({args.format}, {size / 2**20:.1f} MiB, {len(labels)} classes)"
-    if not runs_here(args.format, args.platforms):
-        print(f"{written}; not checked: this {jax.default_backend()} backend is not among --platforms")
+    if why := why_unchecked(args.format, args.platforms):
+        print(f"{written}; not checked: {why}")
         return
     images = np.random.default_rng(0).integers(0, 256, (8, *args.input_shape), np.uint8)
     expected = np.asarray(jax.jit(fn)(images))

@@ -19,9 +19,9 @@ from fnlearn.checkpoint import CheckpointError, Checkpoints
 from fnlearn.data import DataError, load_dataset, online
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import TensorBoardWriter, read_events
-from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resume, create_state,
+from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resume, create_state, lookahead,
                                    make_train_fn, param_labels, sgd_rates, train_and_evaluate)
-from fnlearn.train import TrainingDiverged
+from fnlearn.train import TrainingDiverged, TrainState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"
@@ -208,6 +208,22 @@ def test_a_corrupt_checkpoint_is_named_in_one_line(tiny_dataset, tmp_path, capfd
     gc.collect()  # the failed restore's dropped reads report their errors when collected
     time.sleep(0.5)  # and when the reads still in flight finish
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_lookahead_pulls_as_airbench_does_and_ends_on_the_average():
+    def after(step, total_steps):  # weights 1, BatchNorm statistic 3, their average 0
+        state = TrainState(step=jnp.int32(step), params={"w": jnp.ones(2)}, opt_state=(),
+                           batch_stats={"m": jnp.full(2, 3.0)},
+                           ema_params={"params": {"w": jnp.zeros(2)}, "batch_stats": {"m": jnp.zeros(2)}})
+        out = lookahead(state, total_steps, every=5)
+        return [float(out.params["w"][0]), float(out.ema_params["params"]["w"][0]), float(out.batch_stats["m"][0])]
+
+    pull = lambda t, total: 1 - 0.95**5 * (t / total) ** 3  # noqa: E731 (how far the average moves)
+    assert after(7, 20) == [1.0, 0.0, 3.0]  # between pulls: nothing changes
+    np.testing.assert_allclose(after(5, 20), [pull(5, 20), pull(5, 20), 3 * pull(5, 20)], rtol=1e-6)
+    assert after(12, 12) == [0.0, 0.0, 0.0]  # the last step: the weights take the average
+    # The last step is also a pull: airbench pulls (decay 0.95^5), then the weights take the average.
+    np.testing.assert_allclose(after(10, 10), [pull(10, 10), pull(10, 10), 3 * pull(10, 10)], rtol=1e-6)
 
 
 def test_divergence_is_reported_with_the_epoch(tiny_dataset):

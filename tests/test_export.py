@@ -141,6 +141,13 @@ def test_the_command_exports_a_checkpoint_with_its_model_and_class_names(tmp_pat
     np.testing.assert_allclose(artifact(images(2)), np.asarray(fn(images(2))), atol=1e-4, rtol=0)
 
 
+def test_without_onnxruntime_the_command_writes_onnx_and_says_it_is_unchecked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
+    export_experiment.main(["--model", "fastnet_tiny", "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert "not checked: onnxruntime is not installed" in capsys.readouterr().out
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
 def test_the_command_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     model, variables = trained_like("fastnet_tiny", num_classes=3)
     save_variables(tmp_path / "weights", jax.device_get(variables), {"class_names": ["cat", "dog", "frog"]})

@@ -247,14 +247,14 @@ def muon_filters(cfg, schedule):
 def lookahead(state, total_steps, every):
     """airbench's lookahead: every `every` steps, pull the average toward the weights and reset
     the weights to it; the average's decay rises as 0.95^5·(t/T)^3, and at the last step the
-    weights take the average. Applies to params and BatchNorm statistics."""
+    weights take the average (pulled first where that step is also an `every`-th, as airbench
+    does). Applies to params and BatchNorm statistics."""
     t = state.step
-    sync = (t % every == 0) | (t >= total_steps)
-    decay = jnp.where(t >= total_steps, 1.0, 0.95**5 * (t / total_steps) ** 3)
+    pull = t % every == 0
+    decay = 0.95**5 * (jnp.minimum(t, total_steps) / total_steps) ** 3  # past T it would extrapolate
     current = state.variables
-    average = jax.tree.map(lambda a, w: a + (1 - decay) * (w - a), state.ema_params, current)
-    average = jax.tree.map(lambda a, old: jnp.where(sync, a, old), average, state.ema_params)
-    weights = jax.tree.map(lambda a, w: jnp.where(sync, a, w), average, current)
+    average = jax.tree.map(lambda a, w: jnp.where(pull, a + (1 - decay) * (w - a), a), state.ema_params, current)
+    weights = jax.tree.map(lambda a, w: jnp.where(pull | (t >= total_steps), a, w), average, current)
     return state.replace(params=weights["params"], batch_stats=weights.get("batch_stats"),
                          ema_params=average)
 
