@@ -89,6 +89,11 @@ class Batcher:
                 else:
                     items.append(self.queue.get_nowait())
                 count += len(items[-1][0])
+            # A caller that timed out has cancelled its future: its images would only delay the others.
+            items = [(images, future) for images, future in items if not future.done()]
+            if not items:
+                continue
+            count = sum(len(images) for images, _ in items)
             self.batch_sizes.append(count)
             try:
                 logits = await loop.run_in_executor(self.executor, self.predict,
