@@ -38,6 +38,16 @@ def test_fit_lowers_loss_with_every_optimizer(name):
     assert len(history["train_grad_norm"]) == 5
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fit_leaves_the_callers_state_and_variables_usable(compiled):
+    x, y = blobs(jax.random.key(0), n=64)
+    variables = SimpleNet().init(jax.random.key(0), x)
+    state = TrainState.create(apply_fn=SimpleNet().apply, variables=variables, tx=make_optimizer("sgd", 0.05))
+    trained, _ = fit(state, (x, y), epochs=1, batch_size=32, key=jax.random.key(1), compiled=compiled, progress=False)
+    assert int(state.step) == 0 and int(trained.step) == 2  # the steps donate a copy, not the caller's arrays
+    SimpleNet().apply(variables, x)  # as a PyTorch user would reuse the initial weights
+
+
 def test_compiled_run_matches_step_loop():
     x, y = blobs(jax.random.key(0))
     tx = make_optimizer("momentum", 0.05)
