@@ -115,6 +115,20 @@ def test_grayscale_single_subfolder_and_distinct_sources(tmp_path, count_generat
     assert changed.train_images[0].max() == 0 and len(count_generate) == 6
 
 
+def test_a_folder_whose_first_image_is_grayscale_but_not_all_is_rgb(tmp_path, count_generate):
+    write_folder(tmp_path / "src", shape=(8, 6, 1))
+    red = np.zeros((8, 6, 3), np.uint8)
+    red[..., 0] = 255
+    Image.fromarray(red).save(tmp_path / "src" / "test" / "dog" / "02.png")  # the last image read
+    for _ in range(2):  # preparing, then reading the prepared copy
+        ds = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds")
+        assert ds.test_images.shape == (4, 8, 6, 3)
+        np.testing.assert_array_equal(ds.test_images[-1], red)
+        grey = np.asarray(Image.open(tmp_path / "src" / "train" / "cat" / "00.png"))
+        np.testing.assert_array_equal(ds.train_images[0], np.repeat(grey[..., None], 3, -1))
+    assert count_generate == [5, 4]  # prepared once
+
+
 def make_tar(path, members):
     """Writes a .tar.gz from {name: bytes}; a None value makes a symlink to /etc/passwd."""
     with tarfile.open(path, "w:gz") as tar:

@@ -120,18 +120,35 @@ def _fingerprint(root: pathlib.Path, files: dict[str, list[tuple[str, int]]]) ->
     return digest.hexdigest()[:16]
 
 
+def _mode(img: Image.Image) -> str:
+    # Grayscale sources (MNIST PNGs) keep one channel; all else becomes RGB.
+    return "L" if img.mode in ("1", "L") else "RGB"
+
+
 def _probe_shape(files: list[tuple[str, int]]) -> tuple[tuple[int, int, int], str]:
     """Image shape and PIL mode of the data set, from the first image that opens."""
     for path, _ in files:
         try:
             with Image.open(path) as img:
                 width, height = img.size
-                # Grayscale sources (MNIST PNGs) keep one channel; all else becomes RGB.
-                mode = "L" if img.mode in ("1", "L") else "RGB"
+                mode = _mode(img)
         except (OSError, SyntaxError, ValueError):
             continue
         return (height, width, 1 if mode == "L" else 3), mode
     raise DataError(f"no readable image among {len(files)} files, first {files[0][0]}")
+
+
+def _any_colour(files: dict[str, list[tuple[str, int]]]) -> bool:
+    """Whether any image is in colour (PIL reads headers only: seconds for 60,000 files)."""
+    for split in SPLITS:
+        for path, _ in files[split]:
+            try:
+                with Image.open(path) as img:
+                    if _mode(img) == "RGB":
+                        return True
+            except (OSError, SyntaxError, ValueError):  # corrupt: preparing names or skips it
+                continue
+    return False
 
 
 def _is_safe_member(member: tarfile.TarInfo) -> bool:
@@ -209,22 +226,27 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
     skip_corrupt: bool = False
 
 
-def folder_config(root: pathlib.Path, skip_corrupt: bool) -> ImageFolderConfig:
+def folder_config(root: pathlib.Path, skip_corrupt: bool, data_dir: str) -> ImageFolderConfig:
     """Scans a data set root and builds its config.
+
+    The images are RGB unless all are grayscale. Where the first is grayscale, every
+    image's header is read before the first preparation (a mixed folder is RGB, named
+    `..._rgb`); later loads find which copy was prepared.
 
     Args:
       root: a folder holding `train/` and `test/`.
       skip_corrupt: stored in the config and its name, so a strict and a
         skipping preparation of the same folder never share files.
+      data_dir: TFDS data dir, where prepared copies are looked for.
 
     Returns:
-      The config, named `<folder>_<hash>[_skip]`.
+      The config, named `<folder>_<hash>[_skip][_rgb]`.
     """
     class_names, files = scan_folder(root)
     shape, mode = _probe_shape(files["train"])
     slug = re.sub(r"[^a-z0-9]+", "_", root.name.lower()).strip("_")[:40] or "root"
     name = f"{slug}_{_fingerprint(root, files)}" + ("_skip" if skip_corrupt else "")
-    return ImageFolderConfig(
+    config = ImageFolderConfig(
         name=name,
         description=f"Images of {root}",
         root=str(root),
@@ -233,6 +255,13 @@ def folder_config(root: pathlib.Path, skip_corrupt: bool) -> ImageFolderConfig:
         mode=mode,
         skip_corrupt=skip_corrupt,
     )
+    if mode == "L":
+        rgb = dataclasses.replace(config, name=f"{name}_rgb", image_shape=(*shape[:2], 3), mode="RGB")
+        prepared = [c for c in (config, rgb) if _builder(c, data_dir).data_path.exists()]
+        if prepared:
+            return prepared[0]
+        return rgb if _any_colour(files) else config
+    return config
 
 
 class ImageFolderBuilder(ImageBuilder):
@@ -281,6 +310,10 @@ class ImageFolderBuilder(ImageBuilder):
             yield os.path.relpath(path, config.root), {"image": pixels.reshape(config.image_shape), "label": label}
 
 
+def _builder(config: ImageFolderConfig, data_dir: str) -> ImageFolderBuilder:
+    return ImageFolderBuilder(config=config, data_dir=data_dir, file_format="array_record")
+
+
 def resolve_source(source: str | os.PathLike, data_dir: str) -> pathlib.Path:
     """The data set root of a folder or `.tar.gz` source, extracting archives once.
 
@@ -322,9 +355,7 @@ def load_image_folder(
     """
     data_dir = default_data_dir(data_dir)
     root = resolve_source(source, data_dir)
-    builder = ImageFolderBuilder(
-        config=folder_config(root, skip_corrupt), data_dir=data_dir, file_format="array_record"
-    )
+    builder = _builder(folder_config(root, skip_corrupt, data_dir), data_dir)
     try:
         prepare(builder, source=str(source))
     except DataError as err:
