@@ -1,7 +1,7 @@
 """Serve an exported classifier over HTTP (Starlette under uvicorn).
 
-    python -m experiments.export --model fastnet --checkpoint runs/cifar/checkpoints --out fastnet.zip
-    python -m fnlearn.serve --artifact fastnet.zip --port 8000
+    python -m experiments.export --checkpoint runs/cifar/checkpoints/run0 --out cifar.zip
+    python -m fnlearn.serve --artifact cifar.zip --port 8000
     curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg' 'localhost:8000/predict?k=3'
     curl -d '{"inputs": [[[[0, 0, 0], ...]]]}' -H 'Content-Type: application/json' localhost:8000/predict
     curl localhost:8000/health; curl localhost:8000/metrics
