@@ -15,7 +15,7 @@ import pytest
 
 from experiments import cifar as cifar_experiment
 from experiments import mnist as mnist_experiment
-from fnlearn.checkpoint import CheckpointError, Checkpoints
+from fnlearn.checkpoint import CheckpointError, Checkpoints, load_variables
 from fnlearn.data import DataError, load_dataset, online
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import TensorBoardWriter, read_events
@@ -119,13 +119,17 @@ def test_steps_per_execution_changes_the_speed_not_the_run(tiny_dataset):
         dataclasses.replace(TINY, steps_per_execution=0)
 
 
-def test_whitening_kernel_is_frozen_and_its_bias_stops_after_its_epochs(tiny_dataset):
-    result = train_and_evaluate(TINY, tiny_dataset, progress=False, log=lambda _: None)
+def test_whitening_kernel_is_frozen_and_its_bias_stops_after_its_epochs(tiny_dataset, tmp_path):
+    cfg = dataclasses.replace(TINY, lookahead_every=0)  # a lookahead sync would move the bias in epoch 2
+    result = train_and_evaluate(cfg, tiny_dataset, progress=False, log=lambda _: None, checkpoint_dir=tmp_path)
     params = result.state.params
-    fresh = create_state(TINY, jax.random.split(jax.random.key(TINY.seed), 3)[0], tiny_dataset.train_images, 4,
+    fresh = create_state(cfg, jax.random.split(jax.random.key(cfg.seed), 3)[0], tiny_dataset.train_images, 4,
                          total_steps=12, steps_per_epoch=6).params
     np.testing.assert_array_equal(params["whiten"]["kernel"], fresh["whiten"]["kernel"])
     assert not np.allclose(params["block1"]["conv1"]["kernel"], fresh["block1"]["conv1"]["kernel"])
+    after_one = load_variables(tmp_path / "1")[0]["params"]["whiten"]["bias"]  # whiten_bias_epochs=1
+    assert not np.allclose(after_one, fresh["whiten"]["bias"])
+    np.testing.assert_array_equal(params["whiten"]["bias"], after_one)
 
 
 def test_experiment_end_to_end_writes_everything(tiny_dataset, tmp_path):
@@ -139,7 +143,7 @@ def test_experiment_end_to_end_writes_everything(tiny_dataset, tmp_path):
     for key in ("test_accuracy", "train_seconds", "compile_seconds", "epochs", "model", "precision", "devices"):
         assert key in saved
     assert saved["model"] == "fastnet_tiny" and saved["epochs"] == 3 and saved["precision"] == "fp32"
-    assert len(saved["devices"]) == 8  # conftest's fake devices, all trained on
+    assert len(saved["devices"]) == 8  # the devices the run saw: conftest's fake ones
     assert len(saved["test_accuracy_runs"]) == 2
     assert saved["test_accuracy"] == pytest.approx(np.mean(saved["test_accuracy_runs"]))
     assert saved["test_accuracy"] > 0.5  # 4 classes: chance is 0.25
@@ -237,6 +241,9 @@ def test_bf16_policy_trains_with_float32_params(tiny_dataset):
                                 tiny_dataset, progress=False, log=lambda _: None)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(result.state.params))
     assert np.isfinite(result.history["train_loss"][0])
+    _, captured = result.state.apply_fn(result.state.variables, tiny_dataset.test_images[:2].astype(np.float32),
+                                        capture_intermediates=True, mutable=["intermediates"])
+    assert captured["intermediates"]["block1"]["conv1"]["__call__"][0].dtype == jnp.bfloat16  # computed in bf16
 
 
 def test_bad_arguments_are_named():

@@ -1,5 +1,6 @@
 """The basic models: output shapes, parameter counts, dynamic control flow, shared inits, the registry."""
 import ast
+import importlib.util
 import math
 import pathlib
 
@@ -258,9 +259,10 @@ def test_model_families_import_only_shared_layers():
         tree = ast.parse((models_dir / f"{family}.py").read_text())
         imported = set()
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                imported.add(node.module)
-                imported.update(f"{node.module}.{a.name}" for a in node.names)
+            if isinstance(node, ast.ImportFrom):  # relative ones resolved: "from .resnet import X"
+                module = importlib.util.resolve_name("." * node.level + (node.module or ""), "fnlearn.models")
+                imported.add(module)
+                imported.update(f"{module}.{a.name}" for a in node.names)
             elif isinstance(node, ast.Import):
                 imported.update(a.name for a in node.names)
         siblings = {f"fnlearn.models.{f}" for f in families - {family}}

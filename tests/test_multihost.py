@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import jax
@@ -138,14 +137,12 @@ def test_a_dead_peer_ends_the_run_with_an_error(data, tmp_path, victim):
         trained = any(line.split()[:1] == ["2"] for line in processes[0].stdout)
         assert trained, processes[0].stderr.read()[-2000:]
         processes[victim].kill()
-        t0 = time.perf_counter()
         survivor = processes[1 - victim]
-        code = survivor.wait(timeout=60)
-        waited = time.perf_counter() - t0
+        code = survivor.wait(timeout=60)  # a hang fails here
     finally:
         watchdog.cancel()
         for p in processes:
             p.kill()
-    assert code != 0 and waited < 60
+    assert code != 0
     if victim == 1:  # the coordinator survives and says why it stops; without it, JAX aborts process 1
         assert "lost touch with the run's other processes" in survivor.stderr.read()

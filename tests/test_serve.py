@@ -1,6 +1,7 @@
 """The inference server, started as a user starts it, answering real HTTP requests on 127.0.0.1:
 good ones with the artifact's own predictions, bad ones with a 4xx and a message, 64 concurrent
 ones each with its own answer; a model error is a 500 and the server goes on."""
+import asyncio
 import contextlib
 import http.client
 import io
@@ -141,7 +142,9 @@ def test_good_requests_get_the_artifacts_predictions(server):
     ("POST", "/predict?k=11", png(np.zeros((32, 32, 3), np.uint8)), "image/png", 400, "k='11'"),
     ("POST", "/predict?k=%C2%B2", png(np.zeros((32, 32, 3), np.uint8)), "image/png", 400, "k='²'"),
     ("POST", "/predict", "[" * 10_000 + "]" * 10_000, "application/json", 400, "nested too deeply"),
-    ("POST", "/predict", '{"inputs": [1e400, 10' + "0" * 400 + "]}", "application/json", 422, "nested list of numbers"),
+    ("POST", "/predict", '{"inputs": [10' + "0" * 400 + "]}", "application/json", 422, "nested list of numbers"),
+    ("POST", "/predict", '{"inputs": ' + json.dumps([[[0] * 3] * 32] * 32).replace("0", "1e400", 1) + "}",
+     "application/json", 422, "whole numbers 0..255"),  # inf, in an image of the right shape
     ("POST", "/predict", b"hello", "text/plain", 415, "Content-Type text/plain"),
     ("GET", "/predict", None, None, 405, "GET /predict"),
     ("GET", "/nowhere", None, None, 404, "GET /nowhere"),
@@ -244,6 +247,34 @@ def test_requests_that_wait_together_share_one_model_call(artifact_path):
         release.set()
         assert [f.result()[0] for f in [first, *rest]] == [200] * 8
     assert batches == [1, 7]
+
+
+def test_the_batcher_drops_callers_that_gave_up_before_the_model_saw_them():
+    release, batches = threading.Event(), []
+
+    def predict(images):  # the first call waits until two callers have given up behind it
+        batches.append(len(images))
+        if len(batches) == 1:
+            assert release.wait(30)
+        return images
+
+    async def callers():
+        batcher = app_module.Batcher(predict, max_batch=1, max_wait=0)
+        running = asyncio.create_task(batcher.run())
+        first = asyncio.create_task(batcher(np.zeros((1, 2))))
+        while not batches:
+            await asyncio.sleep(0.01)
+        for _ in range(2):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(batcher(np.ones((1, 2))), 0.05)
+        last = asyncio.create_task(batcher(np.full((1, 2), 2.0)))
+        release.set()
+        answers = float((await first)[0, 0]), float((await last)[0, 0])
+        running.cancel()
+        return answers
+
+    assert asyncio.run(callers()) == (0.0, 2.0)
+    assert batches == [1, 1]  # the two that gave up never reached the model
 
 
 def test_a_model_error_is_a_500_that_is_logged_and_the_server_goes_on(artifact_path, caplog):

@@ -157,6 +157,7 @@ def test_bad_arguments_are_refused_in_one_line(flags, message, tmp_path, capsys)
         transfer_experiment.main(["--data", "unused", "--workdir", str(tmp_path), *flags])
     error = str(exit.value.code) if exit.value.code not in (1, 2) else capsys.readouterr().err
     assert message in error
+    assert len(error.strip().splitlines()) <= 2 and "Traceback" not in error
 
 
 @pytest.mark.parametrize("flags, message", [
