@@ -139,7 +139,7 @@ def _probe_shape(files: list[tuple[str, int]]) -> tuple[tuple[int, int, int], st
 
 
 def _any_colour(files: dict[str, list[tuple[str, int]]]) -> bool:
-    """Whether any image is in colour (PIL reads headers only: seconds for 60,000 files)."""
+    """Whether any image is in colour (PIL reads their headers only)."""
     for split in SPLITS:
         for path, _ in files[split]:
             try:
