@@ -16,8 +16,10 @@ from fnlearn.recipes.cifar import ConfigError, train_and_evaluate
 from fnlearn.recipes.transfer import TransferConfig, check_resumes, class_subset, load_weights, transfer_state
 from fnlearn.report import read_events
 
-TINY = ["--model", "resnet_tiny", "--source-classes", "0,1", "--target-classes", "2,3", "--label-fraction", "0.5",
-        "--pretrain-epochs", "1", "--pretrain-batch-size", "16", "--epochs", "2", "--batch-size", "8"]
+# The transfer runs' flags, and the pretraining's (which --weights replaces).
+TINY_TRANSFER = ["--model", "resnet_tiny", "--target-classes", "2,3", "--label-fraction", "0.5", "--epochs", "2",
+                 "--batch-size", "8"]
+TINY = [*TINY_TRANSFER, "--source-classes", "0,1", "--pretrain-epochs", "1", "--pretrain-batch-size", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,8 @@ def test_the_experiment_end_to_end(tree, tmp_path, capsys):
 
     # Its pretrained weights start another experiment, which then skips pretraining.
     other = transfer_experiment.main(["--data", tree, "--data-dir", str(tmp_path / "tfds"), "--workdir",
-                                      str(tmp_path / "other"), "--weights", str(workdir / "pretrained"), *TINY])
+                                      str(tmp_path / "other"), "--weights", str(workdir / "pretrained"),
+                                      *TINY_TRANSFER])
     assert other["pretrain_test_accuracy"] is None and not (tmp_path / "other" / "pretrain").exists()
     assert other["head_only"] == summary["head_only"]  # same weights, same seed: the same run
 

@@ -257,7 +257,7 @@ def folder_config(root: pathlib.Path, skip_corrupt: bool, data_dir: str) -> Imag
     )
     if mode == "L":
         rgb = dataclasses.replace(config, name=f"{name}_rgb", image_shape=(*shape[:2], 3), mode="RGB")
-        prepared = [c for c in (config, rgb) if _builder(c, data_dir).data_path.exists()]
+        prepared = [c for c in (rgb, config) if _builder(c, data_dir).data_path.exists()]
         if prepared:
             return prepared[0]
         return rgb if _any_colour(files) else config

@@ -210,9 +210,10 @@ def check_resumes(cfg, workdir, resume):
     return started
 
 
-def _check_runs(cfg, source, target, pretraining):
-    """Raises ConfigError for what would otherwise fail only when its run starts, after pretraining."""
-    if pretraining and cfg.pretrain_batch_size > len(source.train_images):
+def _check_runs(cfg, source, target):
+    """Raises ConfigError for what would otherwise fail only when its run starts, after pretraining
+    (`source` is None where there is none)."""
+    if source is not None and cfg.pretrain_batch_size > len(source.train_images):
         raise ConfigError(f"--pretrain-batch-size {cfg.pretrain_batch_size} is larger than the "
                           f"{len(source.train_images)} source images: pass a smaller batch")
     if cfg.batch_size > len(target.train_images):
@@ -244,9 +245,10 @@ def run_transfer(cfg, dataset, workdir, *, pretrained=None, resume=False, log=pr
       {"pretrain": RunResult or None, mode: RunResult for each of MODES}.
     """
     workdir = Path(workdir)
-    source = class_subset(dataset, _classes(cfg.source_classes))
+    # Given weights, there is no source task: its classes need not exist in this data set.
+    source = class_subset(dataset, _classes(cfg.source_classes)) if pretrained is None else None
     target = class_subset(dataset, _classes(cfg.target_classes), cfg.label_fraction, cfg.seed)
-    _check_runs(cfg, source, target, pretrained is None)
+    _check_runs(cfg, source, target)
     workdir.mkdir(parents=True, exist_ok=True)
     config_file = workdir / "transfer_config.json"
     config_file.with_suffix(".tmp").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
