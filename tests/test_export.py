@@ -69,6 +69,16 @@ def test_onnx_folds_batchnorm_into_the_convolutions(tmp_path):
     assert batch.dim_param == "batch"  # a dynamic batch, by name
 
 
+def test_onnx_reductions_over_no_axes_are_no_ops():
+    import onnxruntime
+
+    fn = lambda x: jnp.sum(x, axis=()) + jnp.max(x, axis=()) + x  # noqa: E731 (JAX: 3x)
+    model = to_onnx(fn, jax.ShapeDtypeStruct((2, 3), jnp.float32))
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(session.run(None, {"input_0": x})[0], 3 * x)
+
+
 def test_onnx_refuses_a_primitive_it_does_not_translate():
     with pytest.raises(ExportError, match="sort"):
         to_onnx(lambda x: jnp.sort(x, axis=-1), jax.ShapeDtypeStruct((2, 3), jnp.float32))

@@ -289,6 +289,8 @@ def _broadcast_in_dim(g, eqn, x):
 
 def _reduce(op):
     def rule(g, eqn, x):
+        if not eqn.params["axes"]:  # a no-op in JAX; ONNX reads empty axes as "all of them"
+            return g.tensor(x)
         axes = g.const(np.array(eqn.params["axes"], np.int64))
         return g.node(op, [g.tensor(x), axes], keepdims=0)
     return rule
