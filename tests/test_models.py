@@ -80,6 +80,16 @@ def test_shared_torch_inits_are_uniform_over_one_over_sqrt_fan_in(init, shape):
     assert abs(w.mean()) < 0.01 * bound
 
 
+def test_linear_promotes_its_input_as_flax_dense_does():
+    layer = Linear(3)
+    variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
+    want = layer.apply(variables, jnp.ones((1, 4)))
+    got = layer.apply(variables, jnp.ones((1, 4), jnp.int32))  # not a kernel truncated to zeros
+    assert got.dtype == jnp.float32 and np.array_equal(got, want)
+    assert layer.apply(variables, jnp.ones((1, 4), jnp.bfloat16)).dtype == jnp.float32
+    assert Linear(3, dtype=jnp.bfloat16).apply(variables, jnp.ones((1, 4))).dtype == jnp.bfloat16
+
+
 def test_custom_linear_is_x_w_transpose_plus_b():
     model = CustomLinear(3, 2)
     x = RNG.standard_normal((4, 3), dtype=np.float32)

@@ -25,7 +25,9 @@ class Linear(nn.Module):
         fan_in = x.shape[-1]
         init = torch_uniform_init(fan_in)  # kernel and bias alike, as torch.nn.Linear
         kernel = self.param("kernel", init, (fan_in, self.features), self.param_dtype)
-        dtype = self.dtype or x.dtype
+        # As flax's Dense: without a dtype, the input's and the params' promoted (an integer input
+        # would otherwise truncate the kernel to zeros).
+        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
         if self.use_bias:
             bias = self.param("bias", init, (self.features,), self.param_dtype)
