@@ -105,7 +105,8 @@ def cpu_model():
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     isa = [name for flag, name in ISA_FLAGS.items() if flag in flags] or (["AVX2"] if "avx2" in flags else [])
-    return (f"{names[0]}, {os.cpu_count()} cores{', ' + ' '.join(isa) if isa else ''}" if names
+    cpus = len(os.sched_getaffinity(0))  # this process's, as taskset or a cgroup leaves it
+    return (f"{names[0]}, {cpus} CPUs{', ' + ' '.join(isa) if isa else ''}" if names
             else platform.processor() or "unknown CPU")
 
 
@@ -123,7 +124,7 @@ def main(argv=None):
     choices = ", ".join([*WORKLOADS, *GROUPS])
     parser.add_argument("names", nargs="*", metavar="name",
                         help=f"workloads or groups: {choices}; none given: every workload")
-    parser.add_argument("--json", help="also write the rows to this JSON file (if left out: only the table)")
+    parser.add_argument("--json", help="also write {machine, rows} to this JSON file (if left out: only the table)")
     parser.add_argument("--repeats", type=cli.positive_int, default=3,
                         help="timed runs per measurement; the best counts")
     parser.add_argument("--epoch-fraction", type=cli.fraction, default=0.08,
@@ -156,10 +157,12 @@ def main(argv=None):
     table = dict(WORKLOADS, fastnet_epoch=fastnet_epoch(args.epoch_fraction),
                  cifar_run=cifar_run(fraction=None if on_gpu else args.epoch_fraction, dataset=dataset))
     torch_on = (f"on {torch.cuda.get_device_name()}" if on_gpu else f"with {torch.get_num_threads()} threads")
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({cpu_model()}), torch {torch.__version__} "
-          f"{torch_on}")
-    if jax.default_backend() == "cpu":
-        print(f"fnlearn's CPU convolutions: {conv_backend()}")
+    machine = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "cpu": cpu_model(),
+               "torch": f"{torch.__version__} {torch_on}",
+               "conv_backend": conv_backend() if jax.default_backend() == "cpu" else None}
+    print(f"jax {machine['jax']} on {machine['device']} ({machine['cpu']}), torch {machine['torch']}")
+    if machine["conv_backend"]:
+        print(f"fnlearn's CPU convolutions: {machine['conv_backend']}")
     if jax.default_backend() == "gpu" and not on_gpu:
         print("warning: JAX runs on the GPU but PyTorch has no CUDA here, so it runs on the CPU: "
               "the ratios compare different hardware")
@@ -172,8 +175,8 @@ def main(argv=None):
     print(f"all workloads: {time.perf_counter() - t_start:.0f} s\n")
     print_table(rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        with open(args.json, "w") as f:  # the machine with the rows: a figure means nothing without it
+            json.dump({"machine": machine, "rows": rows}, f, indent=2)
     return rows
 
 

@@ -179,7 +179,7 @@ def measure(workload: Workload, torch, repeats: int) -> Iterator[dict]:
         if mode in GPU_ONLY_MODES and not on_gpu:
             continue
         step = w.torch_step(torch, start, TORCH_AUTOCAST[mode])
-        step()  # warm-up: oneDNN (or cuDNN's autotuner) picks its kernels on the first call
+        finish(step())  # warm-up (oneDNN or cuDNN's autotuner picks its kernels), done before the probe starts
         probes.append((seconds_of(step, finish=finish), mode, step))
     seconds, torch_mode, torch_step = min(probes, key=lambda probe: probe[0])
     steps = [Recorded(torch_step) if w.accuracy else torch_step]

@@ -26,8 +26,10 @@ TINY = CifarConfig(model="fastnet_tiny", epochs=2, batch_size=16, eval_batch_siz
 def test_rows_in_the_json(torch, tmp_path):
     path = tmp_path / "bench.json"
     returned = bench_main(["regression", "cnn", "--repeats", "1", "--json", str(path)])
-    rows = json.loads(path.read_text())
+    saved = json.loads(path.read_text())
+    rows = saved["rows"]
     assert rows == returned
+    assert {"jax", "device", "cpu", "torch", "conv_backend"} <= set(saved["machine"])
     assert [(r["workload"], r["mode"], r["precision"]) for r in rows] == [
         ("regression", "jit_step", "fp32"), ("regression", "compiled_run", "fp32"),
         ("cnn", "jit_step", "fp32"), ("cnn", "jit_step", "bf16"),

@@ -10,8 +10,10 @@ more than this select does. Other pools, and all non-CPU backends, are `nn.max_p
 
 Ties: the gradient goes to the first maximum of a window in row-major order, which is
 the element select-and-scatter picks, so gradients equal `nn.max_pool`'s exactly,
-ties included. (`jnp.max` over the window axes would split a tie evenly instead.)
-NaNs propagate to the output as in `nn.max_pool`.
+ties included, for finite inputs. (`jnp.max` over the window axes would split a tie
+evenly instead.) NaNs propagate to the output as in `nn.max_pool`; a window holding one
+routes its gradient to the first maximum before its first NaN (to the NaN where it
+comes first): a diverged run's gradient.
 """
 import functools
 import itertools
