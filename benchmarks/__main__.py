@@ -105,9 +105,11 @@ def cpu_model():
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     isa = [name for flag, name in ISA_FLAGS.items() if flag in flags] or (["AVX2"] if "avx2" in flags else [])
-    cpus = len(os.sched_getaffinity(0))  # this process's, as taskset or a cgroup leaves it
-    return (f"{names[0]}, {cpus} CPUs{', ' + ' '.join(isa) if isa else ''}" if names
-            else platform.processor() or "unknown CPU")
+    if not names:
+        return platform.processor() or "unknown CPU"
+    # This process's CPUs, as taskset or a cgroup leaves them (Linux; elsewhere the machine's).
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{names[0]}, {cpus} CPUs{', ' + ' '.join(isa) if isa else ''}"
 
 
 def conv_backend():

@@ -35,17 +35,13 @@ from fnlearn.checkpoint import CheckpointError
 from fnlearn.data import DataError, load_dataset
 from fnlearn.models import WeightsError
 from fnlearn.recipes.cifar import ConfigError, TrainingDiverged
-from fnlearn.recipes.transfer import MODES, TransferConfig, check_resumes, load_weights, run_transfer
+from fnlearn.recipes.transfer import MODES, PRETRAINING, TransferConfig, check_resumes, load_weights, run_transfer
 
 
 def _help(field):
     default = field.default
     help = field.metadata["help"] + ("" if default is None else f" (default: {default})")
     return help.replace("%", "%%")
-
-
-# The fields that shape the pretraining alone: with --weights there is none.
-_PRETRAINING = ("source_classes", "pretrain_epochs", "pretrain_batch_size")
 
 
 def parse_config(argv):
@@ -62,7 +58,7 @@ def parse_config(argv):
         cfg = TransferConfig(**cli.config_overrides(args, TransferConfig))
     except ValueError as e:
         parser.error(str(e))
-    if cfg.weights is not None and (pretraining := [f for f in _PRETRAINING if hasattr(args, f)]):
+    if cfg.weights is not None and (pretraining := [f for f in PRETRAINING if hasattr(args, f)]):
         flags = " and ".join("--" + f.replace("_", "-") for f in pretraining)
         parser.error(f"{flags}: for the pretraining, which --weights replaces; drop "
                      f"{'them' if len(pretraining) > 1 else 'it'} or --weights")

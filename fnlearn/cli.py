@@ -51,11 +51,14 @@ SEEDS = range(2**32)  # the usual seed range; jax.random.key overflows past 2**6
 seed = int_between(SEEDS.start, SEEDS.stop - 1)
 
 
-def check_seed(flag, value):
-    """Raises ValueError unless `value` is a seed in SEEDS: the configs' check, for seeds given in code."""
+def check_seed(config, field):
+    """The configs' check of a seed given in code: raises ValueError unless `config.field` is in
+    SEEDS, and stores it as a Python int (a NumPy one would not go into the saved JSON)."""
+    value = getattr(config, field)
     try:
         ok = not isinstance(value, bool) and operator.index(value) in SEEDS  # NumPy's integers too
     except TypeError:
         ok = False
     if not ok:
-        raise ValueError(f"{flag} {value!r}: must be a whole number in 0..2**32-1")
+        raise ValueError(f"--{field.replace('_', '-')} {value!r}: must be a whole number in 0..2**32-1")
+    object.__setattr__(config, field, operator.index(value))  # the configs are frozen dataclasses

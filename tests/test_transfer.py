@@ -124,6 +124,14 @@ def test_resuming_with_changed_transfer_settings_is_refused(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=r"--label-fraction 0.1 \(saved\) != 0.2\. Pass the saved values"):
         check_resumes(changed, tmp_path, resume=True)
     check_resumes(dataclasses.replace(cfg, data="elsewhere"), tmp_path, resume=True)  # the data may move
+    # Given weights, the pretraining's fields do not count (an experiment saved with any of them resumes).
+    given = dataclasses.replace(cfg, weights="w.pth")
+    saved = dataclasses.replace(given, source_classes="5,6", pretrain_epochs=2.0)
+    (tmp_path / "transfer_config.json").write_text(json.dumps(dataclasses.asdict(saved)))
+    (tmp_path / "head_only" / "1").mkdir(parents=True)
+    check_resumes(given, tmp_path, resume=True)
+    with pytest.raises(ConfigError, match=r"--label-fraction 0.1 \(saved\) != 0.2"):
+        check_resumes(dataclasses.replace(given, label_fraction=0.2), tmp_path, resume=True)
 
 
 def test_torchvision_weights_start_the_transfer(tmp_path):

@@ -230,8 +230,9 @@ def folder_config(root: pathlib.Path, skip_corrupt: bool, data_dir: str) -> Imag
     """Scans a data set root and builds its config.
 
     The images are RGB unless all are grayscale. Where the first is grayscale, every
-    image's header is read before the first preparation (a mixed folder is RGB, named
-    `..._rgb`); later loads find which copy was prepared.
+    image's header is read before the first preparation (named `..._gray` if all are,
+    else `..._rgb`; a copy named neither came from before this check); later loads find
+    which copy was prepared.
 
     Args:
       root: a folder holding `train/` and `test/`.
@@ -240,7 +241,7 @@ def folder_config(root: pathlib.Path, skip_corrupt: bool, data_dir: str) -> Imag
       data_dir: TFDS data dir, where prepared copies are looked for.
 
     Returns:
-      The config, named `<folder>_<hash>[_skip][_rgb]`.
+      The config, named `<folder>_<hash>[_skip][_gray|_rgb]`.
     """
     class_names, files = scan_folder(root)
     shape, mode = _probe_shape(files["train"])
@@ -256,11 +257,12 @@ def folder_config(root: pathlib.Path, skip_corrupt: bool, data_dir: str) -> Imag
         skip_corrupt=skip_corrupt,
     )
     if mode == "L":
+        gray = dataclasses.replace(config, name=f"{name}_gray")
         rgb = dataclasses.replace(config, name=f"{name}_rgb", image_shape=(*shape[:2], 3), mode="RGB")
-        prepared = [c for c in (rgb, config) if _builder(c, data_dir).data_path.exists()]
+        prepared = [c for c in (rgb, gray) if _builder(c, data_dir).data_path.exists()]
         if prepared:
             return prepared[0]
-        return rgb if _any_colour(files) else config
+        return rgb if _any_colour(files) else gray
     return config
 
 

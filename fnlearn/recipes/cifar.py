@@ -108,7 +108,7 @@ class CifarConfig:
                 raise ValueError(f"unknown {flag} {value!r}: choose from {', '.join(CHOICES[name])}")
             if name in _RULES and not _RULES[name][0](value):
                 raise ValueError(f"{flag} {value!r}: must be {_RULES[name][1]}")
-        check_seed("--seed", self.seed)
+        check_seed(self, "seed")
 
 
 CHOICES = {"precision": tuple(POLICIES), "flip": ("alternating", "random", "none"), "optimizer": ("sgd", "muon"),

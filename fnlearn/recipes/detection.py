@@ -62,8 +62,8 @@ class DetectionConfig:
         for name in ("lr", "warmup_epochs", "weight_decay", "zoom"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be a finite number >= 0")
-        check_seed("--seed", self.seed)
-        check_seed("--canvas-seed", self.canvas_seed)
+        check_seed(self, "seed")
+        check_seed(self, "canvas_seed")
         if self.batch_size > self.train_canvases:
             raise ValueError(f"--batch-size {self.batch_size} is larger than the {self.train_canvases} "
                              f"--train-canvases: pass a smaller batch or more canvases")

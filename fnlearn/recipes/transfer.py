@@ -89,7 +89,7 @@ class TransferConfig:
             value = getattr(self, name)
             if not 0 < value < math.inf:  # NaN fails too
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be a finite number > 0")
-        check_seed("--seed", self.seed)
+        check_seed(self, "seed")
         if self.model not in models.names(task="image_classifier"):
             raise ValueError(f"unknown --model {self.model!r}: choose from "
                              f"{', '.join(models.names(task='image_classifier'))}")
@@ -182,6 +182,8 @@ def transfer_state(mode, pretrained, cfg):
 
 # What a resumed experiment may change: where the data comes from.
 RESUMABLE_CHANGES = frozenset({"data", "data_dir"})
+# The fields that shape the pretraining alone: with `weights` there is none, and they do not count.
+PRETRAINING = ("source_classes", "pretrain_epochs", "pretrain_batch_size")
 
 
 def check_resumes(cfg, workdir, resume):
@@ -201,7 +203,8 @@ def check_resumes(cfg, workdir, resume):
             raise ConfigError(f"{saved_file} is damaged: delete it to resume with the config given") from None
         changed = [f"--{name.replace('_', '-')} {saved.get(name)!r} (saved) != {value!r}"
                    for name, value in dataclasses.asdict(cfg).items()
-                   if name not in RESUMABLE_CHANGES and saved.get(name) != value]
+                   if name not in RESUMABLE_CHANGES and not (cfg.weights and name in PRETRAINING)
+                   and saved.get(name) != value]
         if changed:
             raise ConfigError(f"--resume with a config that differs from the experiment saved in {workdir}: "
                               f"{'; '.join(changed)}. Pass the saved values, or choose another --workdir")

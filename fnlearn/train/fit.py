@@ -64,9 +64,10 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
         raise ValueError(f"batch_size={batch_size} is larger than the {x.shape[0]} training examples")
     parallel.check_divides(mesh, {"batch_size": batch_size}, accumulate)
     state_sharding = parallel.state_sharding(state, mesh, fsdp)
-    # A copy: the steps donate the state, which must not take the caller's arrays with it
-    # (device_put onto a mesh reuses the buffer already on its device, even with may_alias=False).
-    state = jax.device_put(jax.tree.map(jnp.copy, state), state_sharding)
+    # A copy, made in its final layout: the steps donate the state, which must not take the
+    # caller's arrays with it (device_put onto a mesh reuses the buffer already on its device,
+    # even with may_alias=False).
+    state = jax.jit(partial(jax.tree.map, jnp.copy), out_shardings=state_sharding)(state)
     check_finite = check_finite or detect_anomaly
     train_step = make_train_step(loss_fn, clip_norm=clip_norm, check_finite=check_finite, accumulate=accumulate,
                                  summaries_every=summaries.every if summaries else 0)
