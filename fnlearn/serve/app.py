@@ -78,22 +78,22 @@ class Batcher:
     async def run(self):
         loop = asyncio.get_running_loop()
         while True:
-            items = [await self.queue.get()]
-            count, deadline = len(items[0][0]), loop.time() + self.max_wait
+            # A caller that timed out has cancelled its future: its images would only delay the others.
+            item = await self.queue.get()
+            if item[1].done():
+                continue
+            items, count, deadline = [item], len(item[0]), loop.time() + self.max_wait
             while count < self.max_batch:  # what already waits joins at once; then wait up to max_wait
                 if self.queue.empty():
                     try:
-                        items.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
+                        item = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
                     except TimeoutError:
                         break
                 else:
-                    items.append(self.queue.get_nowait())
-                count += len(items[-1][0])
-            # A caller that timed out has cancelled its future: its images would only delay the others.
-            items = [(images, future) for images, future in items if not future.done()]
-            if not items:
-                continue
-            count = sum(len(images) for images, _ in items)
+                    item = self.queue.get_nowait()
+                if not item[1].done():
+                    items.append(item)
+                    count += len(item[0])
             self.batch_sizes.append(count)
             try:
                 logits = await loop.run_in_executor(self.executor, self.predict,
