@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from experiments import cli
 from fnlearn.checkpoint import CheckpointError
+from fnlearn.cli import SEEDS
 from fnlearn.data import DataError, load_dataset
 from fnlearn.parallel import data_mesh
 from fnlearn.recipes.cifar import (CHOICES, DEFAULT_PRESET, PRESETS, CifarConfig, ConfigError, TrainingDiverged,
@@ -74,7 +75,7 @@ def parse_config(argv):
         cfg = dataclasses.replace(PRESETS[args.preset], **cli.config_overrides(args, CifarConfig))
     except ValueError as e:
         parser.error(str(e))
-    if cfg.seed + cfg.runs - 1 >= 2**32:
+    if cfg.seed + cfg.runs - 1 not in SEEDS:
         parser.error(f"--seed {cfg.seed} --runs {cfg.runs}: run i uses seed + i, which must stay below 2**32")
     cli.check_workdir(parser, args.workdir)
     return cfg, args, parser

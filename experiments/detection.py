@@ -9,8 +9,7 @@ once and kept as array_record files (`fnlearn.data.load_canvases`). Prints the l
 and COCO's mAP@0.5 and mAP@0.5:0.95 after each epoch; writes to `--workdir` summary.json
 (`map50`, `map50_95`, `train_seconds`), detections.png (test canvases: predictions beside the
 ground truth), curves.png, TensorBoard events and a checkpoint per epoch (`--resume`
-continues a killed run). The default run trained for about 21 minutes on a 2-core CPU and
-reached mAP@0.5 0.689 (docs/performance.md).
+continues a killed run). Its measured run time and mAP are in docs/performance.md.
 """
 import dataclasses
 import math
