@@ -205,7 +205,7 @@ def run(cfg, args):
             say(f"--resume: {workdir / 'checkpoints'} holds no checkpoints yet; starting the run afresh")
         if several and not main_process:
             multihost_utils.sync_global_devices("data prepared")  # process 0 prepares it, once
-        dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, skip_corrupt=cfg.skip_corrupt)
+        dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, skip_corrupt=cfg.skip_corrupt).rgb()
         if several and main_process:
             multihost_utils.sync_global_devices("data prepared")
         check_data(cfg, dataset)  # before the workdir gets its first file

@@ -106,7 +106,7 @@ def main(argv=None):
     try:
         if check_resume(cfg, args.workdir / "checkpoints", args.resume, RESUMABLE) is None and args.resume:
             print(f"--resume: {args.workdir / 'checkpoints'} holds no checkpoints yet; starting the run afresh")
-        dataset = load_dataset(cfg.data, data_dir=cfg.data_dir)
+        dataset = load_dataset(cfg.data, data_dir=cfg.data_dir).rgb()
         train, test = load_canvases(dataset, train=cfg.train_canvases, test=cfg.test_canvases, seed=cfg.canvas_seed,
                                     data_dir=cfg.data_dir)
     except (ConfigError, CheckpointError, DataError) as e:

@@ -91,7 +91,7 @@ def main(argv=None):
         pretrained = load_weights(cfg) if cfg.weights else None
         if pretrained is not None:
             print(f"{cfg.model} from {cfg.weights}")
-        dataset = load_dataset(cfg.data, data_dir=cfg.data_dir)
+        dataset = load_dataset(cfg.data, data_dir=cfg.data_dir).rgb()
         results = run_transfer(cfg, dataset, args.workdir, pretrained=pretrained, resume=args.resume,
                                tensorboard_every=args.tensorboard_every, detect_anomaly=args.detect_anomaly,
                                profile=args.profile)

@@ -9,6 +9,7 @@ import re
 import struct
 import tarfile
 import tempfile
+import threading
 import types
 
 import numpy as np
@@ -20,6 +21,7 @@ from tensorflow_datasets.core.utils import tqdm_utils
 from fnlearn.data import DataError, ImageFolderBuilder, load_dataset, load_image_folder
 from fnlearn.data import folder, online
 
+CHECK_REACHABLE = online.check_reachable  # the real one, which `serve_files` replaces
 LAYOUT = {"train": {"cat": 3, "dog": 2}, "test": {"cat": 1, "dog": 2}}
 
 
@@ -115,6 +117,17 @@ def test_grayscale_single_subfolder_and_distinct_sources(tmp_path, count_generat
     assert changed.train_images[0].max() == 0 and len(count_generate) == 6
 
 
+def test_rgb_repeats_grayscale_into_three_channels(tmp_path):
+    arrays = write_folder(tmp_path / "src", shape=(8, 6, 1))
+    gray = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds")
+    rgb = gray.rgb()
+    assert rgb.train_images.shape == (5, 8, 6, 3) and rgb.test_images.shape == (3, 8, 6, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb.train_images[..., channel], arrays["train"][0][..., 0])
+        np.testing.assert_array_equal(rgb.test_images[..., channel], arrays["test"][0][..., 0])
+    assert rgb.rgb() is rgb and rgb.class_names == gray.class_names
+
+
 def test_a_folder_whose_first_image_is_grayscale_but_not_all_is_rgb(tmp_path, count_generate):
     write_folder(tmp_path / "src", shape=(8, 6, 1))
     red = np.zeros((8, 6, 3), np.uint8)
@@ -168,6 +181,27 @@ def test_tar_gz_is_extracted_once_into_data_dir(tmp_path, count_generate, capfd)
         tar.add(tmp_path / "src" / "tiny", arcname="tiny")
     load_dataset(str(archive), data_dir=data_dir)
     assert len(list((data_dir / folder.EXTRACT_DIR).iterdir())) == 2
+
+
+def test_a_damaged_archive_is_refused_not_loaded(tmp_path):
+    # A flipped byte in the gzip trailer leaves every member readable; only the CRC check sees it.
+    write_folder(tmp_path / "src" / "tiny")
+    archive = tmp_path / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "tiny", arcname="tiny")
+    data = bytearray(archive.read_bytes())
+    data[-8] ^= 0x01  # the first byte of the stored CRC-32
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"^cannot extract archive {re.escape(str(archive))}: CRC check failed"):
+        load_dataset(str(archive), data_dir=tmp_path / "tfds")
+    assert list((tmp_path / "tfds" / folder.EXTRACT_DIR).iterdir()) == []
+
+
+def test_hidden_files_are_not_images(tmp_path):
+    arrays = write_folder(tmp_path / "src")
+    (tmp_path / "src" / "train" / "cat" / "._00.png").write_bytes(b"AppleDouble litter")
+    ds = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds")
+    np.testing.assert_array_equal(ds.train_images, arrays["train"][0])
 
 
 def test_loading_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):
@@ -295,6 +329,46 @@ def test_interrupted_preparation_is_never_taken_as_complete(tmp_path, monkeypatc
     assert len(ds.train_images) == 5 and len(prepared_files(tmp_path / "tfds")) == 2
 
 
+def test_two_loads_at_once_prepare_once(tmp_path, monkeypatch, count_generate):
+    # The second waits for the first's preparation and reads it; without the lock both
+    # would prepare, and TFDS's rename of the second's copy would fail.
+    arrays = write_folder(tmp_path / "src")
+    counting = ImageFolderBuilder._generate_examples
+    entered, release = threading.Event(), threading.Event()
+
+    def held(self, files):
+        entered.set()
+        release.wait(60)
+        yield from counting(self, files)
+
+    monkeypatch.setattr(ImageFolderBuilder, "_generate_examples", held)
+    loaded = {}
+
+    def load(name):
+        loaded[name] = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds")
+
+    first = threading.Thread(target=load, args=("first",))
+    first.start()
+    assert entered.wait(60)
+    second = threading.Thread(target=load, args=("second",))
+    second.start()
+    second.join(1.0)
+    release.set()
+    first.join(60)
+    second.join(60)
+    for name in ("first", "second"):
+        np.testing.assert_array_equal(loaded[name].train_images, arrays["train"][0])
+        np.testing.assert_array_equal(loaded[name].test_labels, arrays["test"][1])
+    assert len(count_generate) == 2  # train and test, once
+
+
+def test_a_data_dir_that_cannot_be_created_is_named(tmp_path):
+    write_folder(tmp_path / "src")
+    # No user, root included, may make a folder in /proc.
+    with pytest.raises(DataError, match="^data dir /proc/fnlearn_tfds cannot be created .*: pass --data-dir"):
+        load_image_folder(tmp_path / "src", data_dir="/proc/fnlearn_tfds")
+
+
 # --- online builders: parsers on files in the real formats, and the builders end to end ---
 
 
@@ -372,6 +446,31 @@ def test_cifar10_builder_end_to_end(tmp_path, monkeypatch, serve_files, capfd):
     np.testing.assert_array_equal(ds.test_images, batches["test_batch.bin"][1])
     assert ds.class_names[0] == "airplane" and ds.source == "cifar10"
     assert list((tmp_path / "tfds" / "downloads").rglob("*cifar-10-binary*"))  # cached by TFDS
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_download_tfds_holds_is_used_offline(tmp_path, monkeypatch, serve_files):
+    batches = [cifar_batch(2, seed=i) for i in range(6)]
+    archive = tmp_path / "cifar.tar.gz"
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    make_tar(archive, {f"cifar-10-batches-bin/{name}": b[0] for name, b in zip(names, batches)})
+    serve_files[use_test_urls(monkeypatch, online.Cifar10Builder)["archive"]] = archive.read_bytes()
+    read_arrays = online.Cifar10Builder._read_arrays
+
+    def interrupted(self, paths):
+        raise Interrupted  # a run stopped after its download, before preparing
+
+    monkeypatch.setattr(online.Cifar10Builder, "_read_arrays", interrupted)
+    with pytest.raises(Interrupted):
+        load_dataset("cifar10", data_dir=tmp_path / "tfds")
+    monkeypatch.setattr(online.Cifar10Builder, "_read_arrays", read_arrays)
+    serve_files.clear()  # offline now: every fetch fails, and the probe cannot resolve the .invalid host
+    monkeypatch.setattr(online, "check_reachable", CHECK_REACHABLE)
+    ds = load_dataset("cifar10", data_dir=tmp_path / "tfds")
+    np.testing.assert_array_equal(ds.test_images, batches[5][1])
 
 
 def test_mnist_builder_end_to_end(tmp_path, monkeypatch, serve_files):

@@ -1,6 +1,7 @@
 """Detection: boxes, NMS and COCO's mAP, each against hand-worked cases or a plain reference."""
 import json
 import math
+import re
 from functools import partial
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 
 from experiments import detection as detection_experiment
 from fnlearn import models
-from fnlearn.data import augment, load_canvases, load_dataset
+from fnlearn.data import DataError, augment, load_canvases, load_dataset
 from fnlearn.data.canvas import make_canvases, resized
 from fnlearn.detection.boxes import ciou, decode, encode, giou, grid_centres, pairwise_iou
 from fnlearn.detection.loss import assign, yolo_loss
@@ -294,6 +295,14 @@ def test_canvas_sets_are_prepared_once_from_each_split(tree):
     assert sorted(p.name for p in (data_dir / "fnlearn_canvases").iterdir())  # written under the data dir
     again, _ = load_canvases(dataset, train=40, test=12, seed=5, data_dir=data_dir)  # read back
     np.testing.assert_array_equal(again.boxes, train.boxes)
+
+
+def test_a_split_too_small_for_a_canvas_is_named(tree):
+    src, data_dir = tree
+    dataset = load_dataset(src, data_dir=data_dir)
+    small = dataset._replace(test_images=dataset.test_images[:4], test_labels=dataset.test_labels[:4])
+    with pytest.raises(DataError, match=f"draw 5 distinct images; the test split of {re.escape(str(src))} has 4$"):
+        load_canvases(small, train=8, test=4, max_objects=4, data_dir=data_dir)
 
 
 def test_the_experiment_trains_scores_and_writes_its_outputs(tree, tmp_path, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import sys
@@ -97,27 +98,32 @@ def default_data_dir(data_dir: str | os.PathLike | None) -> str:
     """The TFDS data dir to use: `data_dir`, else TFDS's default (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
 
     Every loader calls this first, so a data dir that can never be created fails
-    before any extraction or preparation, not deep inside TFDS.
+    before any extraction or preparation, not deep inside TFDS. A missing one is
+    created here: TFDS would create it on the first preparation anyway.
 
     Args:
       data_dir: a directory, or None for TFDS's default.
 
     Returns:
-      An absolute path (the folder may not exist yet).
+      An absolute path to an existing folder.
 
     Raises:
-      DataError: when the path, or the nearest of its parents that exists, is not a folder.
+      DataError: when the path, or the nearest of its parents that exists, is not a
+        folder, or the folder cannot be created.
     """
     chosen = data_dir if data_dir is not None else tfds.core.constants.get_default_data_dir()
     path = os.path.abspath(os.path.expanduser(os.fspath(chosen)))
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    hint = "pass --data-dir (data_dir=) a folder; it is created if missing"
     if not os.path.isdir(existing):
         where = "is not a folder" if existing == path else f"is under {existing}, which is not a folder"
-        raise DataError(
-            f"data dir {path} {where}: pass --data-dir (data_dir=) a folder; it is created if missing"
-        )
+        raise DataError(f"data dir {path} {where}: {hint}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"data dir {path} cannot be created ({err.strerror}): {hint}") from None
     return path
 
 
@@ -126,23 +132,46 @@ def prepare(builder: ImageBuilder, source: str) -> None:
 
     TFDS writes into a `*.incomplete*` temp dir and renames it on success, so an
     interrupted run leaves nothing that a later run mistakes for a finished one.
-    Preparing prints one line to stderr, with the progress bars, so that stdout
-    keeps only what the program reports; reading a prepared copy prints nothing.
+    Two processes preparing the same copy take turns (a lock on its folder): the
+    second reads what the first wrote, where TFDS's rename would fail. Preparing
+    prints one line to stderr, with the progress bars, so that stdout keeps only
+    what the program reports; reading a prepared copy prints nothing.
 
     Args:
       builder: a builder constructed with `file_format='array_record'`.
       source: what is prepared, for the line printed.
+
+    Raises:
+      DataError: when the data dir cannot be written.
     """
-    if not builder.data_path.exists():  # TFDS's own test for "already prepared"
+    if builder.data_path.exists():  # TFDS's own test for "already prepared"; it read the copy's info
+        return
+    folder = builder.data_path.parent  # the config's, holding one folder per version
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = os.open(folder, os.O_RDONLY)
+    except OSError as err:
+        raise DataError(f"cannot write prepared files to {folder} ({err.strerror}): "
+                        "pass --data-dir (data_dir=) a folder you can write") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if builder.data_path.exists():  # another process prepared it while this one waited
+            builder.info.read_from_directory(builder.data_dir)
+            return
         print(
             f"preparing {source} once as array_record files in {builder.data_dir} (later runs read them back)",
             file=sys.stderr,
         )
-    # The GCS lookup would be a network round trip (minutes of retries offline)
-    # for data sets that Google never hosts.
-    config = tfds.download.DownloadConfig(try_download_gcs=False)
-    with quiet_tfds():
-        builder.download_and_prepare(download_config=config)
+        # The GCS lookup would be a network round trip (minutes of retries offline)
+        # for data sets that Google never hosts.
+        config = tfds.download.DownloadConfig(try_download_gcs=False)
+        with quiet_tfds():
+            builder.download_and_prepare(download_config=config)
+    except PermissionError as err:
+        raise DataError(f"cannot write prepared files to {folder} ({err.strerror}): "
+                        "pass --data-dir (data_dir=) a folder you can write") from None
+    finally:
+        os.close(lock)  # and with it the lock
 
 
 def _read_split(source, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

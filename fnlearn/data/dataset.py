@@ -31,3 +31,11 @@ class Dataset(NamedTuple):
     class_names: tuple[str, ...]
     source: str
     skipped: tuple[str, ...] = ()
+
+    def rgb(self) -> Dataset:
+        """This data set with grayscale images repeated into three channels, as torchvision's
+        `ImageFolder` loads them, for models and normalisations made for colour; unchanged if RGB."""
+        if self.train_images.shape[-1] != 1:
+            return self
+        return self._replace(train_images=np.repeat(self.train_images, 3, axis=-1),
+                             test_images=np.repeat(self.test_images, 3, axis=-1))

@@ -92,12 +92,17 @@ def load_canvases(dataset, *, train=20000, test=2000, seed=0, size=128, max_obje
     array_record files under `data_dir` (later calls with the same arguments read them back).
 
     Raises:
-      DataError: the source's images are not square, or smaller than the canvas allows.
+      DataError: the source's images are not square or larger than half the canvas, or a
+        split has fewer images than a canvas draws (a background and `max_objects`).
     """
     height, width = dataset.train_images.shape[1:3]
     if height != width or 2 * height > size:
         raise DataError(f"canvases of {size}x{size} need square images of at most {size // 2} pixels; "
                         f"{dataset.source} has {width}x{height}")
+    for split, images in (("train", dataset.train_images), ("test", dataset.test_images)):
+        if len(images) < 1 + max_objects:
+            raise DataError(f"canvases of up to {max_objects} objects draw {1 + max_objects} distinct images; "
+                            f"the {split} split of {dataset.source} has {len(images)}")
     slug = re.sub(r"[^a-z0-9]+", "_", str(dataset.source).lower()).strip("_")[-40:] or "source"
     config = CanvasConfig(name=f"{slug}_{_fingerprint(dataset, (train, test), seed, size, max_objects)}",
                           counts=(train, test), seed=seed, size=size, max_objects=max_objects,

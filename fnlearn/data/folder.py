@@ -102,7 +102,9 @@ def scan_folder(root: pathlib.Path) -> tuple[tuple[str, ...], dict[str, list[tup
             images = sorted(
                 entry.path
                 for entry in os.scandir(folder)
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES)
+                # Hidden files are litter, as hidden folders are: macOS's `._0001.jpg` is no image.
+                if entry.is_file() and not entry.name.startswith(".")
+                and entry.name.lower().endswith(IMAGE_SUFFIXES)
             )
             if not images:
                 raise DataError(f"class folder {folder} holds no .jpg/.jpeg/.png images")
@@ -196,6 +198,10 @@ def extract_archive(archive: pathlib.Path, data_dir: str) -> pathlib.Path:
                 if not _is_safe_member(member):
                     raise DataError(f"unsafe member {member.name!r} in archive {archive}: absolute, '..', or a link")
                 tar.extract(member, tmp, filter="data")
+            # tar stops at its end-of-archive blocks; reading on to the end makes gzip
+            # check its CRC, so a damaged copy fails here instead of decoding wrong pixels.
+            while tar.fileobj.read(1 << 20):
+                pass
         os.rename(tmp, final)
     except (tarfile.TarError, EOFError, OSError) as err:
         # A rename that lost a race to a concurrent extraction leaves a complete `final`.

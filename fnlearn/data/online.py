@@ -17,6 +17,7 @@ import urllib.parse
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import downloader
 
 from fnlearn.data.base import ImageBuilder, LocalInfo, default_data_dir, image_features, prepare, read_prepared
 from fnlearn.data.dataset import DataError, Dataset
@@ -130,11 +131,12 @@ def read_idx_gz(path: str | os.PathLike) -> np.ndarray:
 
 
 def check_reachable(urls, timeout: float = 10.0) -> None:
-    """Fails at once when a URL's host cannot be reached.
+    """Fails at once when a URL's host cannot be reached directly.
 
     TFDS's downloader retries a dead connection 10 times with exponential
     backoff, minutes offline; one plain connection attempt fails at once when
-    there is no network (name resolution fails).
+    there is no network (name resolution fails). A failure here is not final:
+    TFDS may hold the download already, or a proxy may reach the host.
 
     Args:
       urls: the URLs about to be downloaded.
@@ -178,11 +180,21 @@ class _OnlineBuilder(ImageBuilder, skip_registration=True):
         """Parses the downloaded files, `paths` keyed like `URLS`, into `{split: (images, labels)}`."""
 
     def _split_generators(self, dl_manager):
-        check_reachable(sorted(self.URLS.values()))
+        unreachable = None
+        try:
+            check_reachable(sorted(self.URLS.values()))
+        except _DownloadFailed as err:
+            unreachable = err
+        # Where a host is unreachable, TFDS still gets its one try: the files may be in its
+        # download cache, or reached through a proxy; without its retries it fails at once.
+        retries = downloader.MAX_RETRIES
+        downloader.MAX_RETRIES = retries if unreachable is None else 0
         try:
             paths = dl_manager.download(self.URLS)
         except Exception as err:  # requests, urllib3 and TFDS each raise their own types
-            raise _DownloadFailed(f"could not download {sorted(self.URLS.values())}: {err}") from None
+            raise unreachable or _DownloadFailed(f"could not download {sorted(self.URLS.values())}: {err}") from None
+        finally:
+            downloader.MAX_RETRIES = retries
         arrays = self._read_arrays(paths)
         return {split: self._generate_examples(*arrays[split]) for split in ("train", "test")}
 
