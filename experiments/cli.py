@@ -5,14 +5,15 @@ import dataclasses
 import json
 import os
 import re
+import tempfile
 import typing
 from pathlib import Path
 
 import jax
 
 from fnlearn.checkpoint import save_variables
-from fnlearn.cli import (HelpFormatter, Parser, finite_float, fraction, int_between, non_negative_float,  # noqa: F401
-                         non_negative_int, positive_float, positive_int, seed)
+from fnlearn.cli import (HelpFormatter, Parser, finite_float, float_between, fraction, int_between,  # noqa: F401
+                         non_negative_float, non_negative_int, positive_float, positive_int, seed)
 
 
 def make_parser(name, doc):
@@ -50,12 +51,19 @@ def write_json(path, obj):
 
 
 def check_workdir(parser, workdir):
-    """Refuses a `--workdir` that is, or lies inside, a file, before any work starts."""
+    """Refuses a `--workdir` that is, or lies inside, a file, or where no folder can be made,
+    before any work starts (a probe folder is made in it, or in its nearest existing parent,
+    and removed)."""
     workdir = Path(workdir)
     existing = next(p for p in (workdir, *workdir.parents) if p.exists())  # "." or "/" at the latest
     if not existing.is_dir():
         what = "is a file, not a folder" if existing == workdir else f"lies inside the file {existing}"
         parser.error(f"--workdir {workdir} {what}: pass a folder (it is created if missing)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fnlearn-probe-", dir=existing))
+    except OSError as err:
+        parser.error(f"--workdir {workdir} cannot be written ({err.strerror} in {existing}): "
+                     "pass a folder you can write")
     return workdir
 
 

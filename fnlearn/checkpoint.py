@@ -85,10 +85,17 @@ class Checkpoints:
             item_handlers=_handlers("state"))
 
     def save(self, epoch, state, meta):
-        """Saves the state after `epoch` (1-based) with a JSON-able `meta` dict, and waits for it."""
-        self._manager.save(epoch, args=ocp.args.Composite(
+        """Saves the state after `epoch` (1-based) with a JSON-able `meta` dict, and waits for it.
+
+        Raises:
+          CheckpointError: the folder holds this epoch or a later one (orbax would save nothing).
+        """
+        saved = self._manager.save(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_arrays(state)), meta=ocp.args.JsonSave(meta)))
         self._manager.wait_until_finished()
+        if not saved:
+            raise CheckpointError(f"{self.directory} already holds epoch {self.latest_epoch()}, so epoch {epoch} "
+                                  "was not saved: resume from it, or pass another --workdir")
 
     def latest_epoch(self):
         """The last completed epoch saved here, or None."""

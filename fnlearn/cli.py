@@ -47,6 +47,11 @@ def int_between(low, high):
     return _number(int, lambda v: low <= v <= high, f"a whole number in {low}..{high}")
 
 
+def float_between(low, high):
+    """A finite number in low..high, both included."""
+    return _number(float, lambda v: low <= v <= high, f"a number in {low:g}..{high:g}")
+
+
 SEEDS = range(2**32)  # the usual seed range; jax.random.key overflows past 2**63
 seed = int_between(SEEDS.start, SEEDS.stop - 1)
 

@@ -37,9 +37,9 @@ def main(argv=None):
         parser.error(f"--input-shape {args.input_shape!r}: pass positive whole numbers, comma-separated")
     try:
         result = summary(models.get(args.model), jnp.zeros((args.batch, *shape)), train=args.train, depth=args.depth)
-    except (TypeError, ValueError) as e:  # the model refuses this input, or needs another argument
-        sys.exit(f"error: cannot summarise {args.model} on inputs of shape {(args.batch, *shape)}: "
-                 f"{str(e).splitlines()[0]}")
+    except Exception as e:  # the model refuses this input (as TypeError, ZeroDivisionError, a flax error...)
+        why = ": ".join([type(e).__name__, *str(e).splitlines()[:1]])
+        sys.exit(f"error: cannot summarise {args.model} on inputs of shape {(args.batch, *shape)}: {why}")
     print(result)
 
 

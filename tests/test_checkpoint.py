@@ -61,6 +61,14 @@ def test_only_the_last_n_are_kept(tmp_path):
     assert checkpoints.latest_epoch() == 4
 
 
+def test_saving_an_epoch_at_or_below_the_latest_is_refused(tmp_path):
+    state = _state(steps=0, ema=False, loss_scale=False)
+    Checkpoints(tmp_path).save(3, state, {"epoch": 3})
+    with pytest.raises(CheckpointError, match="already holds epoch 3, so epoch 1 was not saved"):
+        Checkpoints(tmp_path).save(1, state, {"epoch": 1})  # orbax returns False and writes nothing
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["3"]
+
+
 def test_a_damaged_epoch_is_named_and_deleting_it_resumes_from_the_one_before(tmp_path):
     state = _state(steps=0, ema=False, loss_scale=False)
     checkpoints = Checkpoints(tmp_path)

@@ -46,7 +46,9 @@ FILE = object()  # stands for the path of an existing file
     ("regression", ["--seed", "-1"], "--seed"),
     ("regression", ["--mode", "fast"], "--mode"),
     ("regression", ["--workdir", FILE], "--workdir"),
+    ("regression", ["--workdir", "/proc/fnlearn_run"], "--workdir"),  # no folder can be made there
     ("autograd", ["--x", "nan"], "--x"),
+    ("autograd", ["--x", "1e20"], "--x"),  # finite, but its derivatives overflow float32
     ("tensors", ["--size", "0"], "--size"),
     ("tensors", ["--repeats", "2.5"], "--repeats"),
     ("tensors", ["--size", "10000000"], "--size"),

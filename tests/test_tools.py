@@ -54,6 +54,8 @@ def test_the_command_prints_the_table_and_refuses_unknown_models(capsys):
         summary_command.main(["resnet19"])
     with pytest.raises(SystemExit, match="cannot summarise resnet18 on inputs of shape"):
         summary_command.main(["resnet18", "--input-shape", "784"])
+    with pytest.raises(SystemExit, match="cannot summarise cnn on inputs of shape .*ZeroDivisionError"):
+        summary_command.main(["cnn", "--input-shape", "32,32"])  # a modulo by zero in the model
 
 
 def test_the_jaxpr_graph_names_the_ops_and_boxes_them_by_module():

@@ -127,6 +127,41 @@ def test_fit_rejects_batch_larger_than_data():
             key=jax.random.key(0), progress=False)
 
 
+def test_fit_refuses_x_and_y_of_different_lengths():
+    x, y = blobs(jax.random.key(0), n=64)
+    state = new_state(SimpleNet(), x, make_optimizer("sgd", 0.1))
+    with pytest.raises(ValueError, match="^train_data: x holds 64 examples and y 40"):
+        fit(state, (x, y[:40]), epochs=1, batch_size=16, key=jax.random.key(0), progress=False)
+    with pytest.raises(ValueError, match="^eval_data: x holds 64 examples and y 8"):
+        fit(state, (x, y), epochs=1, batch_size=16, key=jax.random.key(0), eval_data=(x, y[:8]), progress=False)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fit_called_again_goes_on_with_the_next_epochs(compiled):
+    x, y = blobs(jax.random.key(0), n=64)
+    tx = make_optimizer("momentum", 0.05)
+    run = dict(batch_size=16, key=jax.random.key(1), compiled=compiled, progress=False)
+    once, _ = fit(new_state(SimpleNet(), x, tx), (x, y), epochs=2, **run)
+    half, _ = fit(new_state(SimpleNet(), x, tx), (x, y), epochs=1, **run)
+    twice, _ = fit(half, (x, y), epochs=1, **run)
+    for a, b in zip(jax.tree.leaves(once.params), jax.tree.leaves(twice.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    empty, history = fit(twice, (x, y), epochs=0, **run)
+    assert int(empty.step) == 8 and not history.get("train_loss")
+
+
+def test_fit_evaluates_a_loss_with_terms():
+    x, y = blobs(jax.random.key(0), n=64)
+
+    def loss_with_terms(out, y):
+        loss = cross_entropy(out, y)
+        return loss, {"half": loss / 2}
+
+    _, history = fit(new_state(SimpleNet(), x, make_optimizer("sgd", 0.1)), (x, y), epochs=1, batch_size=32,
+                     key=jax.random.key(0), loss_fn=loss_with_terms, eval_data=(x, y), progress=False)
+    np.testing.assert_allclose(history["eval_half"], np.asarray(history["eval_loss"]) / 2, rtol=1e-6)
+
+
 def test_weight_decay_masks_biases():
     params = DynamicNet().init(jax.random.key(0), jnp.ones((1, 10)))["params"]
     mask = decay_mask(params)

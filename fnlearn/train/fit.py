@@ -21,6 +21,11 @@ def _epoch_means(metrics):
     return {f"train_{k}": v.mean() for k, v in metrics.items() if k not in ("finite", "all_finite", "histograms")}
 
 
+def _check_pairs(name, x, y):
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{name}: x holds {x.shape[0]} examples and y {y.shape[0]}; they must pair up")
+
+
 def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entropy, eval_data=None,
         shuffle=True, clip_norm=None, accumulate=1, check_finite=False, compiled=False, mesh=None,
         fsdp=False, progress=True, log_every=0, log=print, detect_anomaly=False, summaries=None, profile=None):
@@ -30,7 +35,8 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
       state: a `TrainState`.
       train_data: `(x, y)` arrays; the first axis is the example axis.
       epochs: passes over the data.
-      key: PRNG key for shuffling; epoch e uses `fold_in(key, e)` (`loop.epoch_order`).
+      key: PRNG key for shuffling; epoch e uses `fold_in(key, e)` (`loop.epoch_order`), counting
+        the epochs a trained `state` made before (`state.step // steps per epoch`).
       batch_size: examples per step; None means the whole set (full-batch).
       eval_data: optional `(x, y)`, evaluated after every epoch, `batch_size` at a time.
       clip_norm, accumulate, check_finite: see `make_train_step`. With `check_finite`, a
@@ -59,6 +65,7 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
     mesh = parallel.data_mesh() if mesh is None else mesh
     whole, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     x, y = jax.device_put(tuple(train_data), whole)
+    _check_pairs("train_data", x, y)
     batch_size = batch_size or x.shape[0]
     if x.shape[0] < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the {x.shape[0]} training examples")
@@ -75,6 +82,7 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
     steps_per_epoch = x.shape[0] // batch_size
     if eval_data is not None:
         eval_data = jax.device_put(tuple(eval_data), whole)
+        _check_pairs("eval_data", *eval_data)
 
     def epoch_eval(state):
         if eval_data is None:
@@ -83,6 +91,9 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
 
     history = History()
     step0 = int(state.step)  # the steps `state` has taken already
+    # A state trained before goes on with the epochs after its own, so that two calls of
+    # one epoch each see the batches one call of two epochs sees.
+    first = step0 // steps_per_epoch
 
     def diverged(finite, i, state):
         """TrainingDiverged for the run's step `i` (0-based), `finite` its per-leaf flags, `state` the last
@@ -90,7 +101,7 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
         anomaly = None
         if detect_anomaly:
             e, j = divmod(i, steps_per_epoch)
-            idx = epoch_order(key, e, x.shape[0], batch_size, shuffle)[j]
+            idx = epoch_order(key, first + e, x.shape[0], batch_size, shuffle)[j]
             anomaly = find_step_anomaly(state, loss_fn, (x[idx], y[idx]))
         return TrainingDiverged(step0 + i, first_nonfinite(finite) or "loss", state=state, anomaly=anomaly,
                                 replayed=detect_anomaly)
@@ -113,7 +124,8 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
         @partial(jax.jit, donate_argnums=0, out_shardings=(state_sharding, whole))
         def run(state):
             def epoch(carry, e):
-                carry, m = scan_steps(gathered_step)(carry, epoch_order(key, e, x.shape[0], batch_size, shuffle))
+                carry, m = scan_steps(gathered_step)(carry, epoch_order(key, first + e, x.shape[0], batch_size,
+                                                                        shuffle))
                 return carry, (m, _epoch_means(m), epoch_eval(carry[0]))
 
             (state, _), out = lax.scan(epoch, (state, jnp.array(False)), jnp.arange(epochs))
@@ -125,7 +137,7 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
         t0 = time.perf_counter()
         with jax.profiler.trace(str(profile), create_perfetto_trace=True) if profile else contextlib.nullcontext():
             state, (steps_m, epoch_m, eval_m) = jax.block_until_ready(compiled_run(state))
-        seconds = (time.perf_counter() - t0) / epochs
+        seconds = (time.perf_counter() - t0) / max(epochs, 1)
         if check_finite and (bad := first_false(steps_m["all_finite"])) is not None:
             raise diverged(jax.tree.map(lambda f: np.asarray(f).reshape(-1)[bad], steps_m["finite"]), bad, state)
         for e in range(epochs):
@@ -144,7 +156,7 @@ def fit(state, train_data, *, epochs, key, batch_size=None, loss_fn=cross_entrop
     with StepProgress(epochs * steps_per_epoch, "fit", batch_size, unit="ex", disable=not progress) as bar:
         for e in range(epochs):
             t0 = time.perf_counter()
-            order = order_fn(key, e, x.shape[0], batch_size, shuffle)
+            order = order_fn(key, first + e, x.shape[0], batch_size, shuffle)
             ms = []
             for i in range(steps_per_epoch):
                 with jax.profiler.trace(str(profile), create_perfetto_trace=True) if (

@@ -180,7 +180,9 @@ def make_eval_step(loss_fn=cross_entropy, batch_size=None):
             return _forward(state, state.params, xb, train=False)[0]
 
         out = predict(x) if batch_size is None else batched(predict, x, batch_size)
-        metrics = {"loss": loss_fn(out, y)}
+        loss = loss_fn(out, y)
+        loss, terms = loss if isinstance(loss, tuple) else (loss, {})
+        metrics = {"loss": loss, **terms}
         if _classification(out, y):
             metrics["accuracy"] = accuracy(out, y)
         return metrics
