@@ -152,6 +152,16 @@ def test_reads_bfloat16_torch_files(torch, resnet18, tmp_path):
                                   state["conv1.weight"].float().permute(2, 3, 1, 0).numpy())
 
 
+def test_reads_a_file_of_parameters_that_need_grad(torch, resnet18, tmp_path):
+    # `dict(model.named_parameters())` and `state_dict(keep_vars=True)` save nn.Parameters.
+    _, variables = resnet18
+    state = {k: torch.nn.Parameter(torch.from_numpy(a)) if a.dtype == np.float32 else torch.from_numpy(a)
+             for k, a in to_torchvision(variables).items()}
+    torch.save(state, tmp_path / "resnet18.pth")
+    _, loaded = from_torchvision("resnet18", tmp_path / "resnet18.pth")
+    np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"], state["fc.weight"].detach().numpy().T)
+
+
 def test_failed_write_leaves_nothing(resnet18, tmp_path, monkeypatch):
     def save_half(state, filename):
         open(filename, "wb").write(b"half a file")

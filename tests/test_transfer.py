@@ -38,6 +38,9 @@ def test_class_subsets_relabel_and_keep_a_balanced_fraction(tree, tmp_path):
     assert target.train_images[target.train_labels == 0][..., 2].mean() < 120
     with pytest.raises(ConfigError, match="class 7 does not exist"):
         class_subset(dataset, (0, 7))
+    sparse = dataset._replace(train_labels=np.where(dataset.train_labels == 1, 0, dataset.train_labels))
+    with pytest.raises(ConfigError, match="class 1 has no images in a split"):
+        class_subset(sparse, (3, 1), label_fraction=0.25)
 
 
 def test_the_experiment_end_to_end(tree, tmp_path, capsys):

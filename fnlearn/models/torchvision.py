@@ -110,7 +110,8 @@ def read_state_dict(path):
             raise WeightsError(f"{path} is not a state dict of names to tensors: "
                                f"{key!r} is a {type(value).__name__}")
     # numpy has no bfloat16 of torch's; float32 holds it exactly.
-    return {key: (t.float() if t.dtype == torch.bfloat16 else t).numpy() for key, t in obj.items()}
+    # detach: a file of nn.Parameters (`dict(model.named_parameters())`) loads needing grad.
+    return {key: (t.float() if t.dtype == torch.bfloat16 else t).detach().numpy() for key, t in obj.items()}
 
 
 def load_state_dict(state, shapes, source, arch):
@@ -181,7 +182,7 @@ def from_torchvision(name, path, **model_kwargs):
 
 
 def to_torchvision(variables, path=None):
-    """fnlearn variables as a torch state_dict, e.g. for torchvision's ResNets (or airbench's net).
+    """fnlearn variables as a torch state_dict, e.g. for torchvision's ResNets.
 
     Args:
       variables: {"params", optionally "batch_stats"} of a model whose module names follow
@@ -192,7 +193,8 @@ def to_torchvision(variables, path=None):
     Returns:
       dict of torch key -> float32 np.ndarray in torch's layout (conv weights OIHW, Linear
       weights (out, in)), plus a 0-d int64 `num_batches_tracked` of 0 per BatchNorm, so that
-      `load_state_dict(strict=True)` accepts it.
+      `load_state_dict(strict=True)` accepts it where every torch parameter has an fnlearn
+      one (the ResNets; not FastNet, whose BatchNorm has no scale).
     """
     state = {}
     for collection in ("params", "batch_stats"):

@@ -4,8 +4,8 @@ The source task is some classes of a data set (CIFAR-10's 0-4 by default), the t
 others with a tenth of their training labels. The network is pretrained on the source (or
 comes from `--weights`: a torchvision file or an fnlearn checkpoint), gets a fresh head for the
 target's classes, and is trained three ways for the same number of steps: the head alone
-(the backbone frozen, its BatchNorm in inference mode), everything with the backbone at a
-lower learning rate, and from scratch. Each run is `recipes.cifar.train_and_evaluate`: the same
+(the backbone frozen, its BatchNorm in inference mode), everything (the backbone at
+`--backbone-lr-scale` times the head's rate, 1 by default), and from scratch. Each run is `recipes.cifar.train_and_evaluate`: the same
 loop, augmentation, evaluation and checkpoints as the main job.
 """
 import dataclasses
@@ -117,6 +117,9 @@ def class_subset(dataset, classes, label_fraction=1.0, seed=0):
 
     def pick(images, labels, fraction):
         keep = np.flatnonzero(np.isin(labels, classes))
+        if missing := sorted(set(classes.tolist()) - set(labels[keep].tolist())):
+            raise ConfigError(f"class {missing[0]} has no images in a split of {dataset.source}: "
+                              "pick classes that all have train and test images")
         if fraction < 1:
             keep = keep[stratified_subset(labels[keep], max(len(classes), round(fraction * len(keep))), seed)]
         return images[keep], relabel[labels[keep]].astype(np.int32)
