@@ -6,7 +6,10 @@ onednn-devel-cpu-gomp wheels, the library from onednn-cpu-gomp (pyproject's
 build-system requires), found through their installed file lists, so an isolated
 build finds them too.
 """
+import hashlib
 import importlib.metadata
+import os
+import pathlib
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -22,7 +25,29 @@ def _dir_of(distribution, filename):
     return None if path is None else str(path.locate())[: -len(filename)]
 
 
+SOURCE = pathlib.Path("fnlearn/ops/_onednn/conv.cc")
+
+
+def source_hash(path):
+    """The hash the library carries of the source it was built from (`FnlearnConvSource`)."""
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+
+
 class BuildFFI(build_ext):
+    def run(self):
+        # A library left by an earlier build must not outlive a build that fails or is skipped:
+        # it would be packaged, or loaded, in place of this source's. Both copies go: the
+        # build's own and, in place (editable installs), the source tree's.
+        inplace = self.inplace
+        targets = set()
+        for self.inplace in {inplace, False}:
+            targets.update(self.get_ext_fullpath(extension.name) for extension in self.extensions)
+        self.inplace = inplace
+        for target in targets:
+            if os.path.exists(target):
+                os.remove(target)
+        super().run()
+
     def build_extensions(self):
         dirs = {"FFI headers (jaxlib)": _dir_of("jaxlib", "xla/ffi/api/ffi.h"),
                 "oneDNN headers (onednn-devel-cpu-gomp)": _dir_of("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp"),
@@ -41,7 +66,8 @@ class BuildFFI(build_ext):
 
 
 setup(
-    ext_modules=[Extension("fnlearn.ops._onednn.libfnlearn_conv", ["fnlearn/ops/_onednn/conv.cc"],
+    ext_modules=[Extension("fnlearn.ops._onednn.libfnlearn_conv", [str(SOURCE)],
+                           define_macros=[("FNLEARN_CONV_SOURCE", f'"{source_hash(SOURCE)}"')],
                            libraries=["dnnl"], language="c++", optional=True,
                            extra_compile_args=["-std=c++17", "-O2", "-g0"])],
     cmdclass={"build_ext": BuildFFI},

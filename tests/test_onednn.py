@@ -5,6 +5,7 @@ Skipped where the library is not built, unless FNLEARN_REQUIRE_ONEDNN=1 (CI)."""
 import ctypes
 import os
 import threading
+import types
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +90,30 @@ def test_other_dtypes_and_empty_results_match_lax():
     # A window longer than the padded input: an empty result, as lax gives (oneDNN refuses it).
     small = lambda conv: conv(x[:, :2], w, (2, 2), ((0, 0), (0, 0)), dimension_numbers=NHWC)  # noqa: E731
     assert small(conv_general_dilated).shape == small(lax.conv_general_dilated).shape == (2, 0, 4, 16)
+    # Zero input channels (a 1x1 dot), and an empty mapped image: shapes as lax's.
+    pointwise = lambda conv: conv(x[..., :0], w[:1, :1, :0], (1, 1), "VALID", dimension_numbers=NHWC)  # noqa: E731
+    assert pointwise(conv_general_dilated).shape == pointwise(lax.conv_general_dilated).shape == (2, 9, 9, 16)
+    mapped = lambda conv: jax.vmap(lambda x: conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC))  # noqa: E731
+    empty = jnp.zeros((3, 2, 0, 9, 8))
+    assert mapped(conv_general_dilated)(empty).shape == mapped(lax.conv_general_dilated)(empty).shape
+
+
+def test_a_library_built_from_another_source_is_refused():
+    # A source tree's library after a pull that changed conv.cc, before it is rebuilt.
+    other = types.SimpleNamespace(FnlearnConvSource=lambda: b"0123456789abcdef")
+    assert "was built from another conv.cc (reinstall" in onednn._stale(other)
+    assert onednn._stale(types.SimpleNamespace()) is not None  # from before the library said its source
+    assert onednn._stale(ctypes.CDLL(str(onednn._LIBRARY))) is None  # this one's (loaded: libdnnl is too)
+
+
+def test_op_by_op_under_disable_jit():
+    # Debugging runs every op eagerly; the primitives' own impl must not recurse.
+    ours, ref, x, w = case("3x3_same")
+    with jax.disable_jit():
+        got = jax.value_and_grad(loss_of(ours), argnums=(0, 1))(x, w)
+    want = jax.jit(jax.value_and_grad(loss_of(ref), argnums=(0, 1)))(x, w)
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert max_relative_error(g, h) < 1e-4
 
 
 def test_forward_mode_and_second_order():

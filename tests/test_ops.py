@@ -233,3 +233,6 @@ def test_xla_flags_are_added_and_user_settings_win():
     flags.apply(environ)
     flags.apply(environ)  # idempotent
     assert environ["XLA_FLAGS"] == f"--{name}={value}"
+    # A jaxlib they were not measured on may not know them, and XLA aborts on an unknown flag.
+    assert flags.xla_flags("--xla_force_host_platform_device_count=4", jaxlib="0.11.0") == \
+        "--xla_force_host_platform_device_count=4"

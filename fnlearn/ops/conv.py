@@ -38,6 +38,7 @@ What runs on CPU, per case (the figures are in docs/performance.md):
   these best lowerings, and forward-mode AD (`jax.jvp`, `jacfwd`) keeps working.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -169,7 +170,7 @@ def pointwise_conv(x, kernel, strides, precision=None, preferred_element_type=No
     # Half-precision operands accumulate in float32, as the native convolution does.
     # (Chosen explicitly: promote_types fails under strict dtype promotion.)
     accumulate = jnp.float32 if jnp.finfo(out_dtype).bits < 32 else out_dtype
-    y = jnp.dot(x.reshape(-1, c_in), kernel.reshape(c_in, c_out), precision=precision,
+    y = jnp.dot(x.reshape(math.prod(x.shape[:-1]), c_in), kernel.reshape(c_in, c_out), precision=precision,
                 preferred_element_type=accumulate)
     return y.astype(out_dtype).reshape(x.shape[:-1] + (c_out,))
 

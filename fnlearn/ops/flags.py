@@ -20,6 +20,7 @@ timing them interleaved in one process (figures: docs/performance.md):
   for reductions. oneDNN (`xla_cpu_use_onednn`) is not wired into this jaxlib's CPU
   pipeline: its flags change nothing.
 """
+import importlib.metadata
 import os
 
 # Flag name -> value. The "-" removes one entry from XLA's default list of YNNPACK
@@ -27,17 +28,25 @@ import os
 CPU_FLAGS = {
     "xla_cpu_experimental_ynn_fusion_type": "-individual_convolution,-individual_dot",
 }
+# The jaxlib releases they were measured on. XLA aborts on a flag it does not know, and an
+# experimental flag may go in any release, so on others fnlearn sets none.
+MEASURED_ON = ("0.10.",)
 
 
-def xla_flags(existing=""):
+def xla_flags(existing="", jaxlib=None):
     """Returns an XLA_FLAGS string: `existing`, then each fnlearn flag it does not set.
 
     Args:
       existing: the current XLA_FLAGS value (space-separated `--name=value` items).
+      jaxlib: the jaxlib version (default: the installed one's); none are added unless it
+        starts with one of `MEASURED_ON`.
     Returns:
       the combined value; the user's own setting of a flag always wins.
     """
+    jaxlib = importlib.metadata.version("jaxlib") if jaxlib is None else jaxlib
     items = existing.split()
+    if not jaxlib.startswith(MEASURED_ON):
+        return " ".join(items)
     names = {item.lstrip("-").split("=", 1)[0] for item in items}
     items += [f"--{name}={value}" for name, value in CPU_FLAGS.items() if name not in names]
     return " ".join(items)

@@ -14,6 +14,10 @@ mapped batch axis into the batch, and otherwise maps lax's convolution. CPU lowe
 them to the FFI calls; every other platform to lax's convolutions, so a program
 traced on a CPU host still lowers for a GPU.
 
+oneDNN's kernel gradient sums its N x OH x OW products per weight in float32, as PyTorch's
+CPU one does (the same library), so its rounding error grows with the batch, faster than
+XLA's (docs/performance.md); training is not affected.
+
 The library is loaded at the first convolution. Where it or oneDNN is missing,
 `enabled()` is False, fnlearn says so once, and convolutions keep XLA's lowering;
 `FNLEARN_ONEDNN=0` turns this path off, and `disabled()` turns it off while tracing
@@ -22,6 +26,7 @@ programs that leave the process (`jax.export`, ONNX) or whose cost XLA must coun
 import contextlib
 import ctypes
 import functools
+import hashlib
 import importlib.metadata
 import os
 import pathlib
@@ -49,6 +54,20 @@ def _libdnnl():
     return next((f.locate() for f in files if f.name == "libdnnl.so.3"), None)
 
 
+def _stale(library):
+    """Why `library` was not built from the conv.cc beside it (a source tree after a pull), or None.
+    An installed wheel carries no conv.cc, and its library was built with the package."""
+    source = _LIBRARY.with_name("conv.cc")
+    if not source.exists():
+        return None
+    built = getattr(library, "FnlearnConvSource", None)
+    if built is not None:
+        built.restype = ctypes.c_char_p
+        if built().decode() == hashlib.sha256(source.read_bytes()).hexdigest()[:16]:
+            return None
+    return f"{_LIBRARY.name} was built from another {source.name} (reinstall fnlearn: pip install -e .)"
+
+
 @functools.cache
 def _load():
     """(True, bf16 native) once the FFI targets are registered, else (False, why)."""
@@ -61,6 +80,8 @@ def _load():
         # Loaded first: the library's own reference to libdnnl.so.3 then resolves to it.
         ctypes.CDLL(str(dnnl))
         library = ctypes.CDLL(str(_LIBRARY))
+        if (stale := _stale(library)) is not None:
+            return False, stale
         handlers = {name: getattr(library, symbol) for name, symbol in _TARGETS.items()}
         native_bf16 = bool(library.FnlearnConvNativeBf16())
         for name, handler in handlers.items():
@@ -145,7 +166,13 @@ def _primitive(name, reference, abstract):
     def eager(**params):
         return jax.jit(functools.partial(primitive.bind, **params))
 
-    primitive.def_impl(lambda *args, **params: eager(**params)(*args))
+    def impl(*args, **params):
+        # With jit on, as JAX's own primitives run: under `jax.disable_jit()` the jit
+        # would call this impl again, without end.
+        with jax.disable_jit(False):
+            return eager(**params)(*args)
+
+    primitive.def_impl(impl)
     primitive.def_abstract_eval(abstract)
     ffi = jax.ffi.ffi_lowering(f"fnlearn_conv_{name}")
     lax_lowering = mlir.lower_fun(reference, multiple_results=False)
@@ -252,7 +279,7 @@ def _batcher(primitive, reference, folds):
         if folds is not None and dims[1 - folds] is None:
             operands = list(args)
             mapped = jnp.moveaxis(args[folds], dims[folds], 0)
-            operands[folds] = mapped.reshape((-1,) + mapped.shape[2:])
+            operands[folds] = mapped.reshape((mapped.shape[0] * mapped.shape[1],) + mapped.shape[2:])
             if "input_shape" in params:
                 params = dict(params, input_shape=(operands[0].shape[0],) + tuple(params["input_shape"][1:]))
             out = primitive.bind(*operands, **params)

@@ -224,6 +224,14 @@ extern "C" int64_t FnlearnConvSetPlanCapacity(int64_t capacity) {
   return before;
 }
 
+#ifndef FNLEARN_CONV_SOURCE
+#define FNLEARN_CONV_SOURCE "unknown"
+#endif
+
+// The hash of the conv.cc this library was built from (setup.py's source_hash), so that
+// fnlearn can refuse a library left from an older source.
+extern "C" const char* FnlearnConvSource() { return FNLEARN_CONV_SOURCE; }
+
 // For tests: how many plans have been built.
 extern "C" int64_t FnlearnConvPlansBuilt() {
   Plans& plans = Cache();
