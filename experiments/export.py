@@ -48,7 +48,8 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", type=Path,
                         help="its trained weights: a training run's checkpoints folder (or one epoch's), or a "
                              "folder from checkpoint.save_variables (default: the model's random init)")
-    parser.add_argument("--format", choices=export.FORMATS, default="stablehlo", help="what to write")
+    parser.add_argument("--format", choices=export.FORMATS,
+                        help="what to write (default: onnx for an --out ending in .onnx, else stablehlo)")
     parser.add_argument("--out", type=Path, required=True, help="the file to write (.zip or .onnx by convention)")
     parser.add_argument("--input-shape", default="32,32,3", help="H,W,C of one image")
     parser.add_argument("--labels",
@@ -86,6 +87,11 @@ def parse_args(argv):
         parser.error("pass --model NAME, or a --checkpoint whose run names its model")
     if args.out.is_dir() or not args.out.parent.is_dir():
         parser.error(f"--out {args.out} must be a file in an existing folder")
+    suffix = {"onnx": ".onnx", "stablehlo": ".zip"}
+    args.format = args.format or ("onnx" if args.out.suffix == ".onnx" else "stablehlo")
+    if args.out.suffix in suffix.values() and args.out.suffix != suffix[args.format]:
+        parser.error(f"--out {args.out} names a {args.out.suffix} file but --format is {args.format}: "
+                     f"name it {args.out.with_suffix(suffix[args.format]).name}, or pass the other --format")
     return parser, args
 
 
@@ -133,32 +139,51 @@ def why_unchecked(fmt, platforms):
     return None
 
 
+def reference_logits(fn, images):
+    """`fn`'s logits on `images` at full float32 precision (a GPU's default TF32 convolutions
+    would differ from onnxruntime's float32 by more than the check allows).
+
+    Raises:
+      ArtifactError: they are not finite: nothing worth exporting."""
+    with jax.default_matmul_precision("highest"):
+        expected = np.asarray(jax.jit(fn)(images))
+    if not np.isfinite(expected).all():
+        raise export.ArtifactError("the model's logits are not finite (NaN or inf in its weights?)")
+    return expected
+
+
+def checker(images, expected, found):
+    """A `save` check: the written file's logits on `images` within 1e-4 of the largest
+    `expected` one; the difference goes into `found`."""
+    def check(path):
+        found["difference"] = float(np.max(np.abs(export.load(path)(images) - expected)))
+        # float32 reassociation stays far below this; a NaN difference fails it too
+        if not found["difference"] <= 1e-4 * max(1.0, float(np.abs(expected).max())):
+            raise export.ArtifactError(f"the exported model's logits differ from fnlearn's by "
+                                       f"{found['difference']:.2e} on 8 random images: a converter bug. "
+                                       "Please report it with the command")
+    return check
+
+
 def main(argv=None):
     parser, args = parse_args(argv)
+    images = np.random.default_rng(0).integers(0, 256, (8, *args.input_shape), np.uint8)
+    why, found = why_unchecked(args.format, args.platforms), {}
     try:
         model, variables, labels = model_and_variables(args)
         fn = export.classifier(model.apply, variables, args.mean, args.std)
         meta = {"model": args.model, "labels": labels, "mean": list(args.mean), "std": list(args.std),
                 "checkpoint": str(args.checkpoint) if args.checkpoint else None}
-        size = export.save(args.out, fn, args.input_shape, meta, args.format, args.platforms)
+        expected = reference_logits(fn, images)
+        check = None if why else checker(images, expected, found)
+        size = export.save(args.out, fn, args.input_shape, meta, args.format, args.platforms, check=check)
     except (CheckpointError, export.ArtifactError, export.ExportError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}; nothing was written to {args.out}")
     written = f"wrote {args.out} ({args.format}, {size / 2**20:.1f} MiB, {len(labels)} classes)"
-    if why := why_unchecked(args.format, args.platforms):
+    if why:
         print(f"{written}; not checked: {why}")
-        return
-    images = np.random.default_rng(0).integers(0, 256, (8, *args.input_shape), np.uint8)
-    expected = np.asarray(jax.jit(fn)(images))
-    if not np.isfinite(expected).all():
-        args.out.unlink()
-        sys.exit(f"error: the model's logits are not finite (NaN or inf in its weights?); {args.out} was removed")
-    difference = float(np.max(np.abs(export.load(args.out)(images) - expected)))
-    # float32 reassociation stays far below this; a NaN difference fails it too
-    if not difference <= 1e-4 * max(1.0, float(np.abs(expected).max())):
-        args.out.unlink()
-        sys.exit(f"error: the exported model's logits differ from fnlearn's by {difference:.2e} on 8 random "
-                 f"images: a converter bug; {args.out} was removed. Please report it with the command")
-    print(f"{written}; max |logits - fnlearn's| on 8 random images: {difference:.2e}")
+    else:
+        print(f"{written}; max |logits - fnlearn's| on 8 random images: {found['difference']:.2e}")
 
 
 if __name__ == "__main__":

@@ -158,6 +158,24 @@ def test_without_onnxruntime_the_command_writes_onnx_and_says_it_is_unchecked(tm
     assert (tmp_path / "m.onnx").stat().st_size > 0
 
 
+def test_a_refused_export_leaves_the_file_already_at_out(tmp_path, monkeypatch):
+    out = tmp_path / "deployed.onnx"
+    export_experiment.main(["--model", "fastnet_tiny", "--out", str(out)])  # onnx, from the name
+    deployed = out.read_bytes()
+    assert export.load(out).meta["format"] == "onnx"
+    # A converter that got the numbers wrong: the check refuses the new file before it replaces the old.
+    wrong = lambda path: lambda x: np.full((len(x), 10), 1e3, np.float32)  # noqa: E731
+    monkeypatch.setattr(export_experiment.export, "load", wrong)
+    with pytest.raises(SystemExit, match=f"a converter bug.*; nothing was written to {out}$"):
+        export_experiment.main(["--model", "fastnet_tiny", "--seed", "1", "--out", str(out)])
+    assert out.read_bytes() == deployed and sorted(p.name for p in tmp_path.iterdir()) == ["deployed.onnx"]
+
+
+def test_an_out_that_cannot_be_written_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: cannot write /proc/fnlearn.zip \(.*\): pick a folder"):
+        export_experiment.main(["--model", "fastnet_tiny", "--out", "/proc/fnlearn.zip"])
+
+
 def test_the_command_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     model, variables = trained_like("fastnet_tiny", num_classes=3)
     save_variables(tmp_path / "weights", jax.device_get(variables), {"class_names": ["cat", "dog", "frog"]})
@@ -169,6 +187,7 @@ def test_the_command_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--model", "fastnet_tiny", "--format", "tflite"], "invalid choice"),
+    (["--model", "fastnet_tiny", "--format", "onnx"], "names a .zip file but --format is onnx"),
     (["--model", "fastnet_tiny", "--input-shape", "32,32"], "--input-shape '32,32' is not H,W,C"),
     (["--model", "fastnet_tiny", "--platforms", "cpu,gpu"], "--platforms 'gpu'"),
     (["--model", "fastnet_tiny", "--platforms", ","], "--platforms ''"),

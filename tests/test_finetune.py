@@ -6,8 +6,8 @@ import optax
 import pytest
 
 from fnlearn import models
-from fnlearn.train import FROZEN, TrainState, freeze_batch_norm, load_pretrained, make_train_step, param_groups, \
-    partition
+from fnlearn.train import FROZEN, TrainState, cross_entropy, freeze, load_pretrained, make_train_step, \
+    param_groups, partition
 from fnlearn.train.finetune import matches
 
 X = jax.random.normal(jax.random.key(1), (8, 8, 8, 3)) * 3 + 1  # far from BatchNorm's initial statistics
@@ -51,7 +51,7 @@ def test_groups_take_the_first_matching_rule():
 def test_head_only_leaves_the_frozen_backbone_and_its_statistics_unchanged():
     model, variables = _tiny()
     rules = [("fc", "head")]
-    state = TrainState.create(apply_fn=freeze_batch_norm(model.apply, variables["params"], rules, FROZEN), variables=variables,
+    state = TrainState.create(apply_fn=freeze(model.apply, variables["params"], rules, FROZEN), variables=variables,
                               tx=partition({"head": optax.sgd(0.1, momentum=0.9)}, variables["params"], rules, FROZEN))
     trained = _train(state)
     changed = _changed(state.params, trained.params)
@@ -61,6 +61,27 @@ def test_head_only_leaves_the_frozen_backbone_and_its_statistics_unchanged():
     # Frozen BatchNorm normalises with its running statistics: train mode gives eval mode's output.
     train_out, _ = state.apply_fn(variables, X, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(train_out, model.apply(variables, X, train=False), atol=1e-6)
+
+
+def test_frozen_params_get_no_gradient_so_the_grad_norm_is_the_heads():
+    # As clip_grad_norm_ sees only params with a .grad: clipping scales the head by its own norm.
+    model, variables = _tiny()
+    rules = [("fc", "head")]
+    apply = freeze(model.apply, variables["params"], rules, FROZEN)
+    state = TrainState.create(apply_fn=apply, variables=variables,
+                              tx=partition({"head": optax.sgd(0.1)}, variables["params"], rules, FROZEN))
+    _, metrics = jax.jit(make_train_step())(state, (X, Y))
+
+    def head_loss(fc):
+        out, _ = apply({**variables, "params": {**variables["params"], "fc": fc}}, X, train=True,
+                       mutable=["batch_stats"])
+        return cross_entropy(out, Y)
+
+    head_norm = optax.tree.norm(jax.grad(head_loss)(variables["params"]["fc"]))
+    np.testing.assert_allclose(metrics["grad_norm"], head_norm, rtol=1e-5)
+    backbone = jax.grad(lambda p: cross_entropy(apply({**variables, "params": p}, X, train=True,
+                                                      mutable=["batch_stats"])[0], Y))(variables["params"])
+    assert not any(jnp.any(g != 0) for k, v in backbone.items() if k != "fc" for g in jax.tree.leaves(v))
 
 
 def test_without_freezing_batch_norm_its_statistics_move():
@@ -77,7 +98,7 @@ def test_without_freezing_batch_norm_its_statistics_move():
 def test_a_frozen_stage_is_unchanged_and_the_rest_trains():
     model, variables = _tiny()
     rules = [("conv1", FROZEN), ("bn1", FROZEN), ("layer1_*", FROZEN)]
-    state = TrainState.create(apply_fn=freeze_batch_norm(model.apply, variables["params"], rules, "train"), variables=variables,
+    state = TrainState.create(apply_fn=freeze(model.apply, variables["params"], rules, "train"), variables=variables,
                               tx=partition({"train": optax.adam(1e-2)}, variables["params"], rules, "train"))
     trained = _train(state)
     for path, changed in _changed(state.params, trained.params).items():
@@ -113,7 +134,7 @@ def test_a_group_without_a_transform_or_a_transform_without_a_group_is_refused()
 def test_batch_norm_is_frozen_only_where_all_its_params_are():
     model, variables = _tiny()
     rules = [("*/scale", FROZEN), ("layer1_0/bn1", FROZEN), ("bn1/*", FROZEN)]
-    apply = freeze_batch_norm(model.apply, variables["params"], rules, "train")
+    apply = freeze(model.apply, variables["params"], rules, "train")
     _, updates = apply(variables, X, train=True, mutable=["batch_stats"])
     changed = _changed(variables["batch_stats"], updates["batch_stats"])
     for path, moved in changed.items():  # bn1 and layer1_0/bn1 are frozen whole; the others' biases train

@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -185,6 +186,31 @@ def test_an_image_with_too_many_pixels_is_refused_before_it_is_decoded(monkeypat
     with pytest.raises(app_module.RequestError, match="50x50 pixels is over the limit") as error:
         app_module.decode_image(png(np.zeros((50, 50, 3), np.uint8)), (32, 32, 3))
     assert error.value.status == 413
+
+
+def test_16_bit_images_keep_their_levels_and_float_ones_are_refused():
+    levels = np.array([[0, 64 << 8, 128 << 8, 255 << 8]], np.uint16).repeat(4, 0)
+    encoded = io.BytesIO()
+    Image.fromarray(levels).save(encoded, format="PNG")  # opens as mode I;16
+    decoded = app_module.decode_image(encoded.getvalue(), (4, 4, 1))
+    np.testing.assert_array_equal(decoded[0, ..., 0], levels >> 8)
+    encoded = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(encoded, format="TIFF")  # mode F
+    with pytest.raises(app_module.RequestError, match="F-mode images") as error:
+        app_module.decode_image(encoded.getvalue(), (4, 4, 1))
+    assert error.value.status == 415
+
+
+def test_a_caller_that_hangs_up_mid_body_is_no_server_error(artifact_path, caplog):
+    with serving(make_app(export.load(artifact_path))) as port:
+        with socket.create_connection(("127.0.0.1", port)) as caller:
+            caller.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                           b"Content-Length: 1000\r\n\r\n" + b"x" * 10)
+        deadline = time.time() + 10
+        while (counts := request(port, "GET", "/metrics")[1]["requests"]["by_route"].get("/predict")) is None:
+            assert time.time() < deadline, "the hang-up was never counted"
+            time.sleep(0.1)
+        assert "500" not in counts and not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_64_concurrent_callers_each_get_their_own_answer(server):

@@ -54,17 +54,26 @@ def _spec(input_shape):
     return jax.ShapeDtypeStruct((batch, *input_shape), jnp.uint8)
 
 
-def _write_atomically(path, write):
-    """Calls `write(tmp_path)`, then renames into `path`: a killed export leaves no half file."""
+def _write_atomically(path, write, check=None):
+    """Calls `write(tmp_path)`, then `check(tmp_path)`, then renames into `path`: a killed or
+    refused export leaves no half file, and the file already at `path` stays until then.
+
+    Raises:
+      ArtifactError: the file cannot be written (naming the folder and why).
+    """
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {path} ({e.strerror}): pick a folder you can write") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def save(path, fn, input_shape, meta, format="stablehlo", platforms=PLATFORMS):
+def save(path, fn, input_shape, meta, format="stablehlo", platforms=PLATFORMS, check=None):
     """Writes `fn` (uint8 images -> logits, see `classifier`) as an artifact.
 
     Args:
@@ -74,8 +83,12 @@ def save(path, fn, input_shape, meta, format="stablehlo", platforms=PLATFORMS):
       meta: JSON-able dict; `labels` (one name per logit) is what the server reads.
       format: "stablehlo" or "onnx".
       platforms: StableHLO's lowering platforms (ONNX runs wherever onnxruntime does).
+      check: called with the written file before it replaces `path`; what it raises
+        leaves `path` as it was.
     Returns:
       the file's size in bytes.
+    Raises:
+      ArtifactError: a bad format or labels, or a file that cannot be written.
     """
     path = pathlib.Path(path)
     if format not in FORMATS:
@@ -88,7 +101,7 @@ def save(path, fn, input_shape, meta, format="stablehlo", platforms=PLATFORMS):
     # would lower fnlearn's to lax): the file must run without fnlearn's library.
     with onednn.disabled():
         write = _serialize(fn, input_shape, meta, format, platforms)
-    _write_atomically(path, write)
+    _write_atomically(path, write, check)
     return path.stat().st_size
 
 

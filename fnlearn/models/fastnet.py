@@ -150,7 +150,7 @@ class ConvGroup(nn.Module):
         # Scale-free BN (a following conv can absorb any scale), with airbench's eps 1e-12.
         norm = partial(layers.BatchNorm, momentum=self.bn_momentum, epsilon=1e-12, use_scale=False,
                        dtype=self.dtype, param_dtype=self.param_dtype)
-        mode = {"use_running_average": not train}  # a call argument: see `train.freeze_batch_norm`
+        mode = {"use_running_average": not train}  # a call argument: see `train.freeze`
         x = conv(name="conv1")(x)
         x = layers.max_pool(x, (2, 2), strides=(2, 2))  # pool before BN: 4x less to normalise
         x = ops.gelu(norm(name="bn1")(x, **mode))

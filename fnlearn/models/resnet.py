@@ -22,7 +22,7 @@ def batch_norm(x, train, dtype, param_dtype, name):
     Flax keeps the biased batch variance in `batch_stats/var` where torch keeps the
     unbiased one, so running variances differ by n / (n - 1); eval outputs from the
     same stored statistics are identical. The mode is a call argument, so
-    `train.freeze_batch_norm` can keep a frozen layer in inference mode.
+    `train.freeze` can keep a frozen layer in inference mode.
 
     Args:
       x: (..., C) activations.

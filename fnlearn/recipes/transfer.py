@@ -28,7 +28,7 @@ from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resu
                                    train_and_evaluate)
 from fnlearn.report import TensorBoardWriter
 from fnlearn.tools.tensorboard import StepSummaries
-from fnlearn.train import FROZEN, freeze_batch_norm, load_pretrained, partition
+from fnlearn.train import FROZEN, freeze, load_pretrained, partition
 from fnlearn.train.finetune import matches
 
 MODES = ("head_only", "full_finetune", "scratch")
@@ -177,7 +177,7 @@ def transfer_state(mode, pretrained, cfg):
         except ValueError as e:  # weights that do not fit, or a --head that is not a head
             raise ConfigError(f"--weights / --head: {e}") from None
         return state.replace(params=params, batch_stats=variables.get("batch_stats"), tx=tx, opt_state=tx.init(params),
-                             apply_fn=freeze_batch_norm(state.apply_fn, params, rules, default),
+                             apply_fn=freeze(state.apply_fn, params, rules, default),
                              ema_params=None if state.ema_params is None else jax.tree.map(jnp.copy, variables))
 
     return make_state

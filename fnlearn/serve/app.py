@@ -27,7 +27,8 @@ from PIL import Image, ImageOps
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 logger = logging.getLogger("fnlearn.serve")
@@ -189,7 +190,13 @@ def decode_image(body, input_shape):
         if image.width * image.height > MAX_PIXELS:
             raise RequestError(413, f"image of {image.width}x{image.height} pixels is over the limit of "
                                     f"{MAX_PIXELS} pixels")
-        image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")  # as a viewer shows it
+        image = ImageOps.exif_transpose(image)  # as a viewer shows it
+        if image.mode.startswith("I;16"):  # 16-bit levels: convert() would clip them at 255
+            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
+        elif image.mode in ("I", "F"):
+            raise RequestError(415, f"{image.mode}-mode images (32-bit integer or float pixels) have no fixed "
+                                    "range: send an 8- or 16-bit image")
+        image = image.convert("L" if channels == 1 else "RGB")
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.BILINEAR)
         pixels = np.asarray(image, np.uint8)
@@ -285,6 +292,8 @@ def make_app(artifact, predict=None, max_batch=32, max_wait=0.005, max_concurren
             return JSONResponse({"predictions": top_k(logits, labels, k)})
         except RequestError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
+        except ClientDisconnect:  # the caller hung up mid-body: nobody to answer, no server fault
+            return Response(status_code=499)  # nginx's "client closed request", for /metrics
         except Exception:  # answered here, so it is logged once (Starlette's handler would log it twice)
             logger.exception("internal error on POST /predict")
             return JSONResponse({"error": "internal error; the server log has the cause"}, status_code=500)

@@ -3,7 +3,7 @@
 It takes a model's `apply` and arrays as arguments; it imports no model.
 """
 from fnlearn.train.finetune import FROZEN
-from fnlearn.train.finetune import freeze_batch_norm
+from fnlearn.train.finetune import freeze
 from fnlearn.train.finetune import load_pretrained
 from fnlearn.train.finetune import param_groups
 from fnlearn.train.finetune import partition

@@ -63,14 +63,20 @@ def frozen_modules(params, rules, default):
     return {module for module, found in groups.items() if found == {FROZEN}}
 
 
-def freeze_batch_norm(apply_fn, params, rules, default):
-    """`apply_fn` with the BatchNorm layers whose params are all in the `FROZEN` group kept in
-    inference mode under `train=True`: they normalise with their running statistics and leave them
-    as they are, as a frozen layer should (PyTorch needs `module.eval()` on each for this).
+def freeze(apply_fn, params, rules, default):
+    """`apply_fn` with the params in the `FROZEN` group frozen the way PyTorch's
+    `requires_grad=False` and `module.eval()` freeze them:
+
+    - their gradients are exact zeros (`lax.stop_gradient`), so JAX builds no backward pass
+      into them, and the global norm a step clips by or reports (`make_train_step`) is the
+      trained params' alone, as `clip_grad_norm_` sees only params with a `.grad`;
+    - the BatchNorm layers whose params are all frozen run in inference mode under
+      `train=True`: they normalise with their running statistics and leave them as they are.
 
     Done with `nn.intercept_methods`, so the model needs no flag of its own, but its BatchNorm must
     take `use_running_average` at call time (the zoo's do). Jit-safe: the choice is made while tracing.
     """
+    groups = param_groups(params, rules, default)
     frozen = frozen_modules(params, rules, default)
 
     def interceptor(next_fun, args, kwargs, context):
@@ -80,9 +86,11 @@ def freeze_batch_norm(apply_fn, params, rules, default):
             kwargs = {**kwargs, "use_running_average": True}
         return next_fun(*args, **kwargs)
 
-    def apply(*args, **kwargs):
+    def apply(variables, *args, **kwargs):
+        stopped = jax.tree.map(lambda p, group: jax.lax.stop_gradient(p) if group == FROZEN else p,
+                               variables["params"], groups)
         with nn.intercept_methods(interceptor):
-            return apply_fn(*args, **kwargs)
+            return apply_fn({**variables, "params": stopped}, *args, **kwargs)
 
     return apply
 
