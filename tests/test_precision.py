@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fnlearn.data import load_dataset
@@ -28,6 +29,12 @@ def _state(loss_scale):
                              loss_scale=loss_scale)
 
 
+def schedule_counts(opt_state):
+    """The counts of the schedules in an optimizer state: the step their learning rate is at."""
+    is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)  # noqa: E731
+    return [int(s.count) for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+
+
 def test_the_policies_compute_in_their_dtype_and_only_fp16_scales_the_loss():
     assert {name: (p.compute_dtype, p.loss_scale) for name, p in POLICIES.items()} == {
         "fp32": (jnp.float32, False), "bf16": (jnp.bfloat16, False), "fp16": (jnp.float16, True)}
@@ -42,9 +49,9 @@ def test_an_overflow_skips_the_step_halves_the_scale_and_it_grows_back():
     skipped, metrics = step(start, (x.at[0, 0].set(1e5), y))
     assert not bool(jnp.all(jnp.isfinite(metrics["loss"]))) and bool(metrics["skipped"])
     assert bool(metrics["all_finite"])  # an overflow the scale absorbs is no divergence
-    for a, b in zip(jax.tree.leaves((skipped.params, skipped.opt_state)),
-                    jax.tree.leaves((start.params, start.opt_state)), strict=True):
+    for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(start.params), strict=True):
         np.testing.assert_array_equal(a, b)
+    assert schedule_counts(skipped.opt_state) == [1]  # the rest of the optimizer state is SGD's nothing
     assert int(skipped.step) == 1 and float(skipped.loss_scale.scale) == 512.0
     once, metrics = step(skipped, (x, y))
     assert not bool(metrics["skipped"]) and float(once.loss_scale.scale) == 512.0
@@ -55,6 +62,23 @@ def test_an_overflow_skips_the_step_halves_the_scale_and_it_grows_back():
     plain, _ = step(_state(None), (x, y))
     for a, b in zip(jax.tree.leaves(once.params), jax.tree.leaves(plain.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_a_skipped_step_moves_the_learning_rate_schedule_on():
+    # PyTorch calls scheduler.step() whether scaler.step() skipped the update or not.
+    schedule = optax.linear_schedule(0.1, 0.0, 10)
+    start = _state(LossScale.create(scale=1024.0)).replace(tx=optax.sgd(schedule, momentum=0.9))
+    start = start.replace(opt_state=start.tx.init(start.params))
+    x = jax.random.normal(jax.random.key(1), (8, 4))
+    y = jnp.arange(8) % 3
+    skipped, metrics = jax.jit(make_train_step())(start, (x.at[0, 0].set(1e5), y))
+    assert bool(metrics["skipped"])
+    for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(start.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert schedule_counts(skipped.opt_state) == [1]
+    trace = lambda state: state.opt_state[0].trace  # noqa: E731  (momentum: kept, as GradScaler keeps it)
+    for a, b in zip(jax.tree.leaves(trace(skipped)), jax.tree.leaves(trace(start)), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_an_overflow_at_the_scale_floor_of_1_is_a_divergence():

@@ -47,6 +47,14 @@ def _micro_batches(batch, k):
     return jax.tree.map(split, batch)
 
 
+def _schedules_from(source, opt_state):
+    """`opt_state` with its schedule states (optax's `ScaleByScheduleState`: the counts learning-rate
+    schedules read) taken from `source`, an optimizer state of the same structure."""
+    is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(lambda kept, new: new if is_schedule(kept) else kept, opt_state, source,
+                        is_leaf=is_schedule)
+
+
 def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False, grad_norm=True, accumulate=1,
                     summaries_every=0):
     """Builds a pure `train_step(state, (x, y)) -> (state, metrics)`.
@@ -76,7 +84,8 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
         gradients (before clipping), computed at every N-th step (`tools.tensorboard.every_nth_step`).
     With `state.loss_scale` (float16, `precision.LossScale`), the loss is scaled before the
     backward pass, the gradients unscaled, and a step whose gradients overflowed skipped (its
-    params, optimizer state and statistics kept; its step count advanced).
+    params, optimizer state and statistics kept; its step count and learning-rate schedules
+    advanced, as PyTorch's scheduler steps on).
     Returns:
       metrics: `loss`, `grad_norm` (if asked for), `accuracy` for integer-label classification,
         the loss's terms if it returns them, and with a loss scale `loss_scale` (the one this
@@ -124,15 +133,18 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
             if clip_norm is not None:
                 scale = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
                 grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-        new_state = state.apply_gradients(grads, batch_stats=stats)
+        new_state = applied = state.apply_gradients(grads, batch_stats=stats)
         metrics.update(extra)
         if state.loss_scale is not None:
             # GradScaler's rule: a step whose gradients overflowed is skipped and the scale adjusts.
-            # The step count still moves on, as PyTorch's loop does, so anything keyed to it
-            # (lookahead's last sync) comes at its step.
+            # The step count and the learning-rate schedules' counts still move on, as in PyTorch's
+            # loop, where `scheduler.step()` runs whether `scaler.step` skipped or not, so the rate
+            # and anything keyed to the step (lookahead's last sync) come at their step.
             grads_finite = jnp.all(jnp.stack(jax.tree.leaves(_all_finite(grads))))
             new_state = jax.tree.map(lambda new, old: jnp.where(grads_finite, new, old), new_state, state)
-            new_state = new_state.replace(step=state.step + 1, loss_scale=state.loss_scale.adjust(grads_finite))
+            schedules = applied.opt_state
+            new_state = new_state.replace(step=state.step + 1, loss_scale=state.loss_scale.adjust(grads_finite),
+                                          opt_state=_schedules_from(schedules, new_state.opt_state))
             metrics.update(loss_scale=state.loss_scale.scale, skipped=~grads_finite)
         if summaries_every:
             metrics["histograms"] = every_nth_step(state.step + 1, summaries_every, new_state.params, raw_grads)
