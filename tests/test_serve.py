@@ -136,6 +136,10 @@ def test_good_requests_get_the_artifacts_predictions(server):
     ("POST", "/predict", json.dumps({"inputs": np.zeros((2, 31, 32, 3), int).tolist()}), "application/json", 422,
      "has shape (2, 31, 32, 3); expected (N, 32, 32, 3)"),
     ("POST", "/predict", json.dumps({"inputs": [[1, 2], [3]]}), "application/json", 422, "nested list of numbers"),
+    ("POST", "/predict", json.dumps({"inputs": np.full((32, 32, 3), "7").tolist()}), "application/json", 422,
+     "nested list of numbers"),  # strings, which NumPy would read as numbers
+    ("POST", "/predict", json.dumps({"inputs": np.full((32, 32, 3), True).tolist()}), "application/json", 422,
+     "nested list of numbers"),
     ("POST", "/predict", json.dumps({"inputs": np.full((32, 32, 3), 0.5).tolist()}), "application/json", 422,
      "whole numbers 0..255"),
     ("POST", "/predict", json.dumps({"images": []}), "application/json", 422, '{"inputs": [...]}'),

@@ -220,9 +220,12 @@ def decode_json(body, input_shape):
     if not isinstance(data, dict) or "inputs" not in data:
         raise RequestError(422, f'expected a JSON object {{"inputs": [...]}} holding pixels of shape {expected}')
     try:
-        pixels = np.asarray(data["inputs"], np.float64)
+        pixels = np.asarray(data["inputs"])  # no dtype: "7" and true would pass as numbers
     except (ValueError, TypeError, OverflowError, RecursionError):
+        pixels = None
+    if pixels is None or pixels.dtype.kind not in "iuf":
         raise RequestError(422, f'"inputs" must be a nested list of numbers of shape {expected}')
+    pixels = pixels.astype(np.float64)
     if pixels.shape == tuple(input_shape):
         pixels = pixels[None]
     if pixels.ndim != 4 or pixels.shape[1:] != tuple(input_shape) or len(pixels) == 0:
