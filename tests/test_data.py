@@ -1,5 +1,7 @@
 """Image-folder and online TFDS builders on tiny generated data, no TensorFlow, no network."""
 import contextlib
+import errno
+import fcntl
 import gzip
 import io
 import logging
@@ -347,12 +349,23 @@ def test_two_loads_at_once_prepare_once(tmp_path, monkeypatch, count_generate):
     def load(name):
         loaded[name] = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds")
 
-    first = threading.Thread(target=load, args=("first",))
+    locking = threading.Event()
+    flock = fcntl.flock
+
+    def noted_flock(fd, operation):
+        if threading.current_thread().name == "second":
+            locking.set()  # about to wait for the first's lock
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", noted_flock)
+    first = threading.Thread(target=load, args=("first",), name="first")
     first.start()
     assert entered.wait(60)
-    second = threading.Thread(target=load, args=("second",))
+    second = threading.Thread(target=load, args=("second",), name="second")
     second.start()
-    second.join(1.0)
+    assert locking.wait(60)
+    second.join(0.5)
+    assert second.is_alive()  # waiting, not preparing a copy of its own
     release.set()
     first.join(60)
     second.join(60)
@@ -360,6 +373,17 @@ def test_two_loads_at_once_prepare_once(tmp_path, monkeypatch, count_generate):
         np.testing.assert_array_equal(loaded[name].train_images, arrays["train"][0])
         np.testing.assert_array_equal(loaded[name].test_labels, arrays["test"][1])
     assert len(count_generate) == 2  # train and test, once
+
+
+def test_a_file_system_without_locks_prepares_without_one(tmp_path, monkeypatch):
+    # NFS refuses flock on a file not open for writing, some FUSE mounts have no locks at all.
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    arrays = write_folder(tmp_path / "src")
+    ds = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds")
+    np.testing.assert_array_equal(ds.train_images, arrays["train"][0])
 
 
 def test_a_data_dir_that_cannot_be_created_is_named(tmp_path):

@@ -225,6 +225,19 @@ def test_detect_anomaly_names_the_layer_where_the_first_inf_appeared(compiled, t
         np.testing.assert_array_equal(a, b)
 
 
+def test_detect_anomaly_replays_a_loss_with_terms():
+    x, y = blobs(jax.random.key(0), n=64)
+    x_bad = x.at[40, 0].set(jnp.inf)
+
+    def loss_with_terms(out, y):
+        loss = cross_entropy(out, y)
+        return loss, {"half": loss / 2}
+
+    with pytest.raises(TrainingDiverged, match=r"the output of Linear_0 \(forward\)"):
+        fit(new_state(SimpleNet(), x, make_optimizer("sgd", 0.01)), (x_bad, y), epochs=1, batch_size=32,
+            key=jax.random.key(1), shuffle=False, loss_fn=loss_with_terms, detect_anomaly=True, progress=False)
+
+
 def test_tensorboard_every_n_steps_writes_the_steps_scalars_and_histograms(tmp_path):
     x, y = blobs(jax.random.key(0), n=64)
     state = new_state(SimpleNet(), x, make_optimizer("sgd", 0.1))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -132,29 +133,34 @@ def prepare(builder: ImageBuilder, source: str) -> None:
 
     TFDS writes into a `*.incomplete*` temp dir and renames it on success, so an
     interrupted run leaves nothing that a later run mistakes for a finished one.
-    Two processes preparing the same copy take turns (a lock on its folder): the
-    second reads what the first wrote, where TFDS's rename would fail. Preparing
-    prints one line to stderr, with the progress bars, so that stdout keeps only
-    what the program reports; reading a prepared copy prints nothing.
+    Two processes preparing the same copy take turns (a lock file beside it): the
+    second reads what the first wrote, where TFDS's rename would fail. Where the file
+    system has no locks (some network mounts), preparation goes on without one.
+    Preparing prints one line to stderr, with the progress bars, so that stdout keeps
+    only what the program reports; reading a prepared copy prints nothing.
 
     Args:
       builder: a builder constructed with `file_format='array_record'`.
       source: what is prepared, for the line printed.
 
     Raises:
-      DataError: when the data dir cannot be written.
+      DataError: when the prepared files cannot be written.
     """
     if builder.data_path.exists():  # TFDS's own test for "already prepared"; it read the copy's info
         return
     folder = builder.data_path.parent  # the config's, holding one folder per version
+    cannot = f"cannot write prepared files to {folder}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = os.open(folder, os.O_RDONLY)
+        lock = os.open(folder / ".fnlearn-prepare.lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise DataError(f"cannot write prepared files to {folder} ({err.strerror}): "
-                        "pass --data-dir (data_dir=) a folder you can write") from None
+        raise DataError(f"{cannot} ({err.strerror}): pass --data-dir (data_dir=) a folder you can write") from None
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
         if builder.data_path.exists():  # another process prepared it while this one waited
             builder.info.read_from_directory(builder.data_dir)
             return
@@ -167,9 +173,10 @@ def prepare(builder: ImageBuilder, source: str) -> None:
         config = tfds.download.DownloadConfig(try_download_gcs=False)
         with quiet_tfds():
             builder.download_and_prepare(download_config=config)
-    except PermissionError as err:
-        raise DataError(f"cannot write prepared files to {folder} ({err.strerror}): "
-                        "pass --data-dir (data_dir=) a folder you can write") from None
+    except OSError as err:  # a full disk, a read-only folder, an unreadable file
+        hint = (": pass --data-dir (data_dir=) a folder you can write, with room"
+                if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT) else "")
+        raise DataError(f"cannot prepare {source} in {folder}: {err}{hint}") from None
     finally:
         os.close(lock)  # and with it the lock
 

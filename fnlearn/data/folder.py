@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import lzma
 import os
 import pathlib
 import re
@@ -15,6 +16,7 @@ import shutil
 import sys
 import tarfile
 import uuid
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -203,7 +205,7 @@ def extract_archive(archive: pathlib.Path, data_dir: str) -> pathlib.Path:
             while tar.fileobj.read(1 << 20):
                 pass
         os.rename(tmp, final)
-    except (tarfile.TarError, EOFError, OSError) as err:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as err:
         # A rename that lost a race to a concurrent extraction leaves a complete `final`.
         if isinstance(err, OSError) and final.is_dir():
             return final

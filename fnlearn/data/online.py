@@ -13,6 +13,7 @@ import gzip
 import os
 import socket
 import tarfile
+import threading
 import urllib.parse
 
 import numpy as np
@@ -130,7 +131,11 @@ def read_idx_gz(path: str | os.PathLike) -> np.ndarray:
     return parse_idx(data, str(path))
 
 
-def check_reachable(urls, timeout: float = 10.0) -> None:
+_PROBE_SECONDS = 10.0
+_ONE_TRY = threading.Lock()
+
+
+def check_reachable(urls, timeout: float = _PROBE_SECONDS) -> None:
     """Fails at once when a URL's host cannot be reached directly.
 
     TFDS's downloader retries a dead connection 10 times with exponential
@@ -185,16 +190,24 @@ class _OnlineBuilder(ImageBuilder, skip_registration=True):
             check_reachable(sorted(self.URLS.values()))
         except _DownloadFailed as err:
             unreachable = err
-        # Where a host is unreachable, TFDS still gets its one try: the files may be in its
-        # download cache, or reached through a proxy; without its retries it fails at once.
-        retries = downloader.MAX_RETRIES
-        downloader.MAX_RETRIES = retries if unreachable is None else 0
         try:
-            paths = dl_manager.download(self.URLS)
+            if unreachable is None:
+                paths = dl_manager.download(self.URLS)
+            else:
+                # TFDS still gets one try, bounded like the probe: the files may be in its download
+                # cache, or a proxy may reach the host. Its retries (module state) and the socket
+                # timeout requests falls back on are set for that try alone, one thread at a time.
+                with _ONE_TRY:
+                    retries, timeout = downloader.MAX_RETRIES, socket.getdefaulttimeout()
+                    downloader.MAX_RETRIES = 0
+                    socket.setdefaulttimeout(_PROBE_SECONDS)
+                    try:
+                        paths = dl_manager.download(self.URLS)
+                    finally:
+                        downloader.MAX_RETRIES = retries
+                        socket.setdefaulttimeout(timeout)
         except Exception as err:  # requests, urllib3 and TFDS each raise their own types
             raise unreachable or _DownloadFailed(f"could not download {sorted(self.URLS.values())}: {err}") from None
-        finally:
-            downloader.MAX_RETRIES = retries
         arrays = self._read_arrays(paths)
         return {split: self._generate_examples(*arrays[split]) for split in ("train", "test")}
 

@@ -43,7 +43,11 @@ def xla_flags(existing="", jaxlib=None):
     Returns:
       the combined value; the user's own setting of a flag always wins.
     """
-    jaxlib = importlib.metadata.version("jaxlib") if jaxlib is None else jaxlib
+    if jaxlib is None:
+        try:
+            jaxlib = importlib.metadata.version("jaxlib")
+        except importlib.metadata.PackageNotFoundError:  # a source build on the path: no version to trust
+            jaxlib = ""
     items = existing.split()
     if not jaxlib.startswith(MEASURED_ON):
         return " ".join(items)

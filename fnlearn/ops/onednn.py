@@ -55,8 +55,8 @@ def _libdnnl():
 
 
 def _stale(library):
-    """Why `library` was not built from the conv.cc beside it (a source tree after a pull), or None.
-    An installed wheel carries no conv.cc, and its library was built with the package."""
+    """Why `library` was not built from the conv.cc beside it (a source tree after a pull), or None
+    (also where no conv.cc lies beside it: nothing to compare)."""
     source = _LIBRARY.with_name("conv.cc")
     if not source.exists():
         return None
@@ -65,7 +65,8 @@ def _stale(library):
         built.restype = ctypes.c_char_p
         if built().decode() == hashlib.sha256(source.read_bytes()).hexdigest()[:16]:
             return None
-    return f"{_LIBRARY.name} was built from another {source.name} (reinstall fnlearn: pip install -e .)"
+    return (f"{_LIBRARY.name} was built from another {source.name} (reinstall fnlearn: pip install -e . "
+            "in its source tree)")
 
 
 @functools.cache

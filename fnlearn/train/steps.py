@@ -174,7 +174,8 @@ def find_step_anomaly(state, loss_fn, batch):
     state = jax.device_get(state)  # the pass runs on one device (see `find_anomaly`)
 
     def loss(params, x, y):
-        return loss_fn(_forward(state, params, x, train=True)[0], y)
+        loss = loss_fn(_forward(state, params, x, train=True)[0], y)
+        return loss[0] if isinstance(loss, tuple) else loss  # a loss with its terms
 
     return find_anomaly(loss, state.variables, *batch)
 
