@@ -25,7 +25,7 @@ import numpy as np
 from experiments import cli
 from fnlearn import export, models
 from fnlearn.checkpoint import CheckpointError, load_variables
-from fnlearn.data import CIFAR10_MEAN, CIFAR10_STD
+from fnlearn.data.augment import NORMALIZATIONS
 from fnlearn.pytrees import leaf_shapes, shape_mismatches
 
 
@@ -56,10 +56,11 @@ def parse_args(argv):
                         help="comma-separated class names, one per logit (default: the checkpoint's, else 0..N-1)")
     parser.add_argument("--num-classes", type=cli.positive_int,
                         help="logits (default: the checkpoint's, else 10)")
-    parser.add_argument("--mean", type=channel_values, default=CIFAR10_MEAN,
-                        help="per-channel mean the model was trained with, in [0, 1] units (CIFAR-10's)")
-    parser.add_argument("--std", type=channel_values, default=CIFAR10_STD,
-                        help="per-channel std the model was trained with, in [0, 1] units (CIFAR-10's)")
+    parser.add_argument("--mean", type=channel_values,
+                        help="per-channel mean the model was trained with, in [0, 1] units (default: the "
+                             "checkpoint's run's normalization, else CIFAR-10's)")
+    parser.add_argument("--std", type=channel_values,
+                        help="per-channel std the model was trained with, in [0, 1] units (default: as --mean)")
     parser.add_argument("--platforms", default=",".join(export.PLATFORMS),
                         help="StableHLO's lowering platforms, comma-separated (cpu, cuda, rocm, tpu)")
     parser.add_argument("--seed", type=cli.seed, default=0, help="the random init's seed, without --checkpoint")
@@ -73,9 +74,9 @@ def parse_args(argv):
     args.input_shape = shape
     channels = args.input_shape[-1]
     for flag in ("mean", "std"):
-        if len(getattr(args, flag)) != channels:
+        if getattr(args, flag) is not None and len(getattr(args, flag)) != channels:
             parser.error(f"--{flag} has {len(getattr(args, flag))} values for {channels} channels: pass one a channel")
-    if min(args.std) <= 0:
+    if args.std is not None and min(args.std) <= 0:
         parser.error("--std must be positive")
     args.platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
     unknown = [p for p in args.platforms if p not in ("cpu", "cuda", "rocm", "tpu")]
@@ -102,6 +103,11 @@ def model_and_variables(args):
     if args.model not in models.names(task="image_classifier"):
         raise CheckpointError(f"checkpoint {args.checkpoint} does not name a zoo classifier "
                               f"(it says {args.model!r}): pass --model NAME")
+    normalization = NORMALIZATIONS[meta.get("config", {}).get("normalization", "cifar10")]
+    args.mean, args.std = args.mean or normalization[0], args.std or normalization[1]
+    if len(args.mean) != args.input_shape[-1]:
+        raise CheckpointError(f"the default --mean and --std have {len(args.mean)} values for "
+                              f"{args.input_shape[-1]} channels: pass both, one value a channel")
     labels = args.labels.split(",") if args.labels else meta.get("class_names")
     num_classes = args.num_classes or (len(labels) if labels else None)
     if num_classes is None and saved is not None and "fc" in saved["params"]:

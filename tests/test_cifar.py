@@ -19,8 +19,9 @@ from fnlearn.checkpoint import CheckpointError, Checkpoints, load_variables
 from fnlearn.data import DataError, load_dataset, online
 from fnlearn.data.subset import stratified_subset
 from fnlearn.report import TensorBoardWriter, read_events
-from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, check_resume, create_state, lookahead,
-                                   make_train_fn, param_labels, sgd_rates, train_and_evaluate)
+from fnlearn.data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, augment_batch, check_resume, create_state,
+                                   lookahead, make_train_fn, param_labels, sgd_rates, train_and_evaluate)
 from fnlearn.train import TrainingDiverged, TrainState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -255,6 +256,16 @@ def test_bad_arguments_are_named():
         CifarConfig(flip="sometimes")
     with pytest.raises(ValueError, match="unknown --model 'resnet9'"):
         CifarConfig(model="resnet9")
+    with pytest.raises(ValueError, match="unknown --normalization 'mnist'"):
+        CifarConfig(normalization="mnist")
+
+
+def test_the_normalization_is_the_configs():
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), np.uint8)
+    for name, mean, std in [("cifar10", CIFAR10_MEAN, CIFAR10_STD), ("imagenet", IMAGENET_MEAN, IMAGENET_STD)]:
+        cfg = CifarConfig(normalization=name, flip="none", translate=0)
+        got = augment_batch(cfg, jax.random.key(0), jax.random.key(1), images, jnp.arange(4), 0)
+        np.testing.assert_allclose(got, (images / 255 - np.array(mean)) / np.array(std), rtol=1e-5, atol=1e-5)
 
 
 def test_offline_without_data_says_what_to_pass(tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ import pytest
 from experiments import export as export_experiment
 from fnlearn import export, models
 from fnlearn.checkpoint import save_variables
+from fnlearn.data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from fnlearn.export.onnx import ExportError
 from fnlearn.export.onnx import export as to_onnx
 
@@ -147,8 +148,20 @@ def test_the_command_exports_a_checkpoint_with_its_model_and_class_names(tmp_pat
     assert "max |logits - fnlearn's|" in capsys.readouterr().out
     artifact = export.load(tmp_path / "m.onnx")
     assert artifact.labels == ["cat", "dog", "frog"] and artifact.meta["model"] == "fastnet_tiny"
-    fn = export.classifier(model.apply, variables, export_experiment.CIFAR10_MEAN, export_experiment.CIFAR10_STD)
+    fn = export.classifier(model.apply, variables, CIFAR10_MEAN, CIFAR10_STD)
     np.testing.assert_allclose(artifact(images(2)), np.asarray(fn(images(2))), atol=1e-4, rtol=0)
+
+
+def test_the_command_takes_the_runs_normalization(tmp_path):
+    _, variables = trained_like("fastnet_tiny", num_classes=3)
+    save_variables(tmp_path / "weights", jax.device_get(variables),
+                   {"config": {"model": "fastnet_tiny", "normalization": "imagenet"}})
+    export_experiment.main(["--checkpoint", str(tmp_path / "weights"), "--out", str(tmp_path / "m.zip")])
+    meta = export.load(tmp_path / "m.zip").meta
+    assert (tuple(meta["mean"]), tuple(meta["std"])) == (IMAGENET_MEAN, IMAGENET_STD)
+    export_experiment.main(["--checkpoint", str(tmp_path / "weights"), "--out", str(tmp_path / "n.zip"),
+                            "--mean", "0.5,0.5,0.5"])  # a flag given wins
+    assert export.load(tmp_path / "n.zip").meta["mean"] == [0.5] * 3
 
 
 def test_without_onnxruntime_the_command_writes_onnx_and_says_it_is_unchecked(tmp_path, capsys, monkeypatch):

@@ -43,6 +43,14 @@ def test_class_subsets_relabel_and_keep_a_balanced_fraction(tree, tmp_path):
         class_subset(sparse, (3, 1), label_fraction=0.25)
 
 
+def test_runs_from_torchvision_weights_normalise_as_imagenet(tmp_path):
+    (tmp_path / "resnet18.pth").write_bytes(b"")
+    assert TransferConfig().run_config("full_finetune").normalization == "cifar10"
+    for phase in ("head_only", "full_finetune", "scratch"):
+        assert TransferConfig(weights=str(tmp_path / "resnet18.pth")).run_config(phase).normalization == "imagenet"
+    assert TransferConfig(weights=str(tmp_path)).run_config("head_only").normalization == "cifar10"  # fnlearn's
+
+
 def test_the_experiment_end_to_end(tree, tmp_path, capsys):
     workdir = tmp_path / "run"
     summary = transfer_experiment.main(["--data", tree, "--data-dir", str(tmp_path / "tfds"),

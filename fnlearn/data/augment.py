@@ -16,6 +16,11 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
+# ImageNet's, which torchvision's pretrained weights expect their inputs normalised with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# A recipe's `normalization` -> (mean, std).
+NORMALIZATIONS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
 
 def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:

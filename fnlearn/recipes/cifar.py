@@ -75,6 +75,8 @@ class CifarConfig:
     translate: int = _field(2, "random shift in pixels, reflect-padded (0: off)")
     flip: str = _field("alternating", "alternating: each epoch flips the images the last one did not")
     tta: bool = _field(True, "test-time augmentation for the final evaluation: mirror and 1-pixel shifts")
+    normalization: str = _field("cifar10", "the per-channel mean and std the images are normalised with: "
+                                           "cifar10's, or imagenet's (what torchvision's weights expect)")
     precision: str = _field("fp32", "bf16: bfloat16 compute with float32 params; fp16: float16 compute "
                                     "with a dynamic loss scale (fnlearn.train.precision)")
     accumulate: int = _field(1, "split each batch into this many micro-batches run one after another, and "
@@ -112,7 +114,7 @@ class CifarConfig:
 
 
 CHOICES = {"precision": tuple(POLICIES), "flip": ("alternating", "random", "none"), "optimizer": ("sgd", "muon"),
-           "model": tuple(models.names(task="image_classifier"))}
+           "model": tuple(models.names(task="image_classifier")), "normalization": tuple(augment.NORMALIZATIONS)}
 
 
 _POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")  # NaN fails every comparison
@@ -273,7 +275,7 @@ def augment_batch(cfg, key, flip_base, images, indices, epoch):
         images = augment.random_flip(flip_key, images)
     if cfg.translate:
         images = augment.random_translate(shift_key, images, cfg.translate, mode="reflect")
-    return augment.normalize(images, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+    return augment.normalize(images, *augment.NORMALIZATIONS[cfg.normalization])
 
 
 def make_batch_fn(cfg, images, labels, key):
@@ -329,7 +331,7 @@ def make_predict_fn(cfg, apply_fn, tta, batch_sharding=None):
         def batch_logits(batch):
             if batch_sharding is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-            x = augment.normalize(batch, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+            x = augment.normalize(batch, *augment.NORMALIZATIONS[cfg.normalization])
             return augment.tta_logits(logits, x) if tta else logits(x)
 
         return batched(batch_logits, images, cfg.eval_batch_size)
@@ -346,7 +348,7 @@ def create_state(cfg, key, train_images, num_classes, total_steps, steps_per_epo
     variables = model.init(key, jnp.zeros((1, *train_images.shape[1:]), jnp.float32))
     if data_init := models.data_init(cfg.model):
         sample = jnp.asarray(train_images[:5000])
-        variables = data_init(variables, augment.normalize(sample, augment.CIFAR10_MEAN, augment.CIFAR10_STD))
+        variables = data_init(variables, augment.normalize(sample, *augment.NORMALIZATIONS[cfg.normalization]))
     tx = make_cifar_optimizer(cfg, variables["params"], total_steps, steps_per_epoch)
     state = TrainState.create(apply_fn=model.apply, variables=variables, tx=tx,
                               loss_scale=LossScale.create() if POLICIES[cfg.precision].loss_scale else None)
@@ -414,7 +416,8 @@ class ConfigError(ValueError):
 RESUMABLE_CHANGES = frozenset({"data", "data_dir", "skip_corrupt", "runs", "tta", "eval_batch_size",
                                "steps_per_execution", "fsdp", "remat"})
 # What a run saved before a field existed did, so a resume compares against that.
-_BEFORE_FIELD = {"lr_peak_at": 0.2, "lr_end": 0.0, "optimizer": "sgd", "clip_norm": 0.0, "accumulate": 1}
+_BEFORE_FIELD = {"lr_peak_at": 0.2, "lr_end": 0.0, "optimizer": "sgd", "clip_norm": 0.0, "accumulate": 1,
+                 "normalization": "cifar10"}
 
 
 def check_devices(cfg, mesh):

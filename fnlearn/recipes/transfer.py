@@ -97,9 +97,11 @@ class TransferConfig:
     def run_config(self, phase):
         """The `recipes.cifar.CifarConfig` of "pretrain" or one of `MODES`: the resnet18 preset's
         recipe (Nesterov SGD on a triangular schedule, label smoothing, flip and translate 4),
-        without TTA, at this config's sizes."""
+        without TTA, at this config's sizes. Every run normalises its images as torchvision's
+        weights expect (ImageNet's statistics) where `weights` is such a file, else as CIFAR-10's."""
+        torchvision = self.weights is not None and Path(self.weights).is_file()
         base = dataclasses.replace(PRESETS["resnet18"], data=self.data, data_dir=self.data_dir, model=self.model,
-                                   seed=self.seed, tta=False)
+                                   seed=self.seed, tta=False, normalization="imagenet" if torchvision else "cifar10")
         if phase == "pretrain":
             return dataclasses.replace(base, epochs=self.pretrain_epochs, batch_size=self.pretrain_batch_size)
         return dataclasses.replace(base, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
