@@ -56,7 +56,8 @@ def main(argv=None):
     """
     parser = cli.make_parser("autograd", __doc__)
     # Bounded so that the derivatives (3x² + 5 among them) stay finite in float32.
-    parser.add_argument("--x", type=cli.float_between(-1e6, 1e6), default=2.0, help="point at which to differentiate x³ + 5x")
+    parser.add_argument("--x", type=cli.float_between(-1e6, 1e6), default=2.0,
+                        help="point at which to differentiate x³ + 5x")
     args = parser.parse_args(argv)
 
     results = {}

@@ -105,9 +105,9 @@ def model_and_variables(args):
                               f"(it says {args.model!r}): pass --model NAME")
     normalization = NORMALIZATIONS[meta.get("config", {}).get("normalization", "cifar10")]
     args.mean, args.std = args.mean or normalization[0], args.std or normalization[1]
-    if len(args.mean) != args.input_shape[-1]:
-        raise CheckpointError(f"the default --mean and --std have {len(args.mean)} values for "
-                              f"{args.input_shape[-1]} channels: pass both, one value a channel")
+    if {len(args.mean), len(args.std)} != {args.input_shape[-1]}:  # a default's 3 values for other images
+        raise CheckpointError(f"the default --mean and --std have 3 values for {args.input_shape[-1]} channels: "
+                              "pass both, one value a channel")
     labels = args.labels.split(",") if args.labels else meta.get("class_names")
     num_classes = args.num_classes or (len(labels) if labels else None)
     if num_classes is None and saved is not None and "fc" in saved["params"]:

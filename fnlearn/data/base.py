@@ -149,12 +149,12 @@ def prepare(builder: ImageBuilder, source: str) -> None:
     if builder.data_path.exists():  # TFDS's own test for "already prepared"; it read the copy's info
         return
     folder = builder.data_path.parent  # the config's, holding one folder per version
-    cannot = f"cannot write prepared files to {folder}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = os.open(folder / ".fnlearn-prepare.lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise DataError(f"{cannot} ({err.strerror}): pass --data-dir (data_dir=) a folder you can write") from None
+        raise DataError(f"cannot write prepared files to {folder} ({err.strerror}): pass --data-dir (data_dir=) "
+                        "a folder you can write") from None
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -5,8 +5,9 @@ others with a tenth of their training labels. The network is pretrained on the s
 comes from `--weights`: a torchvision file or an fnlearn checkpoint), gets a fresh head for the
 target's classes, and is trained three ways for the same number of steps: the head alone
 (the backbone frozen, its BatchNorm in inference mode), everything (the backbone at
-`--backbone-lr-scale` times the head's rate, 1 by default), and from scratch. Each run is `recipes.cifar.train_and_evaluate`: the same
-loop, augmentation, evaluation and checkpoints as the main job.
+`--backbone-lr-scale` times the head's rate, 1 by default), and from scratch. Each run is
+`recipes.cifar.train_and_evaluate`: the same loop, augmentation, evaluation and checkpoints
+as the main job.
 """
 import dataclasses
 import json
