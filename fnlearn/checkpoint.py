@@ -29,7 +29,7 @@ def _quiet_failed_reads(path):
     are dropped unawaited (asyncio's log), each with a traceback of hundreds of lines that
     says nothing the first error did not. They end after the restore, so the filters stay.
     """
-    hook, path = sys.unraisablehook, str(path)
+    hook, path, log = sys.unraisablehook, str(path), logging.getLogger("asyncio")
 
     def unraisable(report):
         closed_loop = isinstance(report.exc_value, RuntimeError) and "Event loop is closed" in str(report.exc_value)
@@ -37,13 +37,17 @@ def _quiet_failed_reads(path):
         if not (closed_loop or in_orbax):
             hook(report)
 
+    def quiet(record):  # a dropped read can be logged before the restore raises
+        return path not in record.getMessage()
+
     sys.unraisablehook = unraisable
+    log.addFilter(quiet)
     try:
         yield
     except Exception:
-        logging.getLogger("asyncio").addFilter(lambda record: path not in record.getMessage())
-        raise
+        raise  # the filters stay: the failed restore's reads end after it
     sys.unraisablehook = hook
+    log.removeFilter(quiet)
 
 
 class CheckpointError(RuntimeError):
