@@ -95,14 +95,19 @@ class TransferConfig:
             raise ValueError(f"unknown --model {self.model!r}: choose from "
                              f"{', '.join(models.names(task='image_classifier'))}")
 
+    @property
+    def torchvision_weights(self):
+        """Whether `weights` names a torchvision state_dict file (a folder is an fnlearn checkpoint)."""
+        return self.weights is not None and Path(self.weights).is_file()
+
     def run_config(self, phase):
         """The `recipes.cifar.CifarConfig` of "pretrain" or one of `MODES`: the resnet18 preset's
         recipe (Nesterov SGD on a triangular schedule, label smoothing, flip and translate 4),
         without TTA, at this config's sizes. Every run normalises its images as torchvision's
         weights expect (ImageNet's statistics) where `weights` is such a file, else as CIFAR-10's."""
-        torchvision = self.weights is not None and Path(self.weights).is_file()
+        normalization = "imagenet" if self.torchvision_weights else "cifar10"
         base = dataclasses.replace(PRESETS["resnet18"], data=self.data, data_dir=self.data_dir, model=self.model,
-                                   seed=self.seed, tta=False, normalization="imagenet" if torchvision else "cifar10")
+                                   seed=self.seed, tta=False, normalization=normalization)
         if phase == "pretrain":
             return dataclasses.replace(base, epochs=self.pretrain_epochs, batch_size=self.pretrain_batch_size)
         return dataclasses.replace(base, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
@@ -136,7 +141,7 @@ def load_weights(cfg):
     """The variables `--weights` names: a torchvision state_dict file, or an fnlearn checkpoint folder
     (`save_variables`'s, or a training run's checkpoints)."""
     path = Path(cfg.weights)
-    if path.is_file():
+    if cfg.torchvision_weights:
         name = cfg.model.removesuffix("_imagenet")
         if not cfg.model.endswith("_imagenet") or name not in RESNETS:
             raise ConfigError(f"--weights {path} is a file, read as torchvision's: it needs --model "

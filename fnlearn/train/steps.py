@@ -142,9 +142,8 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
             # and anything keyed to the step (lookahead's last sync) come at their step.
             grads_finite = jnp.all(jnp.stack(jax.tree.leaves(_all_finite(grads))))
             new_state = jax.tree.map(lambda new, old: jnp.where(grads_finite, new, old), new_state, state)
-            schedules = applied.opt_state
             new_state = new_state.replace(step=state.step + 1, loss_scale=state.loss_scale.adjust(grads_finite),
-                                          opt_state=_schedules_from(schedules, new_state.opt_state))
+                                          opt_state=_schedules_from(applied.opt_state, new_state.opt_state))
             metrics.update(loss_scale=state.loss_scale.scale, skipped=~grads_finite)
         if summaries_every:
             metrics["histograms"] = every_nth_step(state.step + 1, summaries_every, new_state.params, raw_grads)
