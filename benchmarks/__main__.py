@@ -38,11 +38,13 @@ tensors and nets moved once, before any clock starts; each clock stops after
 PyTorch runs eagerly in its best mode: the basics in float32; the conv
 workloads in float32 channels_last or in bf16 autocast (channels_last), and on
 CUDA also in fp16 autocast (channels_last) with cuDNN's autotuner on, whichever
-is fastest on a one-step probe. fnlearn runs the conv workloads in float32 and in
-bfloat16 (the model built with dtype=bfloat16, params float32), each row against
-that one PyTorch number. fnlearn's train steps run as jitted steps, one a call, and
-as a compiled run: `lax.scan` over every step of the basics, or over the conv nets'
-timed steps, as the CIFAR recipe's `steps_per_execution` does.
+is fastest on a one-step probe; `--torch-mode` holds it to one, to compare like
+with like (fnlearn's fp32 rows against PyTorch's fp32 where its bf16 is faster).
+fnlearn runs the conv workloads in float32 and in bfloat16 (the model built with
+dtype=bfloat16, params float32), each row against that one PyTorch number.
+fnlearn's train steps run as jitted steps, one a call, and as a compiled run:
+`lax.scan` over every step of the basics, or over the conv nets' timed steps, as
+the CIFAR recipe's `steps_per_execution` does.
 ratio = fnlearn_per_s / torch_per_s. paired: the median over the rounds of
 --repeats of each round's ratio (PyTorch's run and fnlearn's side by side); on a
 machine whose speed drifts between rounds it varies less than ratio, which may
@@ -52,6 +54,7 @@ Run it on an idle machine: anything else heavy running skews the ratio (PyTorch'
 threads suffer most). `python -m benchmarks.profile` splits the conv train steps by
 kind of work.
 """
+import dataclasses
 import json
 import os
 import platform
@@ -61,10 +64,11 @@ from pathlib import Path
 
 import jax
 
-from benchmarks.timing import measure, torch_device
+from benchmarks.timing import GPU_ONLY_MODES, TORCH_MODES, measure, torch_device
 from benchmarks.workloads import GROUPS, WORKLOADS, cifar_run, fastnet_epoch
 from experiments import cli
 from fnlearn.data import DataError
+from fnlearn.ops import onednn
 
 
 def accuracy_cell(accuracy):
@@ -112,14 +116,6 @@ def cpu_model():
     return f"{names[0]}, {cpus} CPUs{', ' + ' '.join(isa) if isa else ''}"
 
 
-def conv_backend():
-    """What runs fnlearn's CPU convolutions: oneDNN (and whether in native bf16) or XLA's own."""
-    from fnlearn.ops import onednn
-    if not onednn.enabled():
-        return "XLA's own"
-    return f"oneDNN, bf16 {'native' if onednn.native_bfloat16() else 'in fp32'}"
-
-
 def main(argv=None):
     """Measures the named workloads, prints the table; returns its rows."""
     parser = cli.Parser(prog="python -m benchmarks", description=__doc__, formatter_class=cli.HelpFormatter)
@@ -132,6 +128,8 @@ def main(argv=None):
     parser.add_argument("--epoch-fraction", type=cli.fraction, default=0.08,
                         help="fraction in (0, 1] of fastnet_epoch's 48 steps to time, "
                              "rounded to whole recipe calls, at least one; on a CPU, cifar_run's too")
+    parser.add_argument("--torch-mode", choices=TORCH_MODES,
+                        help="time PyTorch's conv workloads in this mode only (if left out: the fastest on a probe)")
     parser.add_argument("--data",
                         help="CIFAR-10 for cifar_run, a folder or .tar.gz of <root>/{train,test}/<class>/*.jpg "
                              "(if left out: random data, and no accuracy)")
@@ -156,12 +154,14 @@ def main(argv=None):
     import torch
 
     on_gpu = torch_device(torch).type == "cuda"
+    if args.torch_mode in GPU_ONLY_MODES and not on_gpu:
+        parser.error(f"--torch-mode {args.torch_mode} runs on CUDA only; PyTorch has no CUDA here")
     table = dict(WORKLOADS, fastnet_epoch=fastnet_epoch(args.epoch_fraction),
                  cifar_run=cifar_run(fraction=None if on_gpu else args.epoch_fraction, dataset=dataset))
     torch_on = (f"on {torch.cuda.get_device_name()}" if on_gpu else f"with {torch.get_num_threads()} threads")
     machine = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "cpu": cpu_model(),
                "torch": f"{torch.__version__} {torch_on}",
-               "conv_backend": conv_backend() if jax.default_backend() == "cpu" else None}
+               "conv_backend": onednn.describe() if jax.default_backend() == "cpu" else None}
     print(f"jax {machine['jax']} on {machine['device']} ({machine['cpu']}), torch {machine['torch']}")
     if machine["conv_backend"]:
         print(f"fnlearn's CPU convolutions: {machine['conv_backend']}")
@@ -172,7 +172,10 @@ def main(argv=None):
     t_start = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
-        rows.extend(measure(table[name], torch, args.repeats))
+        workload = table[name]
+        if args.torch_mode and args.torch_mode in workload.torch_modes:  # the basics run fp32 eager only
+            workload = dataclasses.replace(workload, torch_modes=(args.torch_mode,))
+        rows.extend(measure(workload, torch, args.repeats))
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"all workloads: {time.perf_counter() - t_start:.0f} s\n")
     print_table(rows)

@@ -3,9 +3,10 @@
     python -m benchmarks.profile fastnet            # airbench94's net, batch 512
     python -m benchmarks.profile resnet18 --top 20  # ResNet-18 (CIFAR stem), batch 128
     python -m benchmarks.profile fastnet --steps-per-call 2  # the compiled run's steps
+    python -m benchmarks.profile fastnet --precision bf16     # against PyTorch's bf16 autocast
 
 Runs the bench's train step (its workload: the same weights, batch and optimizer;
-PyTorch in fp32 channels_last) a few times under each framework's own profiler,
+PyTorch channels_last, in fp32 or bf16 autocast as fnlearn's `--precision`) a few times under each framework's own profiler,
 `jax.profiler` and `torch.profiler`, and prints milliseconds per step by kind of
 work, then fnlearn's most expensive XLA ops. fnlearn's times are wall-clock: the
 time during which at least one op of that kind was running. XLA runs independent
@@ -101,6 +102,8 @@ def main(argv=None):
                             f"{WORKLOADS[w].batch} for {net}" for net, (w, _) in NETS.items()) + ")")
     parser.add_argument("--steps", type=cli.positive_int, default=3, help="profiled steps (after one warm-up)")
     parser.add_argument("--top", type=cli.non_negative_int, default=12, help="fnlearn ops to list")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 on both sides, or fnlearn's bf16 against PyTorch's bf16 autocast")
     parser.add_argument("--steps-per-call", type=cli.positive_int, default=1,
                         help="fnlearn steps per compiled call, in one lax.scan (the bench's compiled run)")
     args = parser.parse_args(argv)
@@ -110,15 +113,15 @@ def main(argv=None):
     workload = WORKLOADS[workload_name]
     workload = dataclasses.replace(workload, batch=args.batch or workload.batch)
     start = workload.setup(torch, workload)
-    step, _ = workload.fnlearn_step(start, "fp32", args.steps_per_call)
+    step, _ = workload.fnlearn_step(start, args.precision, args.steps_per_call)
     hlo = step.compiled.as_text()
     ops = hlo_ops(hlo)
     jax_iv = inner_ops(jax_profile(step, args.steps, split_kernels(hlo)), ops)
     fnlearn_steps = args.steps * args.steps_per_call
-    torch_ms = torch_profile(torch, workload.torch_step(torch, start, None), args.steps)
+    torch_ms = torch_profile(torch, workload.torch_step(torch, start, {"fp32": None, "bf16": "bfloat16"}[args.precision]), args.steps)
 
     calls = f", fnlearn {args.steps_per_call} steps a call" if args.steps_per_call > 1 else ""
-    print(f"{args.net} train step, batch {workload.batch}, fp32{calls}; ms per step (wall-clock per op)")
+    print(f"{args.net} train step, batch {workload.batch}, {args.precision}{calls}; ms per step (wall-clock per op)")
     print(f"{'kind':<18}{'PyTorch':>10}{'fnlearn':>10}")
     table = {}
     for kind in KINDS:

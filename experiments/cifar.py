@@ -35,6 +35,7 @@ from experiments import cli
 from fnlearn.checkpoint import CheckpointError
 from fnlearn.cli import SEEDS
 from fnlearn.data import DataError, load_dataset
+from fnlearn.ops import onednn
 from fnlearn.parallel import data_mesh
 from fnlearn.recipes.cifar import (CHOICES, DEFAULT_PRESET, PRESETS, CifarConfig, ConfigError, TrainingDiverged,
                                    backward_bytes, check_data, check_devices, check_resume,
@@ -108,6 +109,7 @@ def write_outputs(workdir, cfg, results, dataset):
         "skipped_files": list(dataset.skipped),
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
+        "cpu_convolutions": onednn.describe() if jax.default_backend() == "cpu" else None,
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__},
         "config": dataclasses.asdict(cfg),

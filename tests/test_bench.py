@@ -25,7 +25,8 @@ TINY = CifarConfig(model="fastnet_tiny", epochs=2, batch_size=16, eval_batch_siz
 
 def test_rows_in_the_json(torch, tmp_path):
     path = tmp_path / "bench.json"
-    returned = bench_main(["regression", "cnn", "--repeats", "1", "--json", str(path)])
+    returned = bench_main(["regression", "cnn", "--repeats", "1", "--json", str(path),
+                           "--torch-mode", "bf16_autocast_channels_last"])
     saved = json.loads(path.read_text())
     rows = saved["rows"]
     assert rows == returned
@@ -34,6 +35,8 @@ def test_rows_in_the_json(torch, tmp_path):
         ("regression", "jit_step", "fp32"), ("regression", "compiled_run", "fp32"),
         ("cnn", "jit_step", "fp32"), ("cnn", "jit_step", "bf16"),
         ("cnn", "compiled_run", "fp32"), ("cnn", "compiled_run", "bf16")]
+    # The conv workload's PyTorch side in the mode asked for; the basics run fp32 eager only.
+    assert [r["torch_mode"] for r in rows] == ["fp32_eager"] * 2 + ["bf16_autocast_channels_last"] * 4
     for r in rows:
         assert set(r) == FIELDS
         assert r["torch_per_s"] > 0 and r["fnlearn_per_s"] > 0 and r["compile_s"] > 0
@@ -53,6 +56,9 @@ def test_unknown_workload_exits_naming_it(capsys):
         bench_main(["regression", "resnet19_train"])
     assert exit_info.value.code != 0
     assert "resnet19_train" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # CPU here
+        bench_main(["cnn", "--torch-mode", "fp16_autocast_channels_last"])
+    assert "--torch-mode fp16_autocast_channels_last runs on CUDA only" in capsys.readouterr().err
 
 
 def test_measure_yields_a_row_per_fnlearn_mode_against_one_torch_number(torch):
@@ -214,11 +220,13 @@ def test_lookahead_pulls_the_average_and_resets_the_weights(torch):
     torch.testing.assert_close(net.running_var, torch.ones(2))
 
 
-@pytest.mark.parametrize("steps_per_call", [1, 2])
-def test_profile_splits_both_steps_by_kind(torch, steps_per_call):
+@pytest.mark.parametrize("steps_per_call, precision", [(1, "fp32"), (2, "bf16")])
+def test_profile_splits_both_steps_by_kind(torch, steps_per_call, precision, capsys):
     from benchmarks import profile
 
-    table = profile.main(["fastnet", "--batch", "4", "--steps", "1", "--steps-per-call", str(steps_per_call)])
+    table = profile.main(["fastnet", "--batch", "4", "--steps", "1", "--steps-per-call", str(steps_per_call),
+                          "--precision", precision])
+    assert f"batch 4, {precision}" in capsys.readouterr().out
     assert set(table) == set(profile.KINDS)
     for kind in ("conv forward", "conv backward", "batch norm", "other model ops"):
         torch_ms, fnlearn_ms = table[kind]

@@ -18,6 +18,7 @@ from experiments import mnist as mnist_experiment
 from fnlearn.checkpoint import CheckpointError, Checkpoints, load_variables
 from fnlearn.data import DataError, load_dataset, online
 from fnlearn.data.subset import stratified_subset
+from fnlearn.ops import onednn
 from fnlearn.report import TensorBoardWriter, read_events
 from fnlearn.data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from fnlearn.recipes.cifar import (PRESETS, CifarConfig, ConfigError, augment_batch, check_resume, create_state,
@@ -145,6 +146,7 @@ def test_experiment_end_to_end_writes_everything(tiny_dataset, tmp_path):
         assert key in saved
     assert saved["model"] == "fastnet_tiny" and saved["epochs"] == 3 and saved["precision"] == "fp32"
     assert len(saved["devices"]) == 8  # the devices the run saw: conftest's fake ones
+    assert saved["cpu_convolutions"].startswith("oneDNN") == onednn.enabled()
     assert len(saved["test_accuracy_runs"]) == 2
     assert saved["test_accuracy"] == pytest.approx(np.mean(saved["test_accuracy_runs"]))
     assert saved["test_accuracy"] > 0.5  # 4 classes: chance is 0.25

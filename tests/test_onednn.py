@@ -74,6 +74,7 @@ def test_bfloat16_matches_lax(name):
     if name == "3x3_same":
         call = next(line for line in compiled_text(ours, x, w).splitlines() if TARGET + "forward" in line)
         assert operand in call
+        assert onednn.describe() == ("oneDNN, bf16 native" if "bf16[" in call else "oneDNN, bf16 in fp32")
 
 
 def test_other_dtypes_and_empty_results_match_lax():
@@ -219,6 +220,7 @@ def test_plans_beyond_the_capacity_are_evicted_while_other_threads_run_them():
 def test_switched_off_or_missing_falls_back_to_xla(monkeypatch):
     ours, ref, x, w = case("3x3_same")
     monkeypatch.setenv(onednn.ENV, "0")
+    assert onednn.describe() == "XLA's own"
     text = compiled_text(ours, x, w)
     assert " convolution(" in text and TARGET not in text
     monkeypatch.delenv(onednn.ENV)

@@ -127,6 +127,14 @@ def native_bfloat16():
     return enabled() and _load()[1]
 
 
+def describe():
+    """What runs 2-D convolutions on CPU, for a run's log or summary: a bf16 run's speed and
+    rounding depend on it."""
+    if not enabled():
+        return "XLA's own"
+    return f"oneDNN, bf16 {'native' if native_bfloat16() else 'in fp32'}"
+
+
 @functools.cache
 def _say_once(why):
     warnings.warn(f"fnlearn: CPU convolutions use XLA's own, not oneDNN: {why}.", stacklevel=3)
