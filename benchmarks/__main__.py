@@ -143,6 +143,11 @@ def main(argv=None):
     names = dict.fromkeys(n for name in args.names or WORKLOADS for n in GROUPS.get(name, (name,)))
     if args.data and not Path(args.data).exists():
         parser.error(f"--data {args.data}: no such folder or archive")
+    import torch
+
+    on_gpu = torch_device(torch).type == "cuda"
+    if args.torch_mode in GPU_ONLY_MODES and not on_gpu:
+        parser.error(f"--torch-mode {args.torch_mode} runs on CUDA only; PyTorch runs on the CPU here")
     dataset = None
     if args.data and "cifar_run" in names:
         from fnlearn.data import load_dataset  # imports TFDS: only when it is needed
@@ -151,16 +156,11 @@ def main(argv=None):
             dataset = load_dataset(args.data)
         except DataError as e:
             sys.exit(f"error: {e}")
-    import torch
-
-    on_gpu = torch_device(torch).type == "cuda"
-    if args.torch_mode in GPU_ONLY_MODES and not on_gpu:
-        parser.error(f"--torch-mode {args.torch_mode} runs on CUDA only; PyTorch has no CUDA here")
     table = dict(WORKLOADS, fastnet_epoch=fastnet_epoch(args.epoch_fraction),
                  cifar_run=cifar_run(fraction=None if on_gpu else args.epoch_fraction, dataset=dataset))
     torch_on = (f"on {torch.cuda.get_device_name()}" if on_gpu else f"with {torch.get_num_threads()} threads")
     machine = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "cpu": cpu_model(),
-               "torch": f"{torch.__version__} {torch_on}",
+               "torch": f"{torch.__version__} {torch_on}", "torch_mode": args.torch_mode or "fastest on a probe",
                "conv_backend": onednn.describe() if jax.default_backend() == "cpu" else None}
     print(f"jax {machine['jax']} on {machine['device']} ({machine['cpu']}), torch {machine['torch']}")
     if machine["conv_backend"]:

@@ -6,9 +6,9 @@
     python -m benchmarks.profile fastnet --precision bf16     # against PyTorch's bf16 autocast
 
 Runs the bench's train step (its workload: the same weights, batch and optimizer;
-PyTorch channels_last, in fp32 or bf16 autocast as fnlearn's `--precision`) a few times under each framework's own profiler,
-`jax.profiler` and `torch.profiler`, and prints milliseconds per step by kind of
-work, then fnlearn's most expensive XLA ops. fnlearn's times are wall-clock: the
+PyTorch channels_last, in fp32 or in bf16 autocast as fnlearn's `--precision`) a few
+times under each framework's own profiler, `jax.profiler` and `torch.profiler`, and
+prints milliseconds per step by kind of work, then fnlearn's most expensive XLA ops. fnlearn's times are wall-clock: the
 time during which at least one op of that kind was running. XLA runs independent
 ops concurrently (an input gradient beside a kernel gradient), so the kinds can
 add up to more than the step; "all ops" counts such overlaps once. PyTorch's are
@@ -20,9 +20,11 @@ them; the times are still per step.
 
 Kinds: conv forward / conv backward (XLA convolutions, fnlearn's oneDNN calls, and 1x1
 convs run as dots; PyTorch's mkldnn convolutions), layout copies (the transposes XLA:CPU inserts
-around a convolution, mostly for kernel gradients; PyTorch's copies), batch norm,
+around a convolution, mostly for kernel gradients; PyTorch's copies, and under bf16
+autocast its casts to bf16 as well), batch norm,
 other model ops (activations, pooling, loss), optimizer (the update, outside the
-model).
+model), unattributed (fnlearn's fusions that XLA made without source metadata: in bf16,
+mostly the float32 converts XLA:CPU puts around bf16 elementwise work; PyTorch: none).
 """
 import dataclasses
 import re
@@ -30,13 +32,14 @@ import tempfile
 
 import jax
 
+from benchmarks.timing import TORCH_AUTOCAST
 from benchmarks.workloads import WORKLOADS
 from experiments import cli
 from fnlearn.tools.profile import hlo_ops, inner_ops, op_intervals, split_kernels, top_ops, union_ms
 
 # net -> (the bench's workload of its train step, the Flax module in op names)
 NETS = {"fastnet": ("fastnet_train", "FastNet"), "resnet18": ("resnet18_train", "ResNet")}
-KINDS = ("conv forward", "conv backward", "layout copies", "batch norm", "other model ops", "optimizer")
+KINDS = ("conv forward", "conv backward", "layout copies", "batch norm", "other model ops", "optimizer", "unattributed")
 
 
 def jax_kind(name, opcode, op_name, model):
@@ -49,6 +52,8 @@ def jax_kind(name, opcode, op_name, model):
         return "conv forward" if name.startswith("fnlearn_onednn_forward") else "conv backward"
     if opcode in ("copy", "transpose") or name.startswith("transpose"):
         return "layout copies"
+    if not op_name:
+        return "unattributed"
     if model not in op_name:
         return "optimizer"
     if re.search(r"/(\w+_)?bn\d*/", op_name):
@@ -118,7 +123,8 @@ def main(argv=None):
     ops = hlo_ops(hlo)
     jax_iv = inner_ops(jax_profile(step, args.steps, split_kernels(hlo)), ops)
     fnlearn_steps = args.steps * args.steps_per_call
-    torch_ms = torch_profile(torch, workload.torch_step(torch, start, {"fp32": None, "bf16": "bfloat16"}[args.precision]), args.steps)
+    autocast = TORCH_AUTOCAST["bf16_autocast_channels_last" if args.precision == "bf16" else "fp32_channels_last"]
+    torch_ms = torch_profile(torch, workload.torch_step(torch, start, autocast), args.steps)
 
     calls = f", fnlearn {args.steps_per_call} steps a call" if args.steps_per_call > 1 else ""
     print(f"{args.net} train step, batch {workload.batch}, {args.precision}{calls}; ms per step (wall-clock per op)")

@@ -25,18 +25,18 @@ TINY = CifarConfig(model="fastnet_tiny", epochs=2, batch_size=16, eval_batch_siz
 
 def test_rows_in_the_json(torch, tmp_path):
     path = tmp_path / "bench.json"
-    returned = bench_main(["regression", "cnn", "--repeats", "1", "--json", str(path),
-                           "--torch-mode", "bf16_autocast_channels_last"])
+    returned = bench_main(["regression", "cnn", "--repeats", "1", "--json", str(path)])
     saved = json.loads(path.read_text())
     rows = saved["rows"]
     assert rows == returned
-    assert {"jax", "device", "cpu", "torch", "conv_backend"} <= set(saved["machine"])
+    assert {"jax", "device", "cpu", "torch", "torch_mode", "conv_backend"} <= set(saved["machine"])
+    assert saved["machine"]["torch_mode"] == "fastest on a probe"
     assert [(r["workload"], r["mode"], r["precision"]) for r in rows] == [
         ("regression", "jit_step", "fp32"), ("regression", "compiled_run", "fp32"),
         ("cnn", "jit_step", "fp32"), ("cnn", "jit_step", "bf16"),
         ("cnn", "compiled_run", "fp32"), ("cnn", "compiled_run", "bf16")]
-    # The conv workload's PyTorch side in the mode asked for; the basics run fp32 eager only.
-    assert [r["torch_mode"] for r in rows] == ["fp32_eager"] * 2 + ["bf16_autocast_channels_last"] * 4
+    assert [r["torch_mode"] for r in rows[:2]] == ["fp32_eager"] * 2
+    assert rows[2]["torch_mode"] in timing.TORCH_MODES and len({r["torch_mode"] for r in rows[2:]}) == 1
     for r in rows:
         assert set(r) == FIELDS
         assert r["torch_per_s"] > 0 and r["fnlearn_per_s"] > 0 and r["compile_s"] > 0
@@ -56,9 +56,23 @@ def test_unknown_workload_exits_naming_it(capsys):
         bench_main(["regression", "resnet19_train"])
     assert exit_info.value.code != 0
     assert "resnet19_train" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # CPU here
+
+
+def test_torch_mode_holds_the_conv_workloads_pytorch_side_to_one_mode(torch, monkeypatch, capsys):
+    if timing.torch_device(torch).type == "cuda":
+        pytest.skip("fp16 autocast is a valid --torch-mode on CUDA")
+    with pytest.raises(SystemExit):
         bench_main(["cnn", "--torch-mode", "fp16_autocast_channels_last"])
     assert "--torch-mode fp16_autocast_channels_last runs on CUDA only" in capsys.readouterr().err
+    measured = {}
+
+    def measure(workload, torch, repeats):
+        measured[workload.name] = workload.torch_modes
+        return []
+
+    monkeypatch.setattr("benchmarks.__main__.measure", measure)
+    bench_main(["regression", "cnn", "--torch-mode", "fp32_channels_last"])
+    assert measured == {"regression": ("fp32_eager",), "cnn": ("fp32_channels_last",)}  # the basics run fp32 eager
 
 
 def test_measure_yields_a_row_per_fnlearn_mode_against_one_torch_number(torch):
@@ -221,12 +235,20 @@ def test_lookahead_pulls_the_average_and_resets_the_weights(torch):
 
 
 @pytest.mark.parametrize("steps_per_call, precision", [(1, "fp32"), (2, "bf16")])
-def test_profile_splits_both_steps_by_kind(torch, steps_per_call, precision, capsys):
+def test_profile_splits_both_steps_by_kind(torch, steps_per_call, precision, capsys, monkeypatch):
     from benchmarks import profile
 
+    autocasts, workload = [], profile.WORKLOADS["fastnet_train"]
+
+    def torch_step(torch, start, autocast):
+        autocasts.append(autocast)
+        return workload.torch_step(torch, start, autocast)
+
+    monkeypatch.setitem(profile.WORKLOADS, "fastnet_train", dataclasses.replace(workload, torch_step=torch_step))
     table = profile.main(["fastnet", "--batch", "4", "--steps", "1", "--steps-per-call", str(steps_per_call),
                           "--precision", precision])
     assert f"batch 4, {precision}" in capsys.readouterr().out
+    assert autocasts == [{"fp32": None, "bf16": "bfloat16"}[precision]]  # PyTorch's side in the same precision
     assert set(table) == set(profile.KINDS)
     for kind in ("conv forward", "conv backward", "batch norm", "other model ops"):
         torch_ms, fnlearn_ms = table[kind]
@@ -239,12 +261,26 @@ def test_profile_kinds_and_interval_union():
 
     assert profile.union_ms([(0, 2_000_000), (1_000_000, 3_000_000), (5_000_000, 6_000_000)]) == 4.0
     hlo = """
+%fused_computation.7 (param_0.1: bf16[4,3]) -> bf16[4,2] {
+  %param_0.1 = bf16[4,3]{1,0} parameter(0)
+  %convert.2 = f32[4,3]{1,0} convert(%param_0.1)
+  %slice.1 = f32[4,2]{1,0} slice(%convert.2), slice={[0:4], [0:2]}, metadata={op_name="jit(f)/jvp(FastNet)/slice"}
+  ROOT %convert.3 = bf16[4,2]{1,0} convert(%slice.1)
+}
+
+ENTRY %main.9 (Arg_0.1: f32[784,128]) -> f32[784,128] {
   %dot.6 = f32[784,128]{1,0} dot(%a, %b), lhs_contracting_dims={0}, metadata={op_name="jit(f)/transpose"}
   %iota_reduce_fusion = (f32[64]{0}, s32[64]{0}) fusion(%dot.7), kind=kLoop, metadata={op_name="jit(f)/reduce"}
-  ROOT %while.1 = (s32[], /*index=1*/(f32[2]{0}, s32[])) while(%tuple.3), condition=%cond, body=%body"""
+  %slice_convert_fusion = bf16[4,2]{1,0} fusion(%p), kind=kLoop, calls=%fused_computation.7
+  ROOT %while.1 = (s32[], /*index=1*/(f32[2]{0}, s32[])) while(%tuple.3), condition=%cond, body=%body
+}"""
     assert profile.hlo_ops(hlo) == {"dot.6": ("dot", "jit(f)/transpose"),
                                     "iota_reduce_fusion": ("fusion", "jit(f)/reduce"),
-                                    "while.1": ("while", "")}
+                                    # A fusion without metadata: its fused computation's.
+                                    "slice_convert_fusion": ("fusion", "jit(f)/jvp(FastNet)/slice"),
+                                    "while.1": ("while", ""),
+                                    "param_0.1": ("parameter", ""), "convert.2": ("convert", ""),
+                                    "slice.1": ("slice", "jit(f)/jvp(FastNet)/slice"), "convert.3": ("convert", "")}
     # Only the ops inside a compiled run count: its `while` spans them all.
     spans = {"dot.6": [(1, 2)], "iota_reduce_fusion": [(2, 3)], "while.1": [(0, 4)], "unknown.1": [(0, 1)]}
     assert profile.inner_ops(spans, profile.hlo_ops(hlo)) == {"dot.6": [(1, 2)], "iota_reduce_fusion": [(2, 3)]}
@@ -263,6 +299,7 @@ def test_profile_kinds_and_interval_union():
     assert kind("add_fusion", "fusion", "jit(f)/jvp(ResNet)/layer1_0/downsample_bn/add", "ResNet") == "batch norm"
     assert kind("erf_fusion", "fusion", "jit(f)/jvp(FastNet)/block2/erf", "FastNet") == "other model ops"
     assert kind("multiply_fusion", "fusion", "jit(f)/mul", "FastNet") == "optimizer"
+    assert kind("slice_convert_fusion.14", "fusion", "", "FastNet") == "unattributed"  # no metadata: not the update's
     assert profile.torch_kind("aten::convolution_backward") == "conv backward"
     assert profile.torch_kind("aten::mkldnn_convolution") == "conv forward"
     assert profile.torch_kind("aten::native_batch_norm") == "batch norm"

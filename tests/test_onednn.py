@@ -229,6 +229,7 @@ def test_switched_off_or_missing_falls_back_to_xla(monkeypatch):
     try:
         with pytest.warns(UserWarning, match="CPU convolutions use XLA's own, not oneDNN: missing.so was not built"):
             text = compiled_text(lambda x, w: ours(x, w) + ours(x, w), x, w)
+            assert onednn.describe() == "XLA's own"
         assert " convolution(" in text and TARGET not in text
         assert max_relative_error(jax.jit(lambda x, w: ours(x, w))(x, w), ref(x, w)) < 1e-5
     finally:

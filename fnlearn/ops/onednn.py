@@ -128,8 +128,8 @@ def native_bfloat16():
 
 
 def describe():
-    """What runs 2-D convolutions on CPU, for a run's log or summary: a bf16 run's speed and
-    rounding depend on it."""
+    """What runs the 2-D convolutions with a spatial window on CPU (`fnlearn.ops.conv`), for a
+    run's log or summary: a bf16 run's speed and rounding depend on it."""
     if not enabled():
         return "XLA's own"
     return f"oneDNN, bf16 {'native' if native_bfloat16() else 'in fp32'}"

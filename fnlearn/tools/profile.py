@@ -16,14 +16,27 @@ import jax
 
 
 def hlo_ops(hlo_text):
-    """{instruction name: (opcode, op_name metadata)} of a compiled module's text."""
-    ops = {}
+    """{instruction name: (opcode, op_name metadata)} of a compiled module's text.
+
+    A fusion XLA made without metadata (bf16's float32 converts around a slice, say) takes
+    the first op_name inside its fused computation, so it is counted where its work came from.
+    """
+    ops, calls, inner, computation = {}, {}, {}, None
     for line in hlo_text.splitlines():
+        header = re.match(r"(?:ENTRY )?%(\S+) \(", line)
+        if header:
+            computation = header.group(1)
         # The result type is one word, or a tuple "(f32[2]{0}, s32[])" (multi-output fusions, loops).
         m = re.match(r"\s*(?:ROOT )?%(\S+) = (?:\(.*?\)|\S+) ([\w-]+)\(", line)
         if m:
             op_name = re.search(r'op_name="([^"]*)"', line)
             ops[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+            if op_name:
+                inner.setdefault(computation, op_name.group(1))
+            elif m.group(2) == "fusion" and (called := re.search(r"calls=%([\w.-]+)", line)):
+                calls[m.group(1)] = called.group(1)
+    for name, called in calls.items():
+        ops[name] = ("fusion", inner.get(called, ""))
     return ops
 
 
