@@ -8,8 +8,9 @@
 Runs the bench's train step (its workload: the same weights, batch and optimizer;
 PyTorch channels_last, in fp32 or in bf16 autocast as fnlearn's `--precision`) a few
 times under each framework's own profiler, `jax.profiler` and `torch.profiler`, and
-prints milliseconds per step by kind of work, then fnlearn's most expensive XLA ops. fnlearn's times are wall-clock: the
-time during which at least one op of that kind was running. XLA runs independent
+prints milliseconds per step by kind of work, then fnlearn's most expensive XLA ops.
+fnlearn's times are wall-clock: the time during which at least one op of that kind was
+running. XLA runs independent
 ops concurrently (an input gradient beside a kernel gradient), so the kinds can
 add up to more than the step; "all ops" counts such overlaps once. PyTorch's are
 the profiler's self CPU time per op (its ops run one after another; under the
@@ -39,7 +40,8 @@ from fnlearn.tools.profile import hlo_ops, inner_ops, op_intervals, split_kernel
 
 # net -> (the bench's workload of its train step, the Flax module in op names)
 NETS = {"fastnet": ("fastnet_train", "FastNet"), "resnet18": ("resnet18_train", "ResNet")}
-KINDS = ("conv forward", "conv backward", "layout copies", "batch norm", "other model ops", "optimizer", "unattributed")
+KINDS = ("conv forward", "conv backward", "layout copies", "batch norm", "other model ops", "optimizer",
+         "unattributed")
 
 
 def jax_kind(name, opcode, op_name, model):
