@@ -270,7 +270,7 @@ def test_jax_export_gets_lax_convolutions():
     assert max_relative_error(exported.call(x), ref(x, w)) < 1e-5
 
 
-def test_other_platforms_keep_lax_convolutions():
+def test_other_platforms_keep_lax_convolutions(monkeypatch):
     ours, _, x, w = case("3x3_same")
     grad = jax.grad(loss_of(ours), argnums=(0, 1))
     text = jax.jit(grad).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
@@ -279,3 +279,5 @@ def test_other_platforms_keep_lax_convolutions():
     direct = lambda x, w: onednn.conv(x, w, (1, 1), ((1, 1), (1, 1)))  # noqa: E731
     text = jax.jit(jax.grad(loss_of(direct), argnums=(0, 1))).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert "stablehlo.convolution" in text and TARGET not in text
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert onednn.describe() is None  # a GPU run's summary says nothing of CPU convolutions

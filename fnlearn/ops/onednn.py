@@ -129,7 +129,9 @@ def native_bfloat16():
 
 def describe():
     """What runs the 2-D convolutions with a spatial window on CPU (`fnlearn.ops.conv`), for a
-    run's log or summary: a bf16 run's speed and rounding depend on it."""
+    run's log or summary: a bf16 run's speed and rounding depend on it. None off the CPU."""
+    if jax.default_backend() != "cpu":
+        return None
     if not enabled():
         return "XLA's own"
     return f"oneDNN, bf16 {'native' if native_bfloat16() else 'in fp32'}"
