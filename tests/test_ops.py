@@ -176,6 +176,8 @@ def pool_grad(pool, x, window, strides):
 @pytest.mark.parametrize("shape, window, strides", [
     ((2, 8, 8, 3), (2, 2), (2, 2)),      # FastNet's pool
     ((2, 15, 15, 3), (2, 2), (2, 2)),    # odd size: VALID drops the last row and column
+    ((2, 9, 10, 3), (3, 2), (3, 2)),     # other windows per axis, one of them cropped
+    ((2, 1, 4, 3), (2, 2), (2, 2)),      # smaller than a window: an empty output
     ((7, 7, 3), (2, 2), (2, 2)),         # no batch dim
     ((2, 9, 9, 3), (3, 3), (3, 3)),
     ((2, 9, 9, 3), (3, 3), (2, 2)),      # overlapping windows: nn.max_pool itself
@@ -193,6 +195,21 @@ def test_max_pool_ties_route_gradient_like_flax():
     x = np.random.default_rng(0).integers(0, 3, (2, 8, 8, 3)).astype(np.float32)
     np.testing.assert_array_equal(pool_grad(max_pool, x, (2, 2), (2, 2)),
                                   pool_grad(nn.max_pool, x, (2, 2), (2, 2)))
+
+
+def test_max_pool_nan_propagates_and_takes_the_gradient():
+    # A diverged window: the output is NaN, as nn.max_pool's, and its gradient goes to
+    # the window's first NaN (row-major), whatever the other values.
+    x = np.zeros((1, 2, 6, 1), np.float32)
+    x[0, :, 0:2, 0] = [[1, np.nan], [5, np.nan]]     # NaN after a larger value
+    x[0, :, 2:4, 0] = [[np.nan, 7], [np.nan, 1]]     # NaN first
+    x[0, :, 4:6, 0] = [[3, 4], [9, 2]]               # no NaN
+    out = max_pool(jnp.asarray(x), (2, 2), (2, 2))
+    np.testing.assert_array_equal(out, nn.max_pool(x, (2, 2), (2, 2)))
+    grad = jax.grad(lambda x: jnp.sum(max_pool(x, (2, 2), (2, 2)) * jnp.asarray([1.0, 2.0, 3.0])[:, None]))(x)
+    want = np.zeros_like(x)
+    want[0, 0, 1, 0], want[0, 0, 2, 0], want[0, 1, 4, 0] = 1, 2, 3
+    np.testing.assert_array_equal(grad, want)
 
 
 def test_max_pool_bfloat16_and_forward_mode():

@@ -2,8 +2,8 @@
 
 `max_pool` is a drop-in for `flax.linen.max_pool`. Where the window tiles the input
 (window == stride, no padding: the 2x2/2 pool of most CIFAR nets) it runs on CPU as a
-max over the window positions of the blocked input, and keeps each window's first
-arg-max as int8; the gradient is then one fused select that routes each output
+max over strided slices of the input, one per window position, and finds each window's
+first arg-max (int8); the gradient is then one fused select that routes each output
 gradient to its arg-max. XLA's select-and-scatter (the gradient of `reduce_window`)
 lowers on CPU to iota/scatter/reduce-window loops, which cost the FastNet train step
 more than this select does. Other pools, and all non-CPU backends, are `nn.max_pool`.
@@ -12,8 +12,7 @@ Ties: the gradient goes to the first maximum of a window in row-major order, whi
 the element select-and-scatter picks, so gradients equal `nn.max_pool`'s exactly,
 ties included, for finite inputs. (`jnp.max` over the window axes would split a tie
 evenly instead.) NaNs propagate to the output as in `nn.max_pool`; a window holding one
-routes its gradient to the first maximum before its first NaN (to the NaN where it
-comes first): a diverged run's gradient.
+routes its gradient to its first NaN: a diverged run's gradient.
 """
 import functools
 import itertools
@@ -24,61 +23,65 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Beyond this many positions per window the unrolled select chain costs more to
+# Beyond this many positions per window the unrolled selects cost more to
 # compile than it saves; such pools (rare: global pooling uses jnp.max) stay native.
 MAX_WINDOW_SIZE = 64
 
 
-def _blocked(x, window):
-    """(..., *spatial, C) -> (..., o1, w1, o2, w2, ..., C), spatial cropped to whole windows."""
-    n = len(window)
-    spatial = x.shape[-n - 1:-1]
-    x = x[(Ellipsis,) + tuple(slice(0, s // w * w) for s, w in zip(spatial, window)) + (slice(None),)]
-    shape = x.shape[:-n - 1] + sum(((s // w, w) for s, w in zip(spatial, window)), ()) + x.shape[-1:]
-    return x.reshape(shape)
+def _window_views(x, window):
+    """The strided slices of x, (..., *spatial, C), one per window offset in row-major
+    order: the k-th holds each window's k-th element, (..., *out, C). Rows and columns
+    past the last whole window are never read, so an odd-sized map needs no cropped copy.
+
+    In float32 (or wider): XLA:CPU computes bfloat16 elementwise work in float32 anyway,
+    and converting once before slicing costs less than converting each slice, which it
+    writes out where the slice has two uses (the max and the arg-max)."""
+    if x.dtype.itemsize < 4:
+        x = x.astype(jnp.float32)
+    n, lead = len(window), x.ndim - len(window) - 1
+    out = [s // w for s, w in zip(x.shape[-n - 1:-1], window)]
+    for offsets in itertools.product(*(range(w) for w in window)):
+        limit = [d + w * (o - 1) + 1 for d, w, o in zip(offsets, window, out)]
+        yield lax.slice(x, (0,) * lead + offsets + (0,), x.shape[:lead] + tuple(limit) + x.shape[-1:],
+                        (1,) * lead + window + (1,))
 
 
-def _window_axes(ndim_blocked, n):
-    """Axes of the window offsets in a blocked array of rank ndim_blocked."""
-    first = ndim_blocked - 1 - 2 * n
-    return tuple(first + 2 * i + 1 for i in range(n))
-
-
-def _max_and_argmax(blocked, window):
-    """Max over each window and the row-major index of its first maximum (int8)."""
-    axes = _window_axes(blocked.ndim, len(window))
-    best, argmax = None, None
-    for k, offsets in enumerate(itertools.product(*(range(w) for w in window))):
-        index = [slice(None)] * blocked.ndim
-        for axis, offset in zip(axes, offsets):
-            index[axis] = offset
-        value = blocked[tuple(index)]
-        if best is None:
-            best, argmax = value, jnp.zeros(value.shape, jnp.int8)
-        else:
-            # Strictly greater: on a tie the earlier position keeps the gradient.
-            argmax = jnp.where(value > best, jnp.int8(k), argmax)
-            best = jnp.maximum(best, value)  # propagates NaN, as reduce_window's max does
-    return best, argmax
+def _first_argmax(views, best):
+    """The index (int8) of each window's first view equal to its max `best`, or of its
+    first NaN (`best` is then NaN). Compared with the max rather than chained through
+    running maxima, so that each slice has one use in this pass."""
+    argmax = jnp.full(best.shape, len(views) - 1, jnp.int8)
+    for k in reversed(range(len(views) - 1)):
+        argmax = jnp.where((views[k] == best) | jnp.isnan(views[k]), jnp.int8(k), argmax)
+    return argmax
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _tiled_max_pool(blocked, window):
-    """Max over the window axes of a blocked array (see `_blocked`)."""
-    return _max_and_argmax(blocked, window)[0]
+def _tiled_max_pool(x, window):
+    """Max over windows that tile x (see `_tiles`); propagates NaN, as reduce_window does."""
+    return functools.reduce(jnp.maximum, _window_views(x, window)).astype(x.dtype)
 
 
 @_tiled_max_pool.defjvp
 def _tiled_max_pool_jvp(window, primals, tangents):
-    # The tangent is the input tangent at each window's arg-max: a select, linear in
-    # the tangent, whose transpose is the one-pass gradient scatter.
-    (blocked,), (tangent,) = primals, tangents
-    best, argmax = _max_and_argmax(blocked, window)
-    axes = _window_axes(blocked.ndim, len(window))
+    # The tangent is the input tangent at each window's arg-max: a select, linear in the
+    # tangent, whose transpose is the one-pass gradient scatter. It selects from the
+    # tangent cropped and blocked, (..., o1, w1, o2, w2, ..., C): the transpose is then one
+    # fused select-and-pad, where strided slices would transpose to a costlier sum of pads.
+    (x,), (tangent,) = primals, tangents
+    views = list(_window_views(x, window))
+    best = functools.reduce(jnp.maximum, views)
+    argmax = _first_argmax(views, best)
+    n = len(window)
+    spatial = tangent.shape[-n - 1:-1]
+    cropped = tangent[(Ellipsis,) + tuple(slice(0, s // w * w) for s, w in zip(spatial, window)) + (slice(None),)]
+    blocked = cropped.reshape(tangent.shape[:-n - 1] + sum(((s // w, w) for s, w in zip(spatial, window)), ())
+                              + tangent.shape[-1:])
+    axes = tuple(blocked.ndim - 2 * n + 2 * i for i in range(n))  # the window offsets' axes
     positions = jnp.arange(math.prod(window), dtype=jnp.int8).reshape(window)
     positions = jnp.expand_dims(positions, tuple(i for i in range(blocked.ndim) if i not in axes))
     chosen = jnp.expand_dims(argmax, axes) == positions
-    return best, jnp.sum(jnp.where(chosen, tangent, jnp.zeros((), tangent.dtype)), axis=axes)
+    return best.astype(x.dtype), jnp.sum(jnp.where(chosen, blocked, jnp.zeros((), blocked.dtype)), axis=axes)
 
 
 def _tiles(inputs, window_shape, strides, padding):
@@ -93,6 +96,8 @@ def _tiles(inputs, window_shape, strides, padding):
         return False
     if not jnp.issubdtype(inputs.dtype, jnp.floating) or math.prod(window_shape) > MAX_WINDOW_SIZE:
         return False
+    if any(s < w for s, w in zip(inputs.shape[-n - 1:-1], window_shape)):
+        return False  # an empty output: nothing to gain
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(inputs.shape[-n - 1:-1], window_shape, strides, padding)
     return all(tuple(p) == (0, 0) for p in padding)
@@ -113,5 +118,5 @@ def max_pool(inputs, window_shape, strides=None, padding="VALID"):
     native = functools.partial(nn.max_pool, window_shape=window_shape, strides=strides, padding=padding)
     if not _tiles(inputs, window_shape, strides, padding):
         return native(inputs)
-    tiled = lambda x: _tiled_max_pool(_blocked(x, window_shape), window_shape)  # noqa: E731
+    tiled = lambda x: _tiled_max_pool(x, window_shape)  # noqa: E731
     return lax.platform_dependent(inputs, cpu=tiled, default=native)
