@@ -176,7 +176,9 @@ def pool_grad(pool, x, window, strides):
 @pytest.mark.parametrize("shape, window, strides", [
     ((2, 8, 8, 3), (2, 2), (2, 2)),      # FastNet's pool
     ((2, 15, 15, 3), (2, 2), (2, 2)),    # odd size: VALID drops the last row and column
-    ((2, 9, 10, 3), (3, 2), (3, 2)),     # other windows per axis, one of them cropped
+    ((2, 10, 11, 3), (3, 2), (3, 2)),    # other windows per axis, both cropped
+    ((7, 3), (2,), (2,)),                # 1-D, no batch dim
+    ((2, 3, 5, 6, 7, 2), (2, 3, 2), (2, 3, 2)),  # 3-D, two batch dims
     ((2, 1, 4, 3), (2, 2), (2, 2)),      # smaller than a window: an empty output
     ((7, 7, 3), (2, 2), (2, 2)),         # no batch dim
     ((2, 9, 9, 3), (3, 3), (3, 3)),
@@ -189,12 +191,26 @@ def test_max_pool_matches_flax(shape, window, strides):
                                   pool_grad(nn.max_pool, x, window, strides))
 
 
-def test_max_pool_ties_route_gradient_like_flax():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_ties_route_gradient_like_flax(dtype):
     # Few distinct values: most windows hold tied maxima; the first in row-major order
-    # gets the gradient, as in select-and-scatter.
-    x = np.random.default_rng(0).integers(0, 3, (2, 8, 8, 3)).astype(np.float32)
+    # gets the gradient, as in select-and-scatter. bfloat16 is widened inside the pool.
+    x = jnp.asarray(np.random.default_rng(0).integers(-3, 3, (2, 9, 9, 3)), dtype)
+    np.testing.assert_array_equal(max_pool(x, (2, 2), (2, 2)), nn.max_pool(x, (2, 2), (2, 2)))
     np.testing.assert_array_equal(pool_grad(max_pool, x, (2, 2), (2, 2)),
                                   pool_grad(nn.max_pool, x, (2, 2), (2, 2)))
+
+
+def test_max_pool_second_derivative_keeps_ties_whole():
+    # A Hessian-vector product (forward over reverse) differentiates the pool's own
+    # derivative rule: a tie must still send everything to its first maximum.
+    x = jnp.asarray([[[[1.0], [1.0]], [[0.0], [0.0]]]])
+    tangent = jnp.zeros_like(x).at[0, 0, 0, 0].set(1.0)
+
+    def hvp(pool):
+        grad = jax.grad(lambda x: jnp.sum(pool(x, (2, 2), (2, 2)) ** 2))
+        return jax.jit(lambda x, t: jax.jvp(grad, (x,), (t,))[1])(x, tangent)
+    np.testing.assert_array_equal(hvp(max_pool), hvp(nn.max_pool))
 
 
 def test_max_pool_nan_propagates_and_takes_the_gradient():

@@ -2,9 +2,9 @@
 
 `max_pool` is a drop-in for `flax.linen.max_pool`. Where the window tiles the input
 (window == stride, no padding: the 2x2/2 pool of most CIFAR nets) it runs on CPU as a
-max over strided slices of the input, one per window position, and finds each window's
-first arg-max (int8); the gradient is then one fused select that routes each output
-gradient to its arg-max. XLA's select-and-scatter (the gradient of `reduce_window`)
+max over strided slices of the input, one per window position; its derivative finds
+each window's first arg-max (int8), and the gradient is then one fused select that
+routes each output gradient to its arg-max. XLA's select-and-scatter (the gradient of `reduce_window`)
 lowers on CPU to iota/scatter/reduce-window loops, which cost the FastNet train step
 more than this select does. Other pools, and all non-CPU backends, are `nn.max_pool`.
 
@@ -69,9 +69,9 @@ def _tiled_max_pool_jvp(window, primals, tangents):
     # tangent cropped and blocked, (..., o1, w1, o2, w2, ..., C): the transpose is then one
     # fused select-and-pad, where strided slices would transpose to a costlier sum of pads.
     (x,), (tangent,) = primals, tangents
+    best = _tiled_max_pool(x, window)  # this rule again under an outer derivative (a Hessian)
     views = list(_window_views(x, window))
-    best = functools.reduce(jnp.maximum, views)
-    argmax = _first_argmax(views, best)
+    argmax = _first_argmax(views, best.astype(views[0].dtype))
     n = len(window)
     spatial = tangent.shape[-n - 1:-1]
     cropped = tangent[(Ellipsis,) + tuple(slice(0, s // w * w) for s, w in zip(spatial, window)) + (slice(None),)]
@@ -81,13 +81,13 @@ def _tiled_max_pool_jvp(window, primals, tangents):
     positions = jnp.arange(math.prod(window), dtype=jnp.int8).reshape(window)
     positions = jnp.expand_dims(positions, tuple(i for i in range(blocked.ndim) if i not in axes))
     chosen = jnp.expand_dims(argmax, axes) == positions
-    return best.astype(x.dtype), jnp.sum(jnp.where(chosen, blocked, jnp.zeros((), blocked.dtype)), axis=axes)
+    return best, jnp.sum(jnp.where(chosen, blocked, jnp.zeros((), blocked.dtype)), axis=axes)
 
 
 def _tiles(inputs, window_shape, strides, padding):
     """True if the windows tile the (cropped) input: stride == window, no padding, and
     sizes known when tracing (with a symbolic height or width from `jax.export`, the
-    blocked and the native output sizes are different expressions of one number)."""
+    strided and the native output sizes are different expressions of one number)."""
     n = len(window_shape)
     strides = tuple(strides) if strides is not None else (1,) * n
     if strides != tuple(window_shape) or inputs.ndim < n + 1:
