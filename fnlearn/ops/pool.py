@@ -4,9 +4,10 @@
 (window == stride, no padding: the 2x2/2 pool of most CIFAR nets) it runs on CPU as a
 max over strided slices of the input, one per window position; its derivative finds
 each window's first arg-max (int8), and the gradient is then one fused select that
-routes each output gradient to its arg-max. XLA's select-and-scatter (the gradient of `reduce_window`)
-lowers on CPU to iota/scatter/reduce-window loops, which cost the FastNet train step
-more than this select does. Other pools, and all non-CPU backends, are `nn.max_pool`.
+routes each output gradient to its arg-max. XLA's select-and-scatter (the gradient of
+`reduce_window`) lowers on CPU to iota/scatter/reduce-window loops, which cost the
+FastNet train step more than this select does. Other pools, and all non-CPU backends,
+are `nn.max_pool`.
 
 Ties: the gradient goes to the first maximum of a window in row-major order, which is
 the element select-and-scatter picks, so gradients equal `nn.max_pool`'s exactly,
@@ -73,10 +74,9 @@ def _tiled_max_pool_jvp(window, primals, tangents):
     views = list(_window_views(x, window))
     argmax = _first_argmax(views, best.astype(views[0].dtype))
     n = len(window)
-    spatial = tangent.shape[-n - 1:-1]
-    cropped = tangent[(Ellipsis,) + tuple(slice(0, s // w * w) for s, w in zip(spatial, window)) + (slice(None),)]
-    blocked = cropped.reshape(tangent.shape[:-n - 1] + sum(((s // w, w) for s, w in zip(spatial, window)), ())
-                              + tangent.shape[-1:])
+    out = [s // w for s, w in zip(tangent.shape[-n - 1:-1], window)]
+    cropped = tangent[(Ellipsis,) + tuple(slice(0, o * w) for o, w in zip(out, window)) + (slice(None),)]
+    blocked = cropped.reshape(tangent.shape[:-n - 1] + sum(zip(out, window), ()) + tangent.shape[-1:])
     axes = tuple(blocked.ndim - 2 * n + 2 * i for i in range(n))  # the window offsets' axes
     positions = jnp.arange(math.prod(window), dtype=jnp.int8).reshape(window)
     positions = jnp.expand_dims(positions, tuple(i for i in range(blocked.ndim) if i not in axes))
