@@ -1,7 +1,8 @@
-"""Builds fnlearn's oneDNN convolution library for XLA:CPU (loaded by fnlearn/ops/onednn.py).
+"""Builds fnlearn's oneDNN library for XLA:CPU: convolutions and batch normalisation as FFI
+handlers (loaded by fnlearn/ops/onednn.py).
 
 Optional: without a C++ compiler, oneDNN or XLA's FFI headers the install goes on, and
-fnlearn's CPU convolutions stay XLA's own. The headers come from the jaxlib and
+fnlearn's CPU convolutions and batch norms stay XLA's own. The headers come from the jaxlib and
 onednn-devel-cpu-gomp wheels, the library from onednn-cpu-gomp (pyproject's
 build-system requires), found through their installed file lists, so an isolated
 build finds them too.
@@ -25,12 +26,12 @@ def _dir_of(distribution, filename):
     return None if path is None else str(path.locate())[: -len(filename)]
 
 
-SOURCE = pathlib.Path("fnlearn/ops/_onednn/conv.cc")
+FILES = sorted(p for p in pathlib.Path("fnlearn/ops/_onednn").iterdir() if p.suffix in (".cc", ".h"))
 
 
-def source_hash(path):
-    """The hash the library carries of the source it was built from (`FnlearnConvSource`)."""
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+def source_hash(files):
+    """The hash the library carries of the files it was built from (`FnlearnOnednnSource`)."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
 
 
 class BuildFFI(build_ext):
@@ -54,7 +55,7 @@ class BuildFFI(build_ext):
                 "oneDNN (onednn-cpu-gomp)": _dir_of("onednn-cpu-gomp", "libdnnl.so")}
         missing = [name for name, found in dirs.items() if found is None]
         if missing:
-            print(f"fnlearn: not building the oneDNN convolutions, missing: {', '.join(missing)}")
+            print(f"fnlearn: not building the oneDNN library, missing: {', '.join(missing)}")
             return
         extension = self.extensions[0]
         extension.include_dirs += list(dirs.values())[:2]
@@ -66,8 +67,9 @@ class BuildFFI(build_ext):
 
 
 setup(
-    ext_modules=[Extension("fnlearn.ops._onednn.libfnlearn_conv", [str(SOURCE)],
-                           define_macros=[("FNLEARN_CONV_SOURCE", f'"{source_hash(SOURCE)}"')],
+    ext_modules=[Extension("fnlearn.ops._onednn.libfnlearn_onednn", [str(p) for p in FILES if p.suffix == ".cc"],
+                           depends=[str(p) for p in FILES if p.suffix == ".h"],
+                           define_macros=[("FNLEARN_ONEDNN_SOURCE", f'"{source_hash(FILES)}"')],
                            libraries=["dnnl"], language="c++", optional=True,
                            extra_compile_args=["-std=c++17", "-O2", "-g0"])],
     cmdclass={"build_ext": BuildFFI},

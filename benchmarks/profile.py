@@ -22,7 +22,7 @@ them; the times are still per step.
 Kinds: conv forward / conv backward (XLA convolutions, fnlearn's oneDNN calls, and 1x1
 convs run as dots; PyTorch's mkldnn convolutions), layout copies (the transposes XLA:CPU inserts
 around a convolution, mostly for kernel gradients; PyTorch's copies, and under bf16
-autocast its casts to bf16 as well), batch norm,
+autocast its casts to bf16 as well), batch norm (with fnlearn's oneDNN calls),
 other model ops (activations, pooling, loss), optimizer (the update, outside the
 model), unattributed (fnlearn's fusions that XLA made without source metadata: in bf16,
 mostly the float32 converts XLA:CPU puts around bf16 elementwise work; PyTorch: none).
@@ -50,6 +50,8 @@ def jax_kind(name, opcode, op_name, model):
     backward = "transpose(" in op_name or not op_name
     if opcode == "convolution" or (opcode == "dot" and re.search(r"/(\w+_)?conv\d*/", op_name)):
         return "conv backward" if backward else "conv forward"
+    if opcode == "custom-call" and name.startswith("fnlearn_onednn_batch_norm"):  # fnlearn.ops.batch_norm
+        return "batch norm"
     if opcode == "custom-call" and name.startswith("fnlearn_onednn_"):  # fnlearn.ops.onednn
         return "conv forward" if name.startswith("fnlearn_onednn_forward") else "conv backward"
     if opcode in ("copy", "transpose") or name.startswith("transpose"):

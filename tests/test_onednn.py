@@ -100,9 +100,9 @@ def test_other_dtypes_and_empty_results_match_lax():
 
 
 def test_a_library_built_from_another_source_is_refused():
-    # A source tree's library after a pull that changed conv.cc, before it is rebuilt.
-    other = types.SimpleNamespace(FnlearnConvSource=lambda: b"0123456789abcdef")
-    assert "was built from another conv.cc (reinstall" in onednn._stale(other)
+    # A source tree's library after a pull that changed a source, before it is rebuilt.
+    other = types.SimpleNamespace(FnlearnOnednnSource=lambda: b"0123456789abcdef")
+    assert "was built from other sources than _onednn/'s (reinstall" in onednn._stale(other)
     assert onednn._stale(types.SimpleNamespace()) is not None  # from before the library said its source
     assert onednn._stale(ctypes.CDLL(str(onednn._LIBRARY))) is None  # this one's (loaded: libdnnl is too)
 
@@ -227,7 +227,7 @@ def test_switched_off_or_missing_falls_back_to_xla(monkeypatch):
     monkeypatch.setattr(onednn, "_LIBRARY", onednn._LIBRARY.with_name("missing.so"))
     onednn._load.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="CPU convolutions use XLA's own, not oneDNN: missing.so was not built"):
+        with pytest.warns(UserWarning, match="CPU convolutions and batch norms use XLA's own, not oneDNN: missing.so was not built"):
             text = compiled_text(lambda x, w: ours(x, w) + ours(x, w), x, w)
             assert onednn.describe() == "XLA's own"
         assert " convolution(" in text and TARGET not in text

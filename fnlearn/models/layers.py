@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fnlearn.ops import batch_norm
 from fnlearn.ops.conv import conv_general_dilated
 from fnlearn.ops.pool import max_pool
 
@@ -50,7 +51,13 @@ class Conv(nn.Conv):
 
 
 class BatchNorm(nn.BatchNorm):
-    """`nn.BatchNorm` that also runs under strict dtype promotion.
+    """`nn.BatchNorm` that trains on bfloat16 in oneDNN on CPU and runs under strict dtype promotion.
+
+    Same attributes, variables and results as `nn.BatchNorm`. In training, on CPU, a
+    plain one (channels last, no `axis_name` or mask, `dtype` bfloat16) on bfloat16
+    activations runs in oneDNN where it has kernels for them (`fnlearn.ops.batch_norm`):
+    XLA:CPU's own takes far longer than PyTorch's there. Its variance is the two-pass one,
+    not flax's fast E[x^2] - E[x]^2; other platforms and other cases are flax's.
 
     With a bfloat16 input, flax's BatchNorm computes its statistics in float32 and mixes
     them with the input by implicit promotion, which `jax.numpy_dtype_promotion("strict")`
@@ -58,10 +65,28 @@ class BatchNorm(nn.BatchNorm):
     BatchNorms in float32), so it is allowed here and only here.
     """
 
-    def __call__(self, x, *args, **kwargs):
+    @nn.compact
+    def __call__(self, x, use_running_average=None, *, mask=None):
         """Normalises x, (..., C), over all axes but the last; returns (..., C) in `dtype`."""
         with jax.numpy_dtype_promotion("standard"):
-            return super().__call__(x, *args, **kwargs)
+            training = not nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+            plain = (mask is None and self.axis_name is None and self.force_float32_reductions
+                     and self.axis in (-1, (-1,), x.ndim - 1, (x.ndim - 1,)) and self.dtype is not None
+                     and jnp.dtype(self.param_dtype) in (jnp.float32, jnp.bfloat16))
+            if not (training and plain and batch_norm.takes(x, jnp.dtype(self.dtype))):
+                return super().__call__(x, use_running_average=use_running_average, mask=mask)
+            # oneDNN's, with the variables flax's BatchNorm makes, in its order.
+            channels = (x.shape[-1],)
+            ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), channels)
+            ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), channels)
+            scale = self.param("scale", self.scale_init, channels, self.param_dtype) if self.use_scale else None
+            bias = self.param("bias", self.bias_init, channels, self.param_dtype) if self.use_bias else None
+            y, mean, var = batch_norm.train_batch_norm(x, scale, bias, self.epsilon, jnp.dtype(self.dtype),
+                                                       self.use_fast_variance)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+            return y
 
 
 def remat_block(block_cls):

@@ -2,8 +2,9 @@
 
 XLA:CPU runs convolutions in Eigen, which is slower than oneDNN (what PyTorch's CPU
 convolutions run in) on most layers, and runs bfloat16 ones in float32. The library
-built from `_onednn/conv.cc` at install runs the three directions of a convolution in
-oneDNN; this module makes them JAX primitives:
+built from `_onednn/` at install runs the three directions of a convolution in oneDNN
+(and batch normalisation, `fnlearn.ops.batch_norm`); this module loads it and makes the
+convolutions JAX primitives:
 
 - `conv(x, kernel)`: NHWC x, HWIO kernel, explicit padding;
 - `input_grad(dy, kernel)` and `kernel_grad(x, dy)`: its two gradients.
@@ -19,9 +20,9 @@ CPU one does (the same library), so its rounding error grows with the batch, fas
 XLA's (docs/performance.md); training is not affected.
 
 The library is loaded at the first convolution. Where it or oneDNN is missing,
-`enabled()` is False, fnlearn says so once, and convolutions keep XLA's lowering;
-`FNLEARN_ONEDNN=0` turns this path off, and `disabled()` turns it off while tracing
-programs that leave the process (`jax.export`, ONNX) or whose cost XLA must count.
+`enabled()` is False, fnlearn says so once, and convolutions and batch norms keep XLA's
+lowering; `FNLEARN_ONEDNN=0` turns this path off, and `disabled()` turns it off while
+tracing programs that leave the process (`jax.export`, ONNX) or whose cost XLA must count.
 """
 import contextlib
 import ctypes
@@ -40,9 +41,12 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 ENV = "FNLEARN_ONEDNN"
-_LIBRARY = pathlib.Path(__file__).with_name("_onednn") / "libfnlearn_conv.so"
-_TARGETS = {"forward": "FnlearnConvForward", "input_grad": "FnlearnConvInputGrad",
-            "kernel_grad": "FnlearnConvKernelGrad"}
+_LIBRARY = pathlib.Path(__file__).with_name("_onednn") / "libfnlearn_onednn.so"
+# FFI target names and the library's handler symbols.
+_TARGETS = {"fnlearn_conv_forward": "FnlearnConvForward", "fnlearn_conv_input_grad": "FnlearnConvInputGrad",
+            "fnlearn_conv_kernel_grad": "FnlearnConvKernelGrad",
+            "fnlearn_batch_norm_forward": "FnlearnBatchNormForward",
+            "fnlearn_batch_norm_backward": "FnlearnBatchNormBackward"}
 
 
 def _libdnnl():
@@ -55,23 +59,24 @@ def _libdnnl():
 
 
 def _stale(library):
-    """Why `library` was not built from the conv.cc beside it (a source tree after a pull), or None
-    (also where no conv.cc lies beside it: nothing to compare)."""
-    source = _LIBRARY.with_name("conv.cc")
-    if not source.exists():
+    """Why `library` was not built from the sources beside it (a source tree after a pull), or None
+    (also where no source lies beside it: nothing to compare). The hash is setup.py's."""
+    sources = sorted(p for p in _LIBRARY.parent.iterdir() if p.suffix in (".cc", ".h"))
+    if not sources:
         return None
-    built = getattr(library, "FnlearnConvSource", None)
+    built = getattr(library, "FnlearnOnednnSource", None)
     if built is not None:
         built.restype = ctypes.c_char_p
-        if built().decode() == hashlib.sha256(source.read_bytes()).hexdigest()[:16]:
+        if built().decode() == hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]:
             return None
-    return (f"{_LIBRARY.name} was built from another {source.name} (reinstall fnlearn: pip install -e . "
-            "in its source tree)")
+    return (f"{_LIBRARY.name} was built from other sources than {_LIBRARY.parent.name}/'s (reinstall fnlearn: "
+            "pip install -e . in its source tree)")
 
 
 @functools.cache
 def _load():
-    """(True, bf16 native) once the FFI targets are registered, else (False, why)."""
+    """(True, {op: whether oneDNN runs it in bf16 here}) once the FFI targets are registered,
+    else (False, why)."""
     if not _LIBRARY.exists():
         return False, f"{_LIBRARY.name} was not built (reinstall fnlearn with a C++17 compiler)"
     dnnl = _libdnnl()
@@ -84,10 +89,11 @@ def _load():
         if (stale := _stale(library)) is not None:
             return False, stale
         handlers = {name: getattr(library, symbol) for name, symbol in _TARGETS.items()}
-        native_bf16 = bool(library.FnlearnConvNativeBf16())
+        native_bf16 = {"conv": bool(library.FnlearnConvNativeBf16()),
+                       "batch_norm": bool(library.FnlearnBatchNormJitted(1))}
         for name, handler in handlers.items():
-            jax.ffi.register_ffi_target(f"fnlearn_conv_{name}", jax.ffi.pycapsule(handler), platform="cpu")
-    except Exception as error:  # a stale or foreign build: say why, keep XLA's convolutions
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
+    except Exception as error:  # a stale or foreign build: say why, keep XLA's ops
         return False, f"loading {_LIBRARY.name} failed: {error}"
     return True, native_bf16
 
@@ -97,7 +103,7 @@ _off = threading.local()
 
 @contextlib.contextmanager
 def disabled():
-    """XLA's own convolutions for what is traced inside, on this thread.
+    """XLA's own convolutions and batch norms for what is traced inside, on this thread.
 
     For exported programs (their custom calls would not run without fnlearn) and for
     XLA's cost analysis (which counts no FLOPs in a custom call). Trace a fresh
@@ -112,8 +118,8 @@ def disabled():
 
 
 def enabled():
-    """Whether CPU convolutions run in oneDNN: the library loads, FNLEARN_ONEDNN is not 0,
-    and no `disabled()` is open."""
+    """Whether CPU convolutions and batch norms run in oneDNN: the library loads, FNLEARN_ONEDNN
+    is not 0, and no `disabled()` is open."""
     if os.environ.get(ENV, "1") == "0" or getattr(_off, "on", False):
         return False
     loaded, detail = _load()
@@ -122,9 +128,10 @@ def enabled():
     return loaded
 
 
-def native_bfloat16():
-    """Whether oneDNN runs bfloat16 convolutions in bf16 on this CPU (AVX512-BF16, AMX or AVX2-VNNI-2)."""
-    return enabled() and _load()[1]
+def native_bfloat16(op="conv"):
+    """Whether oneDNN runs `op` ("conv" or "batch_norm") on bfloat16 in bf16 on this CPU: convolutions
+    need AVX512-BF16, AMX or AVX2-VNNI-2; batch norm, AVX-512 (oneDNN 3.2 has no other bf16 kernel)."""
+    return enabled() and _load()[1][op]
 
 
 def describe():
@@ -139,7 +146,7 @@ def describe():
 
 @functools.cache
 def _say_once(why):
-    warnings.warn(f"fnlearn: CPU convolutions use XLA's own, not oneDNN: {why}.", stacklevel=3)
+    warnings.warn(f"fnlearn: CPU convolutions and batch norms use XLA's own, not oneDNN: {why}.", stacklevel=3)
 
 
 def _out_size(size, window, stride, pad):
@@ -170,12 +177,25 @@ def _kernel_grad_ref(x, dy, *, strides, padding, window):
     return jax.vjp(lambda k: spatial_conv(x, k, strides, padding), kernel)[1](dy)[0]
 
 
-def _primitive(name, reference, abstract):
-    primitive = Primitive(f"fnlearn_onednn_{name}")
+def primitive(name, reference, abstract, target=None, attributes=None, multiple_results=False, takes=None):
+    """A JAX primitive that lowers to the FFI call `target` on CPU and to `reference` (lax)
+    elsewhere, and where the call cannot go.
+
+    Args:
+      name: the primitive's name, after "fnlearn_onednn_".
+      reference: what it computes, in lax, with its parameters as keywords.
+      abstract: its abstract evaluation.
+      target: the FFI target (None: `reference` everywhere).
+      attributes: the call's attributes from the parameters (default: the parameters).
+      multiple_results: whether it returns a list.
+      takes: whether the call takes operands of these avals (default: any).
+    """
+    prim = Primitive(f"fnlearn_onednn_{name}")
+    prim.multiple_results = multiple_results
 
     @functools.cache  # one compiled program per parameters, for calls outside jit
     def eager(**params):
-        return jax.jit(functools.partial(primitive.bind, **params))
+        return jax.jit(functools.partial(prim.bind, **params))
 
     def impl(*args, **params):
         # With jit on, as JAX's own primitives run: under `jax.disable_jit()` the jit
@@ -183,25 +203,27 @@ def _primitive(name, reference, abstract):
         with jax.disable_jit(False):
             return eager(**params)(*args)
 
-    primitive.def_impl(impl)
-    primitive.def_abstract_eval(abstract)
-    ffi = jax.ffi.ffi_lowering(f"fnlearn_conv_{name}")
-    lax_lowering = mlir.lower_fun(reference, multiple_results=False)
+    prim.def_impl(impl)
+    prim.def_abstract_eval(abstract)
+    lax_lowering = mlir.lower_fun(reference, multiple_results=multiple_results)
+    mlir.register_lowering(prim, lax_lowering)
+    if target is None:
+        return prim
+    ffi = jax.ffi.ffi_lowering(target)
 
-    def lower_cpu(ctx, a, b, **params):
-        # XLA's own convolution where the FFI call cannot go: the library did not load;
-        # `jax.export` (the file must run without fnlearn); a program split over several
-        # devices (XLA's partitioner cannot split a custom call, so it would gather the
-        # whole batch onto every device).
+    def lower_cpu(ctx, *args, **params):
+        # lax where the FFI call cannot go: the library did not load; `jax.export` (the
+        # file must run without fnlearn); a program split over several devices (XLA's
+        # partitioner cannot split a custom call, so it would gather the whole batch onto
+        # every device); operands the call does not take.
         if (not _load()[0] or ctx.module_context.lowering_parameters.for_export
-                or getattr(ctx.module_context.axis_context, "num_devices", 1) > 1):
-            return lax_lowering(ctx, a, b, **params)
-        return ffi(ctx, a, b, strides=np.asarray(params["strides"], np.int64),
-                   padding=np.asarray(params["padding"], np.int64).ravel())
+                or getattr(ctx.module_context.axis_context, "num_devices", 1) > 1
+                or (takes is not None and not takes(*ctx.avals_in))):
+            return lax_lowering(ctx, *args, **params)
+        return ffi(ctx, *args, **(attributes(**params) if attributes else params))
 
-    mlir.register_lowering(primitive, lower_cpu, platform="cpu")
-    mlir.register_lowering(primitive, lax_lowering)
-    return primitive
+    mlir.register_lowering(prim, lower_cpu, platform="cpu")
+    return prim
 
 
 def _check(a, b, size_a, size_b, what="channel counts"):
@@ -229,9 +251,15 @@ def _kernel_grad_shape(x, dy, *, window, **_):
     return jax.core.ShapedArray(tuple(window) + (x.shape[-1], dy.shape[-1]), x.dtype)
 
 
-conv_p = _primitive("forward", _forward_ref, _forward_shape)
-input_grad_p = _primitive("input_grad", _input_grad_ref, _input_grad_shape)
-kernel_grad_p = _primitive("kernel_grad", _kernel_grad_ref, _kernel_grad_shape)
+def _conv_attributes(strides, padding, **_):
+    return {"strides": np.asarray(strides, np.int64), "padding": np.asarray(padding, np.int64).ravel()}
+
+
+conv_p = primitive("forward", _forward_ref, _forward_shape, "fnlearn_conv_forward", _conv_attributes)
+input_grad_p = primitive("input_grad", _input_grad_ref, _input_grad_shape, "fnlearn_conv_input_grad",
+                         _conv_attributes)
+kernel_grad_p = primitive("kernel_grad", _kernel_grad_ref, _kernel_grad_shape, "fnlearn_conv_kernel_grad",
+                          _conv_attributes)
 
 
 def conv(x, kernel, strides, padding):

@@ -15,8 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "oneapi/dnnl/dnnl.hpp"
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -25,18 +24,8 @@ namespace {
 
 enum Direction : int64_t { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
 
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
-
-bool ToDnnl(ffi::DataType type, memory::data_type* out) {
-  switch (type) {
-    case ffi::DataType::F32: *out = memory::data_type::f32; return true;
-    case ffi::DataType::BF16: *out = memory::data_type::bf16; return true;
-    default: return false;
-  }
-}
+using fnlearn::Engine;
+using fnlearn::ToDnnl;
 
 // One built convolution: the primitive, and how the user's HWIO kernel maps to
 // the primitive's own kernel layout (a reorder before, or after for the kernel grad;
@@ -224,13 +213,13 @@ extern "C" int64_t FnlearnConvSetPlanCapacity(int64_t capacity) {
   return before;
 }
 
-#ifndef FNLEARN_CONV_SOURCE
-#define FNLEARN_CONV_SOURCE "unknown"
+#ifndef FNLEARN_ONEDNN_SOURCE
+#define FNLEARN_ONEDNN_SOURCE "unknown"
 #endif
 
-// The hash of the conv.cc this library was built from (setup.py's source_hash), so that
-// fnlearn can refuse a library left from an older source.
-extern "C" const char* FnlearnConvSource() { return FNLEARN_CONV_SOURCE; }
+// The hash of the sources this library was built from (setup.py's source_hash), so that
+// fnlearn can refuse a library left from older sources.
+extern "C" const char* FnlearnOnednnSource() { return FNLEARN_ONEDNN_SOURCE; }
 
 // For tests: how many plans have been built.
 extern "C" int64_t FnlearnConvPlansBuilt() {
