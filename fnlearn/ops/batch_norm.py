@@ -15,9 +15,9 @@ computes in float32.
 
 So `jax.grad` runs both oneDNN directions and `jax.jvp` the tangent; derivatives of the
 tangent and the backward differentiate their lax references, as does `vmap` (each mapped
-slice has its own statistics). Other platforms, `jax.export`, programs split over
-several devices and operands oneDNN has no jitted kernel for lower the lax references. The variance is the biased two-pass one
-oneDNN computes; flax's default is E[x^2] - E[x]^2.
+slice has its own statistics). Other platforms, `jax.export`, programs split over several
+devices and operands oneDNN has no jitted kernel for lower the lax references. The
+variance is the biased two-pass one oneDNN computes; flax's default is E[x^2] - E[x]^2.
 
 `train_batch_norm` is what `fnlearn.models.layers.BatchNorm` calls in training on bf16
 activations: these primitives on CPU, flax's own formula elsewhere.
