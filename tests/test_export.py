@@ -86,6 +86,12 @@ def test_onnx_refuses_a_primitive_it_does_not_translate():
     # A loop is not a call: its body is not inlined once in its place.
     with pytest.raises(ExportError, match="scan"):
         to_onnx(lambda x: jax.lax.scan(lambda c, a: (c + a, c), 0.0, x)[0], jax.ShapeDtypeStruct((3,), jnp.float32))
+    # ONNX's Conv and MaxPool take no bfloat16 (onnx's checker would fail on shape inference).
+    kernel = jnp.ones((3, 3, 2, 4), jnp.bfloat16)
+    conv = lambda x: jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",  # noqa: E731
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    with pytest.raises(ExportError, match="ONNX's Conv takes no bfloat16: export the model built in float32"):
+        to_onnx(conv, jax.ShapeDtypeStruct((1, 5, 5, 2), jnp.bfloat16))
 
 
 # Each script blocks fnlearn's import first: what it runs cannot come from fnlearn's code.

@@ -38,6 +38,13 @@ def _onnx_type(dtype):
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
+def _refuse_bfloat16(eqn, op):
+    """ONNX's `op` (opset 18) has no bfloat16: say so, where onnx's checker would throw a shape-inference error."""
+    if eqn.invars[0].aval.dtype == jax.numpy.bfloat16:
+        raise ExportError(f"ONNX's {op} takes no bfloat16: export the model built in float32 (its parameters "
+                          "load unchanged)")
+
+
 def _is_static(shape):
     return all(isinstance(d, int) for d in shape)
 
@@ -238,6 +245,7 @@ def _max(g, eqn, x, y):
 
 
 def _conv(g, eqn, x, w):
+    _refuse_bfloat16(eqn, "Conv")
     p = eqn.params
     if not isinstance(w, np.ndarray):
         raise ExportError("a convolution whose kernel is computed at run time is not translated")
@@ -297,6 +305,7 @@ def _reduce(op):
 
 
 def _max_pool(g, eqn, x):
+    _refuse_bfloat16(eqn, "MaxPool")
     p = eqn.params
     window, strides, padding = p["window_dimensions"], p["window_strides"], p["padding"]
     if any(d != 1 for d in p["base_dilation"]) or any(d != 1 for d in p["window_dilation"]):
