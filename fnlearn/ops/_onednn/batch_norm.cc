@@ -9,6 +9,7 @@
 // microseconds, next to a pass over the activations.
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 
 #include "common.h"
 
@@ -53,65 +54,73 @@ bool Channels(ffi::AnyBuffer buffer, int64_t channels, memory* out) {
   return true;
 }
 
-ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer shift, ffi::Result<ffi::AnyBuffer> y,
-                   ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> variance, float epsilon) {
-  memory::desc x_md, y_md;
-  memory scale_mem, shift_mem, mean_mem, variance_mem;
-  const int64_t channels = x.dimensions().size() == 2 ? x.dimensions()[1] : -1;
-  if (!Activations(x, &x_md) || !Activations(*y, &y_md) || x_md != y_md || !Channels(scale, channels, &scale_mem) ||
-      !Channels(shift, channels, &shift_mem) || !Channels(*mean, channels, &mean_mem) ||
-      !Channels(*variance, channels, &variance_mem)) {
-    return ffi::Error::InvalidArgument(
-        "fnlearn oneDNN batch norm: (M, C) float32 or bfloat16 activations and (C) float32 statistics expected");
-  }
+// `body()`'s result; an exception (oneDNN reports its errors by them) comes back as an FFI error,
+// since nothing may unwind into XLA.
+template <typename Body>
+ffi::Error Guarded(Body body) {
   try {
-    auto& engine = Engine();
-    const auto desc = ForwardDesc(x_md, epsilon);
-    dnnl::stream stream(engine);
-    memory scratchpad(desc.scratchpad_desc(), engine);
-    dnnl::batch_normalization_forward(desc).execute(
-        stream, {{DNNL_ARG_SRC, memory(x_md, engine, x.untyped_data())},
-                 {DNNL_ARG_DST, memory(y_md, engine, y->untyped_data())},
-                 {DNNL_ARG_SCALE, scale_mem}, {DNNL_ARG_SHIFT, shift_mem},
-                 {DNNL_ARG_MEAN, mean_mem}, {DNNL_ARG_VARIANCE, variance_mem},
-                 {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    stream.wait();
-  } catch (const std::exception& e) {  // nothing may unwind into XLA
+    return body();
+  } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("fnlearn oneDNN batch norm: ") + e.what());
   }
+}
+
+// Runs the primitive built from `desc` on `args` and a scratchpad, on a stream of its own, and waits.
+template <typename Primitive, typename Desc>
+ffi::Error Execute(const Desc& desc, std::unordered_map<int, memory> args) {
+  dnnl::stream stream(Engine());
+  args.insert({DNNL_ARG_SCRATCHPAD, memory(desc.scratchpad_desc(), Engine())});
+  Primitive(desc).execute(stream, args);
+  stream.wait();
   return ffi::Error::Success();
+}
+
+ffi::Error BadOperands() {
+  return ffi::Error::InvalidArgument(
+      "fnlearn oneDNN batch norm: (M, C) float32 or bfloat16 activations and (C) float32 statistics expected");
+}
+
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer shift, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> variance, float epsilon) {
+  return Guarded([&] {
+    memory::desc x_md, y_md;
+    memory scale_mem, shift_mem, mean_mem, variance_mem;
+    const int64_t channels = x.dimensions().size() == 2 ? x.dimensions()[1] : -1;
+    if (!Activations(x, &x_md) || !Activations(*y, &y_md) || x_md != y_md ||
+        !Channels(scale, channels, &scale_mem) || !Channels(shift, channels, &shift_mem) ||
+        !Channels(*mean, channels, &mean_mem) || !Channels(*variance, channels, &variance_mem)) {
+      return BadOperands();
+    }
+    return Execute<dnnl::batch_normalization_forward>(
+        ForwardDesc(x_md, epsilon),
+        {{DNNL_ARG_SRC, memory(x_md, Engine(), x.untyped_data())},
+         {DNNL_ARG_DST, memory(y_md, Engine(), y->untyped_data())},
+         {DNNL_ARG_SCALE, scale_mem}, {DNNL_ARG_SHIFT, shift_mem},
+         {DNNL_ARG_MEAN, mean_mem}, {DNNL_ARG_VARIANCE, variance_mem}});
+  });
 }
 
 ffi::Error Backward(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer variance,
                     ffi::AnyBuffer scale, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dscale,
                     ffi::Result<ffi::AnyBuffer> dshift, float epsilon) {
-  memory::desc x_md, dy_md, dx_md;
-  memory mean_mem, variance_mem, scale_mem, dscale_mem, dshift_mem;
-  const int64_t channels = x.dimensions().size() == 2 ? x.dimensions()[1] : -1;
-  if (!Activations(x, &x_md) || !Activations(dy, &dy_md) || !Activations(*dx, &dx_md) || x_md != dy_md ||
-      x_md != dx_md || !Channels(mean, channels, &mean_mem) || !Channels(variance, channels, &variance_mem) ||
-      !Channels(scale, channels, &scale_mem) || !Channels(*dscale, channels, &dscale_mem) ||
-      !Channels(*dshift, channels, &dshift_mem)) {
-    return ffi::Error::InvalidArgument(
-        "fnlearn oneDNN batch norm: (M, C) float32 or bfloat16 activations and (C) float32 statistics expected");
-  }
-  try {
-    auto& engine = Engine();
-    const auto desc = BackwardDesc(x_md, epsilon);
-    dnnl::stream stream(engine);
-    memory scratchpad(desc.scratchpad_desc(), engine);
-    dnnl::batch_normalization_backward(desc).execute(
-        stream, {{DNNL_ARG_SRC, memory(x_md, engine, x.untyped_data())},
-                 {DNNL_ARG_DIFF_DST, memory(dy_md, engine, dy.untyped_data())},
-                 {DNNL_ARG_MEAN, mean_mem}, {DNNL_ARG_VARIANCE, variance_mem}, {DNNL_ARG_SCALE, scale_mem},
-                 {DNNL_ARG_DIFF_SRC, memory(dx_md, engine, dx->untyped_data())},
-                 {DNNL_ARG_DIFF_SCALE, dscale_mem}, {DNNL_ARG_DIFF_SHIFT, dshift_mem},
-                 {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    stream.wait();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("fnlearn oneDNN batch norm: ") + e.what());
-  }
-  return ffi::Error::Success();
+  return Guarded([&] {
+    memory::desc x_md, dy_md, dx_md;
+    memory mean_mem, variance_mem, scale_mem, dscale_mem, dshift_mem;
+    const int64_t channels = x.dimensions().size() == 2 ? x.dimensions()[1] : -1;
+    if (!Activations(x, &x_md) || !Activations(dy, &dy_md) || !Activations(*dx, &dx_md) || x_md != dy_md ||
+        x_md != dx_md || !Channels(mean, channels, &mean_mem) || !Channels(variance, channels, &variance_mem) ||
+        !Channels(scale, channels, &scale_mem) || !Channels(*dscale, channels, &dscale_mem) ||
+        !Channels(*dshift, channels, &dshift_mem)) {
+      return BadOperands();
+    }
+    return Execute<dnnl::batch_normalization_backward>(
+        BackwardDesc(x_md, epsilon),
+        {{DNNL_ARG_SRC, memory(x_md, Engine(), x.untyped_data())},
+         {DNNL_ARG_DIFF_DST, memory(dy_md, Engine(), dy.untyped_data())},
+         {DNNL_ARG_MEAN, mean_mem}, {DNNL_ARG_VARIANCE, variance_mem}, {DNNL_ARG_SCALE, scale_mem},
+         {DNNL_ARG_DIFF_SRC, memory(dx_md, Engine(), dx->untyped_data())},
+         {DNNL_ARG_DIFF_SCALE, dscale_mem}, {DNNL_ARG_DIFF_SHIFT, dshift_mem}});
+  });
 }
 
 }  // namespace
