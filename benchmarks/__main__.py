@@ -161,10 +161,10 @@ def main(argv=None):
     torch_on = (f"on {torch.cuda.get_device_name()}" if on_gpu else f"with {torch.get_num_threads()} threads")
     machine = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "cpu": cpu_model(),
                "torch": f"{torch.__version__} {torch_on}", "torch_mode": args.torch_mode or "fastest on a probe",
-               "conv_backend": onednn.describe()}
+               "cpu_kernels": onednn.describe()}
     print(f"jax {machine['jax']} on {machine['device']} ({machine['cpu']}), torch {machine['torch']}")
-    if machine["conv_backend"]:
-        print(f"fnlearn's CPU convolutions: {machine['conv_backend']}")
+    if machine["cpu_kernels"]:
+        print(f"fnlearn's CPU kernels: {machine['cpu_kernels']}")
     if jax.default_backend() == "gpu" and not on_gpu:
         print("warning: JAX runs on the GPU but PyTorch has no CUDA here, so it runs on the CPU: "
               "the ratios compare different hardware")

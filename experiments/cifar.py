@@ -109,7 +109,7 @@ def write_outputs(workdir, cfg, results, dataset):
         "skipped_files": list(dataset.skipped),
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
-        "cpu_convolutions": onednn.describe(),
+        "cpu_kernels": onednn.describe(),
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__},
         "config": dataclasses.asdict(cfg),

@@ -121,6 +121,7 @@ def test_the_layer_trains_as_flax_batch_norm_does(use_scale, use_bias, param_dty
         assert g.dtype == h.dtype and max_relative_error(g, h) < 3e-2
     text = compiled_text(jax.grad(lambda p: layer_loss(ours_bn, variables, x)(p)[0]), params)
     assert (TARGET + "backward" in text) == onednn.native_bfloat16("batch_norm")
+    assert onednn.describe().endswith("bf16 batch norms in " + ("oneDNN" if TARGET + "backward" in text else "XLA"))
     # float32, inference and the cases oneDNN's does not cover keep flax's.
     train = lambda bn, x, **kw: bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"], **kw)  # noqa: E731
     f32 = layers.BatchNorm(momentum=0.9, use_scale=use_scale, use_bias=use_bias, param_dtype=param_dtype)

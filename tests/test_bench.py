@@ -29,7 +29,7 @@ def test_rows_in_the_json(torch, tmp_path):
     saved = json.loads(path.read_text())
     rows = saved["rows"]
     assert rows == returned
-    assert {"jax", "device", "cpu", "torch", "torch_mode", "conv_backend"} <= set(saved["machine"])
+    assert {"jax", "device", "cpu", "torch", "torch_mode", "cpu_kernels"} <= set(saved["machine"])
     assert saved["machine"]["torch_mode"] == "fastest on a probe"
     assert [(r["workload"], r["mode"], r["precision"]) for r in rows] == [
         ("regression", "jit_step", "fp32"), ("regression", "compiled_run", "fp32"),

@@ -146,7 +146,7 @@ def test_experiment_end_to_end_writes_everything(tiny_dataset, tmp_path):
         assert key in saved
     assert saved["model"] == "fastnet_tiny" and saved["epochs"] == 3 and saved["precision"] == "fp32"
     assert len(saved["devices"]) == 8  # the devices the run saw: conftest's fake ones
-    assert saved["cpu_convolutions"] == onednn.describe()
+    assert saved["cpu_kernels"] == onednn.describe()
     assert len(saved["test_accuracy_runs"]) == 2
     assert saved["test_accuracy"] == pytest.approx(np.mean(saved["test_accuracy_runs"]))
     assert saved["test_accuracy"] > 0.5  # 4 classes: chance is 0.25

@@ -135,13 +135,15 @@ def native_bfloat16(op="conv"):
 
 
 def describe():
-    """What runs the 2-D convolutions with a spatial window on CPU (`fnlearn.ops.conv`), for a
-    run's log or summary: a bf16 run's speed and rounding depend on it. None off the CPU."""
+    """What runs the CPU convolutions and bf16 batch norms (the ops routed here), for a run's log
+    or summary: a bf16 run's speed and rounding depend on it. None off the CPU."""
     if jax.default_backend() != "cpu":
         return None
     if not enabled():
         return "XLA's own"
-    return f"oneDNN, bf16 {'native' if native_bfloat16() else 'in fp32'}"
+    conv = "native" if native_bfloat16() else "in fp32"
+    norm = "oneDNN" if native_bfloat16("batch_norm") else "XLA"
+    return f"oneDNN convolutions, bf16 {conv}; bf16 batch norms in {norm}"
 
 
 @functools.cache
