@@ -30,7 +30,9 @@ their steps, or more to last at least 0.1 s; cnn: 20 steps; the big nets: 2 step
 fastnet_epoch: the epoch fraction; cifar_run: a whole run, its accuracy the mean
 over the timed runs). The runs of a workload's sides take turns, each round
 timing PyTorch and then each fnlearn mode once, so a slow spell of a shared machine
-hits both sides, not one. Compile time is reported apart and never counted.
+hits both sides, not one. Each timed run but cifar_run's starts its clock after one
+untimed step of its own, so its steps run back to back, as a training loop's do.
+Compile time is reported apart and never counted.
 
 Where JAX runs on a GPU and PyTorch has CUDA, both sides run there (PyTorch's
 tensors and nets moved once, before any clock starts; each clock stops after

@@ -3,9 +3,10 @@
 Each side is warmed up first (compilation for fnlearn, kernel selection for PyTorch);
 then the best of `repeats` timed runs counts, the two sides' runs taking turns
 (PyTorch, fnlearn, fnlearn, ..., PyTorch, ...), so a slow spell of a shared machine hits
-both sides, not one. Where such spells come and go between rounds, the best runs of the
-two sides may come from different rounds; the paired ratio, each round's ratio and their
-median, does not mix them. Compile time is reported apart and never counted.
+both sides, not one; each run's clock starts after an untimed step (`timed_run`). Where
+such spells come and go between rounds, the best runs of the two sides may come from
+different rounds; the paired ratio, each round's ratio and their median, does not mix them.
+Compile time is reported apart and never counted.
 
 Both sides run on one kind of device: JAX's default backend, and PyTorch on CUDA where
 JAX runs on a GPU and PyTorch has CUDA (`torch_device`), else both on the CPU.
@@ -106,9 +107,14 @@ def compile_timed(fn, *example, donate=True):
     return compiled, time.perf_counter() - t0
 
 
-def seconds_of(step, calls=1, finish=jax.block_until_ready):
+def seconds_of(step, calls=1, finish=jax.block_until_ready, lead_in=0):
     """Wall-clock seconds of `calls` calls of `step()`, the clock stopped once `finish(last output)`
-    has waited for the asynchronous work (JAX's; PyTorch's on CUDA: `torch_finish`)."""
+    has waited for the asynchronous work (JAX's; PyTorch's on CUDA: `torch_finish`). The clock
+    starts after `lead_in` untimed calls."""
+    for _ in range(lead_in):
+        out = step()
+    if lead_in:
+        finish(out)
     t0 = time.perf_counter()
     for _ in range(calls):
         out = step()
@@ -133,11 +139,18 @@ def best_rates(rounds):
 
 
 def timed_run(workload, step, steps_per_call, seconds_per_call=None, finish=jax.block_until_ready):
-    """`(time_run, items)` for `round_rates`: a run makes `workload.steps` steps, or more to last `min_seconds`."""
+    """`(time_run, items)` for `round_rates`: a run makes `workload.steps` steps, or more to last `min_seconds`.
+
+    The clock starts after one untimed call, so the timed steps run back to back, as a
+    training loop's do, not as the first step after the other side's run: on a VM that hands
+    freed memory back to its host, that step pays to fault it in again (docs/performance.md).
+    A whole run (`workload.accuracy`) starts cold, as a user's does.
+    """
     calls = workload.steps // steps_per_call
     if workload.min_seconds:
         calls = max(calls, math.ceil(workload.min_seconds / seconds_per_call))
-    return partial(seconds_of, step, calls, finish=finish), calls * steps_per_call * workload.items_per_step
+    return (partial(seconds_of, step, calls, finish=finish, lead_in=0 if workload.accuracy else 1),
+            calls * steps_per_call * workload.items_per_step)
 
 
 class Recorded:

@@ -113,6 +113,21 @@ def test_timed_run_counts_the_items_it_makes():
     assert timing.timed_run(basic, step, 4, seconds_per_call=0.04)[1] == 3 * 4  # 3 calls of 4 steps
 
 
+def test_a_timed_run_starts_its_clock_after_one_untimed_call(monkeypatch):
+    now = [0]  # a fake clock: each step takes one tick
+
+    def step():
+        now[0] += 1
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    time_run, items = timing.timed_run(workloads.WORKLOADS["cnn"], step, 1)
+    assert (time_run(), now[0], items) == (20, 21, 20 * 64)
+    # A whole run starts cold, as a user's does.
+    now[0] = 0
+    time_run, _ = timing.timed_run(workloads.cifar_run(TINY, fraction=None), step, 1)
+    assert (time_run(), now[0]) == (1, 1)
+
+
 def test_workload_table():
     for w in workloads.WORKLOADS.values():
         assert set(w.precisions) <= set(timing.PRECISIONS) and set(w.torch_modes) <= set(timing.TORCH_AUTOCAST)
