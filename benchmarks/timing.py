@@ -112,9 +112,7 @@ def seconds_of(step, calls=1, finish=jax.block_until_ready, lead_in=0):
     has waited for the asynchronous work (JAX's; PyTorch's on CUDA: `torch_finish`). The clock
     starts after `lead_in` untimed calls."""
     for _ in range(lead_in):
-        out = step()
-    if lead_in:
-        finish(out)
+        finish(step())
     t0 = time.perf_counter()
     for _ in range(calls):
         out = step()
