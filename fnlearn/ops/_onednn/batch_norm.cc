@@ -65,9 +65,11 @@ ffi::Error Guarded(Body body) {
   }
 }
 
-// Runs the primitive built from `desc` on `args` and a scratchpad, on a stream of its own, and waits.
+// Runs the primitive built from `desc` on `args` and a scratchpad, on a stream of its own, and waits;
+// one execution at a time (`Exclusive`).
 template <typename Primitive, typename Desc>
 ffi::Error Execute(const Desc& desc, std::unordered_map<int, memory> args) {
+  fnlearn::Exclusive exclusive;
   dnnl::stream stream(Engine());
   args.insert({DNNL_ARG_SCRATCHPAD, memory(desc.scratchpad_desc(), Engine())});
   Primitive(desc).execute(stream, args);

@@ -35,7 +35,7 @@ struct Plan {
   memory::desc user_kernel;    // HWIO
   memory::desc kernel;         // the primitive's layout
   dnnl::primitive reorder;
-  memory::desc scratchpad;     // given by each call, so calls can run concurrently
+  memory::desc scratchpad;     // given by each call, so a kept plan holds no memory between calls
 };
 
 // Each direction's (x, kernel, y) execution arguments.
@@ -156,6 +156,7 @@ ffi::Error Run(Direction dir, ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::AnyBuffer
                  y_dims = Activation(y.dimensions());
     const auto plan_ptr = Lookup(dir, x_dims, k_dims, y_dims, x_type, k_type, y_type, s, lo, hi);
     const Plan& plan = *plan_ptr;
+    fnlearn::Exclusive exclusive;
     auto& engine = Engine();
     dnnl::stream stream(engine);
     memory x_mem(memory::desc(x_dims, x_type, memory::format_tag::nhwc), engine, x.untyped_data());
@@ -220,6 +221,9 @@ extern "C" int64_t FnlearnConvSetPlanCapacity(int64_t capacity) {
 // The hash of the sources this library was built from (setup.py's source_hash), so that
 // fnlearn can refuse a library left from older sources.
 extern "C" const char* FnlearnOnednnSource() { return FNLEARN_ONEDNN_SOURCE; }
+
+// For tests: the most oneDNN executions (convolutions and batch norms) in flight at once.
+extern "C" int FnlearnOnednnPeakExecutions() { return fnlearn::Exclusive::Peak().load(); }
 
 // For tests: how many plans have been built.
 extern "C" int64_t FnlearnConvPlansBuilt() {
