@@ -21,7 +21,8 @@ XLA's (docs/performance.md); training is not affected.
 
 The library runs one oneDNN call at a time in the process: each runs on every core
 (oneDNN's OpenMP team), while XLA:CPU runs independent ops, such as a convolution's two
-gradients, side by side on its own threads. Queued, ResNet-18's fp32 train step ran faster.
+gradients, side by side on its own threads. Queued, ResNet-18's fp32 train step ran faster
+(docs/performance.md).
 
 The library is loaded at the first convolution. Where it or oneDNN is missing,
 `enabled()` is False, fnlearn says so once, and convolutions and batch norms keep XLA's
