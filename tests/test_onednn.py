@@ -210,12 +210,14 @@ def test_one_execution_runs_at_a_time():
     x, w = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(16, 32, 32, 32), (3, 3, 32, 32)]))
     grads = jax.jit(jax.grad(loss_of(lambda x, w: conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)),
                              argnums=(0, 1)))
-    threads = [threading.Thread(target=lambda: [jax.block_until_ready(grads(x, w)) for _ in range(10)])
+    done = []
+    threads = [threading.Thread(target=lambda: done.append([jax.block_until_ready(grads(x, w)) for _ in range(10)]))
                for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert len(done) == 4  # every thread ran its calls
     assert library.FnlearnOnednnPeakExecutions() == 1
 
 

@@ -19,8 +19,8 @@ inline dnnl::engine& Engine() {
 // Held around each execution, so oneDNN runs one primitive at a time in the process. Each
 // runs on every core (oneDNN's OpenMP team), while XLA:CPU runs independent ops side by
 // side on its own threads: two executions at once put two teams on the same cores, which
-// measured slower (docs/performance.md, "one oneDNN call at a time"). It counts the executions in
-// flight, and the most at once (`FnlearnOnednnPeakExecutions`, for tests).
+// measured slower (docs/performance.md, "one oneDNN call at a time"). It counts the
+// executions in flight, and the most at once (`FnlearnOnednnPeakExecutions`, for tests).
 class Exclusive {
  public:
   Exclusive() : lock_(Mutex()) {

@@ -35,7 +35,7 @@ struct Plan {
   memory::desc user_kernel;    // HWIO
   memory::desc kernel;         // the primitive's layout
   dnnl::primitive reorder;
-  memory::desc scratchpad;     // given by each call, so a kept plan holds no memory between calls
+  memory::desc scratchpad;     // each call brings one of this size
 };
 
 // Each direction's (x, kernel, y) execution arguments.
@@ -51,7 +51,7 @@ Plan Build(Direction dir, const memory::dims& x, const memory::dims& k, const me
   auto& engine = Engine();
   memory::desc x_md(x, x_type, tag::nhwc), y_md(y, y_type, tag::nhwc);
   memory::desc k_any(k, k_type, tag::any);
-  // With the library's own scratchpad, one primitive must not run on two threads at once.
+  // Each call brings its scratchpad, so the plans kept hold no memory between calls.
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   attr.set_fpmath_mode(dnnl::fpmath_mode::strict);  // float32 stays float32, whatever the environment says
