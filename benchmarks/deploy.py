@@ -11,9 +11,9 @@ fnlearn's jitted forward (uint8 in, normalised inside, as the artifacts do), onn
 on fnlearn's ONNX export of that same function (BatchNorm folded), and PyTorch eager
 (`torch.inference_mode`, channels_last, float32 and bf16 autocast, the faster counts, its
 input already normalised). Each side warms up first; the best of `--repeats` rounds counts,
-the sides taking turns. images/s; ratio = side / PyTorch. Each ONNX file is also converted
-to ONNX Runtime Mobile's `.ort` format, whose size and largest difference from the `.onnx`
-file's logits are reported.
+the sides taking turns, each run's clock started after one untimed call (as the main bench's).
+images/s; ratio = side / PyTorch. Each ONNX file is also converted to ONNX Runtime Mobile's
+`.ort` format, whose size and largest difference from the `.onnx` file's logits are reported.
 
 serve: `python -m fnlearn.serve` on FastNet's StableHLO export in its own process, on
 127.0.0.1; for each client count, that many threads send PNG images over keep-alive
@@ -102,8 +102,8 @@ def infer_rows(names, batches, repeats, calls):
             first_call_s = time.perf_counter() - t0  # compilation and one call
             for step in steps.values():  # warm-up: kernel selection, allocations
                 seconds_of(step, 2)
-            rates = dict(zip(steps, best_rates(round_rates([(lambda s=s: seconds_of(s, calls), calls * batch)
-                                                            for s in steps.values()], repeats))))
+            runs = [(lambda s=s: seconds_of(s, calls, lead_in=1), calls * batch) for s in steps.values()]
+            rates = dict(zip(steps, best_rates(round_rates(runs, repeats))))
             torch_mode = max(("torch fp32", "torch bf16"), key=rates.get)
             difference = float(np.abs(steps["onnxruntime"]() - np.asarray(steps["fnlearn"]())).max())
             rows.append({"model": name, "batch": batch, "fnlearn_per_s": rates["fnlearn"],
