@@ -207,17 +207,7 @@ def test_one_execution_runs_at_a_time():
     # Each runs on every core: XLA's independent calls (the input and kernel gradients of one
     # conv) and calls from several threads queue instead of sharing the cores.
     library = ctypes.CDLL(str(onednn._LIBRARY))
-    x, w = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(16, 32, 32, 32), (3, 3, 32, 32)]))
-    grads = jax.jit(jax.grad(loss_of(lambda x, w: conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)),
-                             argnums=(0, 1)))
-    done = []
-    threads = [threading.Thread(target=lambda: done.append([jax.block_until_ready(grads(x, w)) for _ in range(10)]))
-               for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(done) == 4  # every thread ran its calls
+    test_calls_from_several_threads_agree()
     assert library.FnlearnOnednnPeakExecutions() == 1
 
 
