@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import uvicorn
-from PIL import Image
+from PIL import Image, ImageFile
 
 from fnlearn import export, models
 from fnlearn.serve import app as app_module
@@ -85,7 +85,8 @@ def server(artifact_path):
     port = free_port()
     log = open(artifact_path.with_name("server.log"), "w+")  # a file: a pipe nobody reads could fill and block
     process = subprocess.Popen([sys.executable, "-m", "fnlearn.serve", "--artifact", str(artifact_path),
-                                "--port", str(port), "--max-batch", "16", "--max-body-mb", str(MAX_BODY / 2**20)],
+                                "--port", str(port), "--max-batch", "16", "--max-body-mb", str(MAX_BODY / 2**20),
+                                "--max-image-mp", "0.002"],
                                stdout=log, stderr=log, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     try:
         wait_until_up(port, process, log)
@@ -145,6 +146,8 @@ def test_good_requests_get_the_artifacts_predictions(server):
     ("POST", "/predict", json.dumps({"images": []}), "application/json", 422, '{"inputs": [...]}'),
     ("POST", "/predict", b"x" * 60_000, "image/png", 413, "over the limit"),
     ("POST", "/predict?k=11", png(np.zeros((32, 32, 3), np.uint8)), "image/png", 400, "k='11'"),
+    ("POST", "/predict", png(np.zeros((40, 60, 3), np.uint8)), "image/png", 413,
+     "image of 60x40 pixels is over the server's limit of 0.002 megapixels (--max-image-mp)"),
     ("POST", "/predict?k=%C2%B2", png(np.zeros((32, 32, 3), np.uint8)), "image/png", 400, "k='²'"),
     ("POST", "/predict", "[" * 10_000 + "]" * 10_000, "application/json", 400, "nested too deeply"),
     ("POST", "/predict", '{"inputs": [10' + "0" * 400 + "]}", "application/json", 422, "nested list of numbers"),
@@ -186,9 +189,9 @@ def test_a_method_not_allowed_names_the_allowed_one(server):
 
 
 def test_an_image_with_too_many_pixels_is_refused_before_it_is_decoded(monkeypatch):
-    monkeypatch.setattr(app_module, "MAX_PIXELS", 40 * 40)
-    with pytest.raises(app_module.RequestError, match="50x50 pixels is over the limit") as error:
-        app_module.decode_image(png(np.zeros((50, 50, 3), np.uint8)), (32, 32, 3))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("the image was decoded"))
+    with pytest.raises(app_module.RequestError, match="50x50 pixels is over") as error:
+        app_module.decode_image(png(np.zeros((50, 50, 3), np.uint8)), (32, 32, 3), max_pixels=2499)
     assert error.value.status == 413
 
 

@@ -19,7 +19,7 @@ import uvicorn
 
 from fnlearn.cli import HelpFormatter, Parser, non_negative_float, positive_float, positive_int
 from fnlearn.export import ArtifactError, load
-from fnlearn.serve.app import bucketed, make_app
+from fnlearn.serve.app import MAX_PIXELS, bucketed, make_app
 
 
 def parse_args(argv):
@@ -36,6 +36,8 @@ def parse_args(argv):
                         help="predictions in flight at once; more are answered 503")
     parser.add_argument("--max-body-mb", type=positive_float, default=8.0,
                         help="request body limit in MiB")
+    parser.add_argument("--max-image-mp", type=positive_float, default=MAX_PIXELS / 1e6,
+                        help="an image file of more megapixels is refused before it is decoded")
     parser.add_argument("--top-k", type=positive_int, default=5,
                         help="classes returned when a request gives no k")
     parser.add_argument("--timeout", type=positive_float, default=60.0,
@@ -45,6 +47,8 @@ def parse_args(argv):
         parser.error(f"--port {args.port}: pass a port from 1 to 65535")
     if args.max_body_mb * 2**20 > 2**40:
         parser.error(f"--max-body-mb {args.max_body_mb:g} is over a TiB: pass a size this machine could hold")
+    if round(args.max_image_mp * 1e6) < 1:
+        parser.error(f"--max-image-mp {args.max_image_mp:g} is under one pixel: pass 1e-06 or more")
     return args
 
 
@@ -73,7 +77,7 @@ def main(argv=None):
         "%s (%s, %d classes) ready in %.1f s for batches of %s", args.artifact, artifact.meta.get("format"),
         len(artifact.labels), time.perf_counter() - start, ", ".join(map(str, predict.sizes)))
     app = make_app(artifact, predict, args.max_batch, args.max_wait_ms / 1000, args.max_concurrency,
-                   int(args.max_body_mb * 2**20), args.top_k, args.timeout)
+                   int(args.max_body_mb * 2**20), args.top_k, args.timeout, round(args.max_image_mp * 1e6))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
 
 

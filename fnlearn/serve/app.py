@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 logger = logging.getLogger("fnlearn.serve")
 
-MAX_PIXELS = 4096 * 4096  # a decoded image above this is refused before it is decoded
+MAX_PIXELS = 16_800_000  # make_app's default: about 4096 x 4096
 
 
 class RequestError(Exception):
@@ -179,17 +179,18 @@ async def _body(request, limit):
     return b"".join(chunks)
 
 
-def decode_image(body, input_shape):
-    """An encoded image as a (1, H, W, C) uint8 batch, resized to the model's H x W."""
+def decode_image(body, input_shape, max_pixels=MAX_PIXELS):
+    """An encoded image as a (1, H, W, C) uint8 batch, resized to the model's H x W; one of more
+    than `max_pixels` is refused from its header, before it is decoded."""
     height, width, channels = input_shape
     if channels not in (1, 3):
         raise RequestError(415, f"this model takes {channels}-channel inputs, which no image file holds: send "
                                 f"JSON {{\"inputs\": [...]}}")
     try:
         image = Image.open(io.BytesIO(body))
-        if image.width * image.height > MAX_PIXELS:
-            raise RequestError(413, f"image of {image.width}x{image.height} pixels is over the limit of "
-                                    f"{MAX_PIXELS} pixels")
+        if image.width * image.height > max_pixels:
+            raise RequestError(413, f"image of {image.width}x{image.height} pixels is over the server's limit of "
+                                    f"{max_pixels / 1e6:g} megapixels (--max-image-mp)")
         image = ImageOps.exif_transpose(image)  # as a viewer shows it
         if image.mode.startswith("I;16"):  # 16-bit levels: convert() would clip them at 255
             image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
@@ -244,7 +245,7 @@ def top_k(logits, labels, k):
 
 
 def make_app(artifact, predict=None, max_batch=32, max_wait=0.005, max_concurrency=256, max_body=8 << 20,
-             default_k=5, timeout=60.0):
+             default_k=5, timeout=60.0, max_pixels=MAX_PIXELS):
     """The server's ASGI app for a loaded artifact (`fnlearn.export.load`).
 
     Args:
@@ -256,6 +257,7 @@ def make_app(artifact, predict=None, max_batch=32, max_wait=0.005, max_concurren
       max_body: request body size limit in bytes.
       default_k: classes returned an image when the request gives no `k`.
       timeout: seconds a request may take to send its body (then 408) or to get its logits (then 504).
+      max_pixels: an image file of more pixels (width x height) is refused (413) before it is decoded.
     """
     predict = predict or bucketed(artifact, max_batch)
     labels, shape = artifact.labels, tuple(artifact.input_shape)
@@ -282,7 +284,7 @@ def make_app(artifact, predict=None, max_batch=32, max_wait=0.005, max_concurren
             if kind == "application/json" or (not kind and body.lstrip()[:1] == b"{"):
                 images = await run_in_threadpool(decode_json, body, shape)  # megabytes of JSON take a while
             elif kind.startswith("image/") or kind in ("", "application/octet-stream"):
-                images = await run_in_threadpool(decode_image, body, shape)
+                images = await run_in_threadpool(decode_image, body, shape, max_pixels)
             else:
                 raise RequestError(415, f"Content-Type {kind} is not served: send an image file as the body "
                                         f"(image/png, image/jpeg) or JSON (application/json)")
