@@ -66,6 +66,7 @@ def test_the_jaxpr_graph_names_the_ops_and_boxes_them_by_module():
     assert dot.startswith("digraph") and dot.count("{") == dot.count("}")
     for module in ("conv1", "bn1", "layer1_0", "layer2_0", "downsample_conv", "fc"):
         assert f'label="{module}"' in dot
+    assert dot.count('label="bn1"') == 3  # one box each: the stem's and layer1_0's and layer1_1's
     for op in ("cond", "rsqrt", "dot_general", "reduce_sum", "float32[1,10]"):
         assert op in dot
     assert "->" in dot
@@ -121,11 +122,14 @@ def test_gradient_statistics_inside_jit_equal_those_computed_directly():
 def test_the_gradient_hook_fires_under_jit_with_the_outputs_shapes_and_values():
     model, variables, loss = _resnet_tiny_loss()
     seen = []
-    hooked = hook_gradients(model.apply, ["layer1_0/conv1", "fc"], lambda path, g: seen.append((path, np.array(g))))
+    hooked = hook_gradients(model.apply, ["layer1_0/conv1", "fc", "bn1"],
+                            lambda path, g: seen.append((path, np.array(g))))
     grads = jax.jit(jax.grad(lambda p: loss(p, hooked)))(variables["params"])
     jax.block_until_ready(grads)
-    seen = sorted(seen, key=lambda item: item[0] != "fc")  # callbacks under jit come in no set order
-    assert [(path, g.shape) for path, g in seen] == [("fc", (4, 10)), ("layer1_0/conv1", (4, 16, 16, 8))]
+    seen = sorted(seen, key=lambda item: (item[0] != "fc", item[0]))  # callbacks under jit come in no set order
+    # Once each, the zoo's BatchNorm (a subclass of flax's) included.
+    assert [(path, g.shape) for path, g in seen] == [("fc", (4, 10)), ("bn1", (4, 16, 16, 8)),
+                                                     ("layer1_0/conv1", (4, 16, 16, 8))]
     # fc's output gradient is d(mean cross-entropy)/d(logits) = (softmax - onehot) / batch, by hand.
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     logits = model.apply(variables, x)

@@ -74,7 +74,9 @@ class BatchNorm(nn.BatchNorm):
                      and self.axis in (-1, (-1,), x.ndim - 1, (x.ndim - 1,)) and self.dtype is not None
                      and jnp.dtype(self.param_dtype) in (jnp.float32, jnp.bfloat16))
             if not (training and plain and batch_norm.takes(x, jnp.dtype(self.dtype))):
-                return super().__call__(x, use_running_average=use_running_average, mask=mask)
+                # flax's body, not its wrapped method: a second module call of the same module would
+                # reach method interceptors twice (gradient hooks fired twice, graphs drew bn1/bn1).
+                return nn.BatchNorm.__call__.__wrapped__(self, x, use_running_average=use_running_average, mask=mask)
             # oneDNN's, with the variables flax's BatchNorm makes, in its order.
             channels = (x.shape[-1],)
             ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), channels)
