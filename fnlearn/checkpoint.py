@@ -177,9 +177,15 @@ def load_variables(path, like=None):
     if epochs:  # a `Checkpoints` folder: its last epoch
         return load_variables(path / str(max(epochs)), like)
     item = next((name for name in ("variables", "state") if (path / name).is_dir()), None)
+    runs = sorted({p.parent.parent.name for p in path.glob("*/*/state") if p.parent.name.isdigit()}
+                  if path.is_dir() and item is None else [])
+    if runs:  # experiments.cifar's <workdir>/checkpoints, one Checkpoints folder a run
+        raise CheckpointError(f"{path} holds runs' checkpoint folders ({', '.join(runs)}): pass one of them, "
+                              f"e.g. {path / runs[0]}")
     if item is None:
-        raise CheckpointError(f"{path} is not an fnlearn checkpoint: expected a folder written by save_variables "
-                              f"or a Checkpoints epoch folder (<workdir>/checkpoints/<epoch>)")
+        raise CheckpointError(f"{path} is not an fnlearn checkpoint: expected a folder written by save_variables, "
+                              f"a Checkpoints folder (experiments.cifar's <workdir>/checkpoints/run0) or one "
+                              f"epoch's folder in it")
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     # Orbax warns that an item folder has no _CHECKPOINT_METADATA of its own: it never has one (the

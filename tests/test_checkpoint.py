@@ -1,5 +1,6 @@
 """Checkpoints: exact round trips, the last N kept, a killed save, shape mismatches named, shared variables."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -188,13 +189,16 @@ def test_saving_variables_swaps_a_whole_folder_in(tmp_path):
 
 def test_variables_load_from_a_training_checkpoint(tmp_path):
     state = _state()
-    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    checkpoints = Checkpoints(tmp_path / "checkpoints" / "run0")  # experiments.cifar's layout
     checkpoints.save(1, _state(steps=0), {"epoch": 1})
     checkpoints.save(2, state, {"epoch": 2})
-    variables, meta = load_variables(tmp_path / "checkpoints")  # the folder: its last epoch
+    variables, meta = load_variables(tmp_path / "checkpoints" / "run0")  # the folder: its last epoch
     assert meta == {"epoch": 2} and set(variables) == {"params", "batch_stats"}
     _assert_equal(variables, jax.device_get(state.variables))
-    assert load_variables(tmp_path / "checkpoints" / "1")[1] == {"epoch": 1}
+    assert load_variables(tmp_path / "checkpoints" / "run0" / "1")[1] == {"epoch": 1}
+    with pytest.raises(CheckpointError, match=re.escape(f"holds runs' checkpoint folders (run0): pass one of "
+                                                        f"them, e.g. {tmp_path / 'checkpoints' / 'run0'}")):
+        load_variables(tmp_path / "checkpoints")
 
 
 def test_variables_that_do_not_fit_or_a_folder_that_is_no_checkpoint_are_refused(tmp_path):

@@ -213,6 +213,8 @@ def test_the_command_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     (["--model", "fastnet_tiny", "--mean", "0.5"], "--mean has 1 values for 3 channels"),
     (["--model", "fastnet_tiny", "--mean", "nan,0,0"], "'nan,0,0' is not comma-separated finite numbers"),
     (["--model", "fastnet_tiny", "--std", "a,b,c"], "'a,b,c' is not comma-separated finite numbers"),
+    (["--model", "fastnet_tiny", "--mean", "125,122,113"], "--mean 125,122,113 is not in [0, 1] units"),
+    (["--model", "fastnet_tiny", "--labels", "cat,,dog"], "--labels 'cat,,dog' has an empty name"),
     (["--checkpoint", "no/such/run"], "--checkpoint no/such/run: no such folder"),
     ([], "pass --model NAME, or a --checkpoint"),
 ])
@@ -236,11 +238,15 @@ def test_a_file_that_is_no_artifact_is_named(tmp_path):
         export.load(tmp_path / "junk.onnx")
     with pytest.raises(export.ArtifactError, match="no such file"):
         export.load(tmp_path / "missing.zip")
+    with pytest.raises(export.ArtifactError, match="is a folder, not an exported file"):
+        export.load(tmp_path)  # a checkpoint folder, say
 
 
-def test_labels_must_name_every_logit(tmp_path):
+def test_labels_must_name_every_logit_and_default_to_their_index(tmp_path):
     model, variables = trained_like("fastnet_tiny")
     fn = export.classifier(model.apply, variables, MEAN, STD)
     with pytest.raises(export.ArtifactError, match="2 labels for 10 logits"):
         export.save(tmp_path / "m.zip", fn, (32, 32, 3), {"labels": ["cat", "dog"]})
     assert not list(tmp_path.iterdir())
+    export.save(tmp_path / "m.zip", fn, (32, 32, 3), {}, platforms=("cpu",))
+    assert export.load(tmp_path / "m.zip").labels == [str(i) for i in range(10)]

@@ -80,7 +80,9 @@ def save(path, fn, input_shape, meta, format="stablehlo", platforms=PLATFORMS, c
       path: the file to write (`.zip` for StableHLO, `.onnx` for ONNX by convention).
       fn: the function to export.
       input_shape: (H, W, C) of one image; the batch stays dynamic.
-      meta: JSON-able dict; `labels` (one name per logit) is what the server reads.
+      meta: JSON-able dict; `labels` (one name per logit) is what the server reads: without
+        them the logits are named by their index ("0", "1", ...), as TorchServe names classes
+        that have no mapping file.
       format: "stablehlo" or "onnx".
       platforms: StableHLO's lowering platforms (ONNX runs wherever onnxruntime does).
       check: called with the written file before it replaces `path`; what it raises
@@ -95,7 +97,8 @@ def save(path, fn, input_shape, meta, format="stablehlo", platforms=PLATFORMS, c
         raise ArtifactError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     meta = {**meta, "input_shape": list(input_shape), "input_dtype": "uint8", "format": format}
     logits = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *input_shape), jnp.uint8)).shape[-1]
-    if "labels" in meta and len(meta["labels"]) != logits:  # the server names each logit by its label
+    meta.setdefault("labels", [str(i) for i in range(logits)])
+    if len(meta["labels"]) != logits:  # the server names each logit by its label
         raise ArtifactError(f"{len(meta['labels'])} labels for {logits} logits: give one label a logit")
     # lax's convolutions in the jaxpr, which the ONNX converter reads (jax.export alone
     # would lower fnlearn's to lax): the file must run without fnlearn's library.
@@ -180,6 +183,9 @@ def load(path):
       ArtifactError: the file is missing or is not an fnlearn artifact.
     """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder, not an exported file: pass the .zip or .onnx file that "
+                            "python -m experiments.export wrote")
     if not path.is_file():
         raise ArtifactError(f"{path}: no such file; write one with python -m experiments.export")
     try:
