@@ -57,7 +57,6 @@ threads suffer most). `python -m benchmarks.profile` splits the conv train steps
 kind of work.
 """
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -118,6 +117,10 @@ def cpu_model():
     return f"{names[0]}, {cpus} CPUs{', ' + ' '.join(isa) if isa else ''}"
 
 
+TORCH_MISSING = ('error: the benchmarks time PyTorch beside fnlearn, and torch is not installed: '
+                 'pip install -e ".[test]" (torch==2.13.0, a CPU build)')
+
+
 def main(argv=None):
     """Measures the named workloads, prints the table; returns its rows."""
     parser = cli.Parser(prog="python -m benchmarks", description=__doc__, formatter_class=cli.HelpFormatter)
@@ -136,16 +139,18 @@ def main(argv=None):
                         help="CIFAR-10 for cifar_run, a folder or .tar.gz of <root>/{train,test}/<class>/*.jpg "
                              "(if left out: random data, and no accuracy)")
     args = parser.parse_args(argv)
-    # Checked now, not after a run of minutes: the rows are written at the very end.
-    if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
-        parser.error(f"--json {args.json}: pass a file path in an existing folder")
+    if args.json:  # checked now, not after a run of minutes: the rows are written at the very end
+        args.json = cli.check_output_file(parser, "--json", args.json)
     for name in args.names:
         if name not in WORKLOADS and name not in GROUPS:
             parser.error(f"unknown workload {name!r}; choose from {choices}")
     names = dict.fromkeys(n for name in args.names or WORKLOADS for n in GROUPS.get(name, (name,)))
     if args.data and not Path(args.data).exists():
         parser.error(f"--data {args.data}: no such folder or archive")
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit(TORCH_MISSING)
 
     on_gpu = torch_device(torch).type == "cuda"
     if args.torch_mode in GPU_ONLY_MODES and not on_gpu:
@@ -181,9 +186,8 @@ def main(argv=None):
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"all workloads: {time.perf_counter() - t_start:.0f} s\n")
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:  # the machine with the rows: a figure means nothing without it
-            json.dump({"machine": machine, "rows": rows}, f, indent=2)
+    if args.json:  # the machine with the rows: a figure means nothing without it
+        cli.write_json(args.json, {"machine": machine, "rows": rows})
     return rows
 
 

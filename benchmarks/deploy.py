@@ -60,8 +60,11 @@ def mobile(onnx_path, images):
     """`(MiB, max abs difference)` of the `.ort` file ONNX Runtime Mobile takes, converted from `onnx_path`."""
     import onnxruntime
 
-    subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path)],
-                   cwd=onnx_path.parent, check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path)],
+                          cwd=onnx_path.parent, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"error: converting {onnx_path.name} to .ort failed: "
+                 f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
     ort_path = onnx_path.with_suffix(".ort")
     run = lambda path: onnxruntime.InferenceSession(str(path)).run(["logits"], {"images": images})[0]  # noqa: E731
     return ort_path.stat().st_size / 2**20, float(np.abs(run(ort_path) - run(onnx_path)).max())
@@ -182,14 +185,16 @@ def serve_rows(client_counts, requests, seconds, max_batch):
         path = Path(tmp) / "fastnet.zip"
         export.save(path, fn, (32, 32, 3), {"labels": [str(i) for i in range(10)], "model": "fastnet"})
         port = _free_port()
+        log = (Path(tmp) / "server.log").open("w+")  # a file: a pipe nobody reads could fill and block
         server = subprocess.Popen([sys.executable, "-m", "fnlearn.serve", "--artifact", str(path), "--port",
-                                   str(port), "--max-batch", str(max_batch)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   str(port), "--max-batch", str(max_batch)], stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
             while _get(port, "/health")[0] != 200:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start")
+                    log.seek(0)
+                    last = (log.read().strip().splitlines() or ["no output"])[-1]
+                    sys.exit(f"error: the server did not start{' in 300 s' if server.poll() is None else ''}: {last}")
                 time.sleep(0.2)
             for clients in client_counts:
                 latencies, errors = [], []
@@ -223,6 +228,7 @@ def serve_rows(client_counts, requests, seconds, max_batch):
         finally:
             server.terminate()
             server.wait(30)
+            log.close()
     return rows, batches
 
 
@@ -253,8 +259,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if unknown := [p for p in args.parts if p not in ("infer", "serve")]:
         parser.error(f"unknown part {unknown[0]!r}: choose infer, serve, or neither for both")
-    if args.json and (args.json.is_dir() or not args.json.parent.is_dir()):
-        parser.error(f"--json {args.json}: pass a file path in an existing folder")
+    if args.json:
+        cli.check_output_file(parser, "--json", args.json)
     # CPU against CPU (onnxruntime and PyTorch run there), unless JAX_PLATFORMS says otherwise:
     # set before jax picks its backend (importing it does not), and inherited by the server.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -262,8 +268,12 @@ def main(argv=None):
     parts = args.parts or ["infer", "serve"]
     versions = f"jax {jax.__version__}"
     if "infer" in parts:  # only infer needs these
-        import onnxruntime
-        import torch
+        try:
+            import onnxruntime
+            import torch
+        except ImportError as e:
+            sys.exit(f"error: infer runs {e.name or 'onnxruntime and torch'} beside fnlearn, and it is not "
+                     'installed: pip install -e ".[test]"')
 
         versions += (f", onnxruntime {onnxruntime.__version__}, torch {torch.__version__} with "
                      f"{torch.get_num_threads()} threads")

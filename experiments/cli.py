@@ -50,6 +50,23 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def check_output_file(parser, flag, path):
+    """Refuses an output file (written with `write_json` at the end of a run) that is a folder, lies in
+    no existing folder, or whose folder cannot be written (a probe file is made there and removed),
+    before any work starts."""
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        parser.error(f"{flag} {path}: pass a file path in an existing folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fnlearn-probe-", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        parser.error(f"{flag} {path} cannot be written ({err.strerror} in {path.parent}): "
+                     "pass a path in a folder you can write")
+    return path
+
+
 def check_workdir(parser, workdir):
     """Refuses a `--workdir` that is, or lies inside, a file, or where no folder can be made,
     before any work starts (a probe folder is made in it, or in its nearest existing parent,

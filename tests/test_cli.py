@@ -2,6 +2,7 @@
 defaults, and a short error naming the argument for a bad value, before any work starts."""
 import argparse
 import importlib
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from fnlearn.data import Dataset
 
 NAMES = ("regression", "autograd", "tensors", "dynamic", "mnist")
 # The benchmarks' command lines: module -> what a user types.
-BENCHMARKS = {"benchmarks.__main__": "python -m benchmarks", "benchmarks.profile": "python -m benchmarks.profile"}
+BENCHMARKS = {"benchmarks.__main__": "python -m benchmarks", "benchmarks.profile": "python -m benchmarks.profile",
+              "benchmarks.deploy": "python -m benchmarks.deploy"}
 
 
 def module_of(name):
@@ -71,6 +73,9 @@ FILE = object()  # stands for the path of an existing file
     ("benchmarks.__main__", ["--epoch-fraction", "1.5"], "--epoch-fraction"),
     ("benchmarks.__main__", ["no_such_workload"], "no_such_workload"),
     ("benchmarks.__main__", ["--json", "no/such/folder/rows.json"], "--json"),
+    ("benchmarks.__main__", ["--json", "/sys/fnlearn_rows.json"], "--json"),  # no file can be made there
+    ("benchmarks.deploy", ["--json", "/sys/fnlearn_rows.json"], "--json"),
+    ("benchmarks.deploy", ["--batches", "0"], "--batches"),
     ("benchmarks.profile", ["fastnet", "--steps", "0"], "--steps"),
     ("benchmarks.profile", ["resnet18", "--batch", "-8"], "--batch"),
     ("benchmarks.profile", [], "net"),
@@ -86,6 +91,19 @@ def test_bad_argument_is_two_lines_naming_it(name, argv, named, tmp_path, capsys
     assert 1 <= len(err.strip().splitlines()) <= 2, err
     assert named in err.splitlines()[0]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, argv, missing", [
+    ("benchmarks.__main__", ["regression"], "torch"),
+    ("benchmarks.deploy", ["infer"], "onnxruntime"),
+])
+def test_a_benchmark_without_its_extra_says_what_to_install(name, argv, missing, monkeypatch):
+    monkeypatch.setitem(sys.modules, missing, None)  # `import` then fails, as where it is not installed
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # deploy sets it; the test leaves it as it was
+    with pytest.raises(SystemExit) as exit_info:
+        main_of(name)(argv)
+    message = exit_info.value.code
+    assert message.startswith("error: ") and missing in message and 'pip install -e ".[test]"' in message
 
 
 def tiny_mnist(n_train=10, n_test=4):
