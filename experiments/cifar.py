@@ -63,7 +63,7 @@ def parse_config(argv):
     """`(cfg, args, parser)`: a CifarConfig from `--preset` plus any field given as `--field-name value`."""
     parser = cli.make_parser("cifar", __doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                        help="the recipe to start from; flags after it override its fields")
+                        help="the recipe to start from; the other flags override its fields")
     parser.add_argument("--workdir", type=Path, default=Path("runs/cifar"),
                         help="where summary.json, plots, TensorBoard events and checkpoints go")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --workdir")

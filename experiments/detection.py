@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from experiments import cli
+from fnlearn import models
 from fnlearn.checkpoint import CheckpointError
 from fnlearn.data import DataError, load_canvases, load_dataset
 from fnlearn.recipes.cifar import check_resume
@@ -38,6 +39,8 @@ def _help(field):
     default = getattr(PRESETS["default"], field.name)
     smoke = getattr(PRESETS["smoke"], field.name)
     notes = f" (default: {default}" + (f"; smoke: {smoke}" if smoke != default else "") + ")"
+    choices = {"model": models.names(task="detector"), "precision": ("fp32", "bf16")}.get(field.name)
+    notes += f"; one of {', '.join(choices)}" if choices else ""
     return (field.metadata["help"] + ("" if default is None else notes)).replace("%", "%%")
 
 

@@ -78,6 +78,11 @@ def parse_args(argv):
             parser.error(f"--{flag} has {len(getattr(args, flag))} values for {channels} channels: pass one a channel")
     if args.std is not None and min(args.std) <= 0:
         parser.error("--std must be positive")
+    if args.mean is not None and not all(0 <= v <= 1 for v in args.mean):
+        parser.error(f"--mean {','.join(f'{v:g}' for v in args.mean)} is not in [0, 1] units: divide 0-255 "
+                     "values by 255, e.g. 0.49,0.48,0.45")
+    if args.labels is not None and not all(name.strip() for name in args.labels.split(",")):
+        parser.error(f"--labels {args.labels!r} has an empty name: pass one name a class, e.g. cat,dog,frog")
     args.platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
     unknown = [p for p in args.platforms if p not in ("cpu", "cuda", "rocm", "tpu")]
     if unknown or not args.platforms:

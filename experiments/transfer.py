@@ -41,6 +41,8 @@ from fnlearn.recipes.transfer import MODES, PRETRAINING, TransferConfig, check_r
 def _help(field):
     default = field.default
     help = field.metadata["help"] + ("" if default is None else f" (default: {default})")
+    if field.name == "model":
+        help += f"; one of {', '.join(models.names(task='image_classifier'))}"
     return help.replace("%", "%%")
 
 

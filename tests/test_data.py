@@ -286,6 +286,9 @@ def test_wrong_layout_names_the_folder(tmp_path, breakage, named):
 def test_missing_source_is_named(tmp_path):
     with pytest.raises(DataError, match="nowhere"):
         load_dataset(str(tmp_path / "nowhere"), data_dir=tmp_path / "tfds")
+    with pytest.raises(DataError, match=r"cifar100: no such folder or \.tar\.gz, nor a data set fnlearn "
+                                        r"downloads \(cifar10, mnist\)"):
+        load_dataset("cifar100", data_dir=tmp_path / "tfds")
 
 
 @pytest.mark.parametrize("source", ["folder", "cifar10"])

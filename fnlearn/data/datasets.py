@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 
-from fnlearn.data.dataset import Dataset
+from fnlearn.data.base import default_data_dir
+from fnlearn.data.dataset import Dataset, DataError
 from fnlearn.data.folder import load_image_folder
 from fnlearn.data.online import ONLINE_BUILDERS, load_online
 
@@ -29,4 +30,8 @@ def load_dataset(
     """
     if isinstance(name_or_path, str) and name_or_path in ONLINE_BUILDERS:
         return load_online(name_or_path, data_dir=data_dir)
+    data_dir = default_data_dir(data_dir)  # checked first, as every loader does
+    if not os.path.exists(os.path.expanduser(name_or_path)):
+        raise DataError(f"data source {name_or_path}: no such folder or .tar.gz, nor a data set fnlearn "
+                        f"downloads ({', '.join(ONLINE_BUILDERS)})")
     return load_image_folder(name_or_path, data_dir=data_dir, skip_corrupt=skip_corrupt)

@@ -4,8 +4,8 @@ A frozen 2x2 patch-whitening conv (24 channels) + GELU, three blocks of
 conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU (widths 64, 256, 256)
 with identity-initialised convs and scale-free BatchNorm, a global max-pool, a
 bias-free Dense to 10 classes, and logits times 1/9. NHWC throughout. airbench94_muon's
-net (`FastNetMuon`) differs in its head (unit-std weights, logits divided by the width) and in
-its whitening bias's init (PyTorch's default, not zero).
+net (`FastNetMuon`) differs in its head (unit-std weights, logits times 1/256, the default
+last width, whatever the widths) and in its whitening bias's init (PyTorch's default, not zero).
 
 Parameter paths, for the optimizer's groups (the CIFAR recipe's `param_labels`):
   whiten/kernel            the whitening filters: set from training images by `with_whitening`
@@ -47,7 +47,7 @@ def dirac_init(key, shape, dtype=jnp.float32):
 
 def unit_std_init(key, shape, dtype=jnp.float32):
     """PyTorch's Linear init divided by its sample std: airbench94_muon's head, whose logits are
-    then divided by the width instead of airbench94's 9."""
+    then divided by 256 (the default last width) instead of airbench94's 9."""
     kernel = layers.torch_kernel_init(key, shape, dtype)
     return kernel / jnp.std(kernel, ddof=1)  # torch's Tensor.std() is the unbiased one
 
@@ -218,7 +218,7 @@ class FastNet(nn.Module):
 
 
 FastNetTiny = partial(FastNet, widths=(8, 16, 16))  # for tests: same structure, a few channels
-# airbench94_muon's net: airbench94's, but for the head's init, the logits' scale (1/width) and the
+# airbench94_muon's net: airbench94's, but for the head's init, the logits' scale (a fixed 1/256) and the
 # whitening bias, which keeps PyTorch's default init U(±1/sqrt(fan_in)), fan_in = 2 * 2 * 3.
 FastNetMuon = partial(FastNet, head_init=unit_std_init, logit_scale=1 / 256,
                       whiten_bias_init=layers.torch_uniform_init(12))

@@ -63,10 +63,12 @@ def make_optimizer(name, learning_rate, *, momentum=0.9, weight_decay=0.0, sched
 
     Args:
       name: "sgd", "momentum", "nesterov", "adam" or "adamw".
-      learning_rate: a float (shaped by `schedule`) or an optax schedule.
+      learning_rate: a float (shaped by `schedule`) or an optax schedule (then `schedule`,
+        `total_steps` and `warmup_steps` are not used).
       momentum: for "momentum" and "nesterov".
-      weight_decay: decoupled decay for "adamw"; for the SGD family it is added to
-        the gradient as in `torch.optim.SGD`. Biases and norm parameters are masked out.
+      weight_decay: decoupled decay for "adamw"; for "adam" and the SGD family it is added to
+        the gradient, as in `torch.optim.Adam` and `torch.optim.SGD`. Biases and norm parameters
+        are masked out.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
