@@ -64,6 +64,13 @@ def test_an_overflow_skips_the_step_halves_the_scale_and_it_grows_back():
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+def test_the_scale_does_not_grow_past_float32s_range():
+    top = LossScale.create(scale=2.0**127, growth_interval=1)
+    kept = top.adjust(jnp.array(True))  # 2^128 is Inf in float32
+    assert float(kept.scale) == 2.0**127 and int(kept.good_steps) == 0  # as GradScaler: kept, the count reset
+    assert float(LossScale.create(scale=2.0**126, growth_interval=1).adjust(jnp.array(True)).scale) == 2.0**127
+
+
 def test_a_skipped_step_moves_the_learning_rate_schedule_on():
     # PyTorch calls scheduler.step() whether scaler.step() skipped the update or not.
     schedule = optax.linear_schedule(0.1, 0.0, 10)

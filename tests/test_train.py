@@ -1,4 +1,5 @@
 """The training core: optimizers, fit in both modes, the finite check."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,6 +101,21 @@ def test_nonfinite_check_names_step_and_leaf(compiled):
     # The state handed back is the one before the bad step.
     assert err.value.step == 0
     assert int(err.value.state.step) == 0
+
+
+def test_a_nan_gradient_is_named_under_clipping_too():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            z = self.param("z", nn.initializers.zeros, (1,))
+            return nn.Dense(3)(x) + 0.0 * jnp.sqrt(z)  # a finite forward; z's gradient is 0 * Inf = NaN
+
+    x, y = blobs(jax.random.key(0), n=32)
+    for clip_norm in (None, 1.0):  # clipped, every gradient is NaN: the norm is
+        state = new_state(Net(), x, make_optimizer("sgd", 0.01))
+        with pytest.raises(TrainingDiverged, match=r"step 0: first in params/z\b"):
+            fit(state, (x, y), epochs=1, batch_size=32, key=jax.random.key(1), check_finite=True,
+                clip_norm=clip_norm, progress=False)
 
 
 def test_first_nonfinite_names_only_the_bad_leaf():

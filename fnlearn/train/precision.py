@@ -51,10 +51,13 @@ class LossScale(struct.PyTreeNode):
 
     def adjust(self, finite):
         """The scale after a step whose gradients were all finite (`finite`, a bool array) or not."""
-        grow = finite & (self.good_steps + 1 >= self.growth_interval)
-        scale = jnp.where(finite, jnp.where(grow, self.scale * self.growth_factor, self.scale),
+        due = finite & (self.good_steps + 1 >= self.growth_interval)
+        grown = self.scale * self.growth_factor
+        # A growth past float32's range is not taken (as GradScaler's): an Inf scale would skip
+        # every step from then on, and backing off from Inf stays Inf.
+        scale = jnp.where(finite, jnp.where(due & jnp.isfinite(grown), grown, self.scale),
                           jnp.maximum(self.scale * self.backoff_factor, 1.0))
-        return self.replace(scale=scale, good_steps=jnp.where(finite & ~grow, self.good_steps + 1, 0))
+        return self.replace(scale=scale, good_steps=jnp.where(finite & ~due, self.good_steps + 1, 0))
 
     @staticmethod
     def diverged(scale, skipped):

@@ -140,7 +140,7 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
             # The step count and the learning-rate schedules' counts still move on, as in PyTorch's
             # loop, where `scheduler.step()` runs whether `scaler.step` skipped or not, so the rate
             # and anything keyed to the step (lookahead's last sync) come at their step.
-            grads_finite = jnp.all(jnp.stack(jax.tree.leaves(_all_finite(grads))))
+            grads_finite = jnp.all(jnp.stack(jax.tree.leaves(_all_finite(raw_grads))))
             new_state = jax.tree.map(lambda new, old: jnp.where(grads_finite, new, old), new_state, state)
             new_state = new_state.replace(step=state.step + 1, loss_scale=state.loss_scale.adjust(grads_finite),
                                           opt_state=_schedules_from(applied.opt_state, new_state.opt_state))
@@ -151,8 +151,14 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
             # Under a loss scale an overflow is skipped, not a divergence, unless the scale is at
             # its floor (`LossScale.diverged`).
             scaled = state.loss_scale is not None
-            finite = _all_finite(new_state.params) if scaled else jax.tree.map(
-                jnp.logical_and, _all_finite(grads), _all_finite(new_state.params))
+            # The leaves named are the gradients' (before clipping) where one is not finite: a NaN one
+            # makes the global norm, every clipped gradient and so every updated param NaN.
+            if scaled:
+                finite = _all_finite(new_state.params)
+            else:
+                grads_ok = _all_finite(raw_grads)
+                bad_grad = ~jnp.all(jnp.stack(jax.tree.leaves(grads_ok)))
+                finite = jax.tree.map(lambda g, p: g & (bad_grad | p), grads_ok, _all_finite(new_state.params))
             ok = jnp.all(jnp.stack(jax.tree.leaves(finite)))
             ok &= ~LossScale.diverged(state.loss_scale.scale, ~grads_finite) if scaled else jnp.isfinite(loss)
             new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
