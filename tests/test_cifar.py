@@ -317,6 +317,9 @@ def test_subsets_hold_every_class_in_its_proportion():
     assert len(set(keep)) == 100 and (keep == stratified_subset(labels, 100)).all()  # fixed
     uneven = stratified_subset(np.repeat([0, 1, 2], 3), 4)  # shares 4/3 each: one class gets the extra
     assert sorted(np.bincount(np.repeat([0, 1, 2], 3)[uneven])) == [1, 1, 2]
+    rare = np.repeat(np.arange(10), [1000] * 8 + [30] * 2)  # two classes whose shares (0.37) round to none
+    counts = np.bincount(rare[stratified_subset(rare, 100)], minlength=10)
+    assert counts.sum() == 100 and counts[8:].tolist() == [1, 1] and counts[:8].min() >= 12  # shares 12.3
     with pytest.raises(ValueError):
         stratified_subset(labels, 1001)
 

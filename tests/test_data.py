@@ -119,6 +119,17 @@ def test_grayscale_single_subfolder_and_distinct_sources(tmp_path, count_generat
     assert changed.train_images[0].max() == 0 and len(count_generate) == 6
 
 
+def test_16_bit_grayscale_keeps_one_channel_and_its_levels(tmp_path):
+    levels = np.arange(24, dtype=np.uint16).reshape(4, 6) * 2800  # up to 64400: most over 8 bits
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / "src" / split / name).mkdir(parents=True)
+            Image.fromarray(levels).save(tmp_path / "src" / split / name / "0.png")  # opens as mode I;16
+    data = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds")
+    assert data.train_images.shape == (2, 4, 6, 1)
+    np.testing.assert_array_equal(data.train_images[0, ..., 0], levels >> 8)
+
+
 def test_rgb_repeats_grayscale_into_three_channels(tmp_path):
     arrays = write_folder(tmp_path / "src", shape=(8, 6, 1))
     gray = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds")
@@ -197,6 +208,9 @@ def test_a_damaged_archive_is_refused_not_loaded(tmp_path):
     with pytest.raises(DataError, match=f"^cannot extract archive {re.escape(str(archive))}: CRC check failed"):
         load_dataset(str(archive), data_dir=tmp_path / "tfds")
     assert list((tmp_path / "tfds" / folder.EXTRACT_DIR).iterdir()) == []
+    archive.write_bytes(b"no archive at all" * 64)  # one line, not one for each compression tarfile tried
+    with pytest.raises(DataError, match=f"^cannot extract archive {re.escape(str(archive))}: [^\n]*$"):
+        load_dataset(str(archive), data_dir=tmp_path / "tfds")
 
 
 def test_hidden_files_are_not_images(tmp_path):

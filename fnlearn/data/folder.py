@@ -125,8 +125,15 @@ def _fingerprint(root: pathlib.Path, files: dict[str, list[tuple[str, int]]]) ->
 
 
 def _mode(img: Image.Image) -> str:
-    # Grayscale sources (MNIST PNGs) keep one channel; all else becomes RGB.
-    return "L" if img.mode in ("1", "L") else "RGB"
+    # Grayscale sources (MNIST PNGs, 16-bit scans) keep one channel; all else becomes RGB.
+    return "L" if img.mode in ("1", "L") or img.mode.startswith("I;16") else "RGB"
+
+
+def _pixels(img: Image.Image, mode: str) -> np.ndarray:
+    """uint8 pixels of `img` in `mode`; 16-bit levels keep their top 8 bits (`convert` would clip them at 255)."""
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8), "L")
+    return np.asarray(img.convert(mode))
 
 
 def _probe_shape(files: list[tuple[str, int]]) -> tuple[tuple[int, int, int], str]:
@@ -209,7 +216,8 @@ def extract_archive(archive: pathlib.Path, data_dir: str) -> pathlib.Path:
         # A rename that lost a race to a concurrent extraction leaves a complete `final`.
         if isinstance(err, OSError) and final.is_dir():
             return final
-        raise DataError(f"cannot extract archive {archive}: {err}") from None
+        # tarfile's "could not be opened" lists every compression it tried, a line each: keep the first.
+        raise DataError(f"cannot extract archive {archive}: {str(err).splitlines()[0].rstrip(':')}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -306,7 +314,7 @@ class ImageFolderBuilder(ImageBuilder):
         for path, label in files:
             try:
                 with Image.open(path) as img:
-                    pixels = np.asarray(img.convert(config.mode))
+                    pixels = _pixels(img, config.mode)
             except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying corrupt/truncated
                 if not config.skip_corrupt:
                     raise DataError(f"corrupt or truncated image {path}: {err}") from None

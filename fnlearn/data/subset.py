@@ -10,8 +10,9 @@ def stratified_subset(labels, n, seed=0):
     """Indices of `n` examples holding each class in its proportion in `labels`.
 
     Each class gets its share of `n` rounded down, and the examples left over go to
-    the classes with the largest remainders; within a class the examples are a fixed
-    random sample (by `seed`).
+    the classes with the largest remainders; a class whose share rounds to none still
+    gets one, taken from the class most over its share, where `n` allows one a class.
+    Within a class the examples are a fixed random sample (by `seed`).
 
     Args:
       labels: (N,) integer class labels.
@@ -28,6 +29,10 @@ def stratified_subset(labels, n, seed=0):
     take = np.floor(shares).astype(np.int64)
     leftover = n - take.sum()
     take[np.argsort(take - shares, kind="stable")[:leftover]] += 1  # largest remainders first
+    if n >= len(classes):
+        for i in np.flatnonzero(take == 0):  # a rare class: one example, from a class that keeps at least one
+            take[i] = 1
+            take[np.argmax(np.where(take > 1, take - shares, -np.inf))] -= 1
     rng = np.random.default_rng(seed)
     picked = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
     return np.sort(np.concatenate(picked))
