@@ -113,19 +113,30 @@ def process_flags(parser):
     """`--coordinator`, `--num-processes`, `--process-id`: one run over several processes, as
     torchrun's flags; each defaults to JAX's variable (JAX_COORDINATOR_ADDRESS, ...)."""
     group = parser.add_argument_group("several processes (jax.distributed, torchrun's analogue; all three or none)")
-    group.add_argument("--coordinator", metavar="HOST:PORT", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    group.add_argument("--coordinator", metavar="HOST:PORT",
                        help="process 0's host and a free port, the same in every process "
                             "(default: $JAX_COORDINATOR_ADDRESS; unset: this process alone)")
-    group.add_argument("--num-processes", type=positive_int, default=os.environ.get("JAX_NUM_PROCESSES"),
-                       help="processes in the run (default: $JAX_NUM_PROCESSES)")
-    group.add_argument("--process-id", type=non_negative_int, default=os.environ.get("JAX_PROCESS_ID"),
+    group.add_argument("--num-processes", type=positive_int, help="processes in the run (default: $JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=non_negative_int,
                        help="this process's rank, 0 to N-1; process 0 writes the outputs (default: $JAX_PROCESS_ID)")
+
+
+# Each process flag's JAX variable, read when the flag is not given, and its type.
+PROCESS_VARIABLES = {"coordinator": ("JAX_COORDINATOR_ADDRESS", str),
+                     "num_processes": ("JAX_NUM_PROCESSES", positive_int),
+                     "process_id": ("JAX_PROCESS_ID", non_negative_int)}
 
 
 def join_processes(parser, args):
     """Joins the run's other processes through `jax.distributed.initialize` when `process_flags`
     name them; after it, `jax.devices()` lists every process's devices. Call it before any
     device is used. Returns whether it joined."""
+    for name, (variable, kind) in PROCESS_VARIABLES.items():
+        if getattr(args, name) is None and (text := os.environ.get(variable)) is not None:
+            try:
+                setattr(args, name, kind(text))
+            except argparse.ArgumentTypeError as err:  # named as the user set it, not as a flag they never passed
+                parser.error(f"${variable} {err}: unset it or pass --{name.replace('_', '-')}")
     flags = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
              "--process-id": args.process_id}
     if all(value is None for value in flags.values()):

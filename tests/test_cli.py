@@ -197,3 +197,9 @@ def test_the_process_flags_default_to_jaxs_variables(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main_of("cifar")([])
     assert "--process-id 3 is not below --num-processes 2" in capsys.readouterr().err
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "0")  # a bad variable is named as such, not as a flag never passed
+    with pytest.raises(SystemExit) as exit_info:
+        main_of("cifar")([])
+    assert exit_info.value.code == 2
+    assert "$JAX_NUM_PROCESSES '0' must be a positive whole number: unset it or pass --num-processes" in \
+        capsys.readouterr().err
