@@ -93,6 +93,8 @@ def test_nms_suppresses_only_within_a_class_and_pads_past_its_input():
                                             iou_threshold=0.5, max_boxes=5)
     assert valid.tolist() == [True, True, False, False, False]  # the second class-0 box is dropped
     assert classes.tolist() == [0, 1, -1, -1, -1] and scores.tolist() == pytest.approx([0.9, 0.7, 0, 0, 0])
+    out_boxes, scores, classes, valid = jax.jit(nms)(jnp.zeros((0, 4)), jnp.zeros(0), jnp.zeros(0, int))
+    assert out_boxes.shape == (100, 4) and not valid.any() and (classes == -1).all()  # no candidates: all padding
 
 
 def _perfect(truth):

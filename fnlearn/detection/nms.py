@@ -26,6 +26,9 @@ def nms(boxes, scores, classes, *, iou_threshold=0.5, score_threshold=0.0, max_b
       the last kept box have `valid` False, score 0 and class -1.
     """
     n = boxes.shape[0]
+    if n == 0:  # no candidates: every slot is padding
+        return (jnp.zeros((max_boxes, 4), boxes.dtype), jnp.zeros(max_boxes, scores.dtype),
+                jnp.full(max_boxes, -1, classes.dtype), jnp.zeros(max_boxes, bool))
     order = jnp.argsort(-scores)
     boxes, scores, classes = boxes[order], scores[order], classes[order]
     overlaps = (pairwise_iou(boxes, boxes) > iou_threshold) & (classes[:, None] == classes[None, :])
