@@ -246,6 +246,24 @@ def test_switched_off_or_missing_falls_back_to_xla(monkeypatch):
     assert onednn.enabled()
 
 
+def test_the_switch_holds_for_the_ops_called_directly():
+    # The primitives themselves, not only the routing in `conv_general_dilated`, honour it.
+    from fnlearn.ops import batch_norm
+
+    x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
+    scale = jnp.ones(16)
+
+    def direct():  # a new function each time: JAX caches a function's lowering, and the switch is no part of its key
+        return lambda x, w: (batch_norm.batch_norm(x.reshape(-1, 16), scale, scale, 1e-5)[0],
+                             onednn.conv(x, w, (1, 1), ((1, 1), (1, 1))))
+
+    text = compiled_text(direct(), x, w)
+    assert "fnlearn_batch_norm_forward" in text and TARGET in text
+    with onednn.disabled():
+        text = compiled_text(direct(), x, w)
+    assert "fnlearn_batch_norm_forward" not in text and TARGET not in text
+
+
 def test_programs_split_over_devices_keep_lax_convolutions():
     # XLA's partitioner cannot split a custom call: it would gather the whole batch onto
     # every device. Split programs (data parallel over the 8 test devices) keep lax's.

@@ -219,11 +219,12 @@ def primitive(name, reference, abstract, target=None, attributes=None, multiple_
     ffi = jax.ffi.ffi_lowering(target)
 
     def lower_cpu(ctx, *args, **params):
-        # lax where the FFI call cannot go: the library did not load; `jax.export` (the
-        # file must run without fnlearn); a program split over several devices (XLA's
-        # partitioner cannot split a custom call, so it would gather the whole batch onto
-        # every device); operands the call does not take.
-        if (not _load()[0] or ctx.module_context.lowering_parameters.for_export
+        # lax where the FFI call cannot go or is turned off: the library did not load, or
+        # FNLEARN_ONEDNN=0 or `disabled()` (`enabled()`); `jax.export` (the file must run
+        # without fnlearn); a program split over several devices (XLA's partitioner cannot
+        # split a custom call, so it would gather the whole batch onto every device);
+        # operands the call does not take.
+        if (not enabled() or ctx.module_context.lowering_parameters.for_export
                 or getattr(ctx.module_context.axis_context, "num_devices", 1) > 1
                 or (takes is not None and not takes(*ctx.avals_in))):
             return lax_lowering(ctx, *args, **params)
