@@ -119,6 +119,17 @@ def test_grayscale_single_subfolder_and_distinct_sources(tmp_path, count_generat
     assert changed.train_images[0].max() == 0 and len(count_generate) == 6
 
 
+def test_torchvisions_other_image_types_are_read_too(tmp_path):
+    arrays = write_folder(tmp_path / "src")
+    cats = sorted((tmp_path / "src" / "train" / "cat").iterdir())
+    for path, suffix in zip(cats, (".bmp", ".webp", ".tiff")):  # lossless (webp: with lossless=True)
+        Image.open(path).save(path.with_suffix(suffix), lossless=True)
+        path.unlink()
+    data = load_image_folder(tmp_path / "src", data_dir=tmp_path / "tfds")
+    np.testing.assert_array_equal(data.train_images, arrays["train"][0])
+    np.testing.assert_array_equal(data.train_labels, arrays["train"][1])
+
+
 def test_16_bit_grayscale_keeps_one_channel_and_its_levels(tmp_path):
     levels = np.arange(24, dtype=np.uint16).reshape(4, 6) * 2800  # up to 64400: most over 8 bits
     for split in ("train", "test"):

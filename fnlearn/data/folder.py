@@ -1,4 +1,4 @@
-"""Image-folder data sets (`<root>/{train,test}/<class>/*.jpg|png`) prepared once as TFDS array_record files.
+"""Image-folder data sets (`<root>/{train,test}/<class>/*.jpg|png|...`) prepared once as TFDS array_record files.
 
 The folder (or a `.tar.gz` of it) is decoded with PIL once and stored as raw uint8
 pixels (CIFAR-10's 60k images are 184 MB), read back later with no decoding.
@@ -34,7 +34,8 @@ from fnlearn.data.dataset import DataError, Dataset
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# torchvision ImageFolder's (IMG_EXTENSIONS), all of which PIL reads.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "test")
 # Where extracted archives live, under the TFDS data dir.
 EXTRACT_DIR = "fnlearn_extracted"
@@ -109,7 +110,7 @@ def scan_folder(root: pathlib.Path) -> tuple[tuple[str, ...], dict[str, list[tup
                 and entry.name.lower().endswith(IMAGE_SUFFIXES)
             )
             if not images:
-                raise DataError(f"class folder {folder} holds no .jpg/.jpeg/.png images")
+                raise DataError(f"class folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             files[split].extend((path, label) for path in images)
     return class_names, files
 
