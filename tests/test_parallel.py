@@ -61,6 +61,26 @@ def test_a_step_split_over_8_devices_equals_one_device_step(fsdp):
     assert not any(whole) if fsdp else all(whole)
 
 
+def test_gradients_on_a_mesh_of_explicit_axes_match_one_device():
+    # jax.make_mesh's default: explicit axes, the batch's sharding part of each array's type.
+    mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+    model = models.get("fastnet_tiny")  # convolutions, max-pools, BatchNorms and a Dense head
+    x = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x)
+
+    def loss(params, x):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(logits ** 2)
+
+    def place(tree, *spec):
+        return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+    want = jax.jit(jax.grad(loss))(variables["params"], x)
+    got = jax.jit(jax.grad(loss))(place(variables["params"]), place(x, "batch"))  # params replicated, batch split
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
 def test_fit_on_8_devices_matches_fit_on_one():
     model = models.get("simple_net")
     x = jax.random.normal(jax.random.key(0), (128, 784))

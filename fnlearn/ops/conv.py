@@ -56,20 +56,31 @@ def _channels_last_numbers(num_spatial):
     return lax.ConvDimensionNumbers(lhs, rhs, lhs)
 
 
+def explicitly_sharded(*arrays):
+    """Whether an operand's type carries a sharding (a mesh of explicit axes, `jax.make_mesh`'s default).
+
+    fnlearn's own lowerings leave such operands to lax: JAX propagates explicit shardings
+    through its own ops, and through the permuted layouts spelt here it put the batch's
+    sharding on the channel axis (an error in the gradient).
+    """
+    return any(axis is not None for a in arrays for axis in jax.typeof(a).sharding.spec)
+
+
 def _channels_last_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                         dimension_numbers, feature_group_count, batch_group_count):
     """(strides, explicit padding) if this is a plain channels-last conv fnlearn lowers itself, else None.
 
-    Plain: NHWC / HWIO / NHWC, one floating dtype, no dilation, no groups, and image and
-    window sizes known when tracing (a symbolic height or width from `jax.export` makes
-    symbolic padding, which lax's convolution takes and these lowerings do not).
+    Plain: NHWC / HWIO / NHWC, one floating dtype, no dilation, no groups, no explicit
+    sharding in the operands' types, and image and window sizes known when tracing (a
+    symbolic height or width from `jax.export` makes symbolic padding, which lax's
+    convolution takes and these lowerings do not).
     """
     num_spatial = lhs.ndim - 2
     if num_spatial < 1 or rhs.ndim != lhs.ndim or lhs.dtype != rhs.dtype:
         return None
     if any(jax.export.is_symbolic_dim(d) for d in lhs.shape[1:-1] + rhs.shape[:num_spatial]):
         return None
-    if not jnp.issubdtype(lhs.dtype, jnp.floating):
+    if not jnp.issubdtype(lhs.dtype, jnp.floating) or explicitly_sharded(lhs, rhs):
         return None
     if feature_group_count != 1 or batch_group_count != 1:
         return None

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fnlearn.ops.conv import explicitly_sharded
+
 # Beyond this many positions per window the unrolled selects cost more to
 # compile than it saves; such pools (rare: global pooling uses jnp.max) stay native.
 MAX_WINDOW_SIZE = 64
@@ -95,6 +97,8 @@ def _tiles(inputs, window_shape, strides, padding):
     if any(jax.export.is_symbolic_dim(d) for d in inputs.shape[-n - 1:-1]):
         return False
     if not jnp.issubdtype(inputs.dtype, jnp.floating) or math.prod(window_shape) > MAX_WINDOW_SIZE:
+        return False
+    if explicitly_sharded(inputs):  # its tiled reshapes would need shardings spelt out
         return False
     if any(s < w for s, w in zip(inputs.shape[-n - 1:-1], window_shape)):
         return False  # an empty output: nothing to gain
