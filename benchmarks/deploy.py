@@ -56,6 +56,11 @@ def trained_like(name):
     return model, {**variables, "batch_stats": stats}
 
 
+def _last_line(text):
+    """A failed subprocess's last line of output, for a one-line error."""
+    return (text.strip().splitlines() or ["no output"])[-1]
+
+
 def mobile(onnx_path, images):
     """`(MiB, max abs difference)` of the `.ort` file ONNX Runtime Mobile takes, converted from `onnx_path`."""
     import onnxruntime
@@ -63,8 +68,7 @@ def mobile(onnx_path, images):
     done = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path)],
                           cwd=onnx_path.parent, capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"error: converting {onnx_path.name} to .ort failed: "
-                 f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        sys.exit(f"error: converting {onnx_path.name} to .ort failed: {_last_line(done.stderr)}")
     ort_path = onnx_path.with_suffix(".ort")
     run = lambda path: onnxruntime.InferenceSession(str(path)).run(["logits"], {"images": images})[0]  # noqa: E731
     return ort_path.stat().st_size / 2**20, float(np.abs(run(ort_path) - run(onnx_path)).max())
@@ -193,8 +197,8 @@ def serve_rows(client_counts, requests, seconds, max_batch):
             while _get(port, "/health")[0] != 200:
                 if server.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    last = (log.read().strip().splitlines() or ["no output"])[-1]
-                    sys.exit(f"error: the server did not start{' in 300 s' if server.poll() is None else ''}: {last}")
+                    late = " in 300 s" if server.poll() is None else ""
+                    sys.exit(f"error: the server did not start{late}: {_last_line(log.read())}")
                 time.sleep(0.2)
             for clients in client_counts:
                 latencies, errors = [], []

@@ -135,12 +135,15 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
                 grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         new_state = applied = state.apply_gradients(grads, batch_stats=stats)
         metrics.update(extra)
+        # Judged before clipping: a NaN gradient makes the global norm, every clipped gradient
+        # and so every updated param NaN.
+        grads_ok = _all_finite(raw_grads)
+        grads_finite = jnp.all(jnp.stack(jax.tree.leaves(grads_ok)))
         if state.loss_scale is not None:
             # GradScaler's rule: a step whose gradients overflowed is skipped and the scale adjusts.
             # The step count and the learning-rate schedules' counts still move on, as in PyTorch's
             # loop, where `scheduler.step()` runs whether `scaler.step` skipped or not, so the rate
             # and anything keyed to the step (lookahead's last sync) come at their step.
-            grads_finite = jnp.all(jnp.stack(jax.tree.leaves(_all_finite(raw_grads))))
             new_state = jax.tree.map(lambda new, old: jnp.where(grads_finite, new, old), new_state, state)
             new_state = new_state.replace(step=state.step + 1, loss_scale=state.loss_scale.adjust(grads_finite),
                                           opt_state=_schedules_from(applied.opt_state, new_state.opt_state))
@@ -150,15 +153,10 @@ def make_train_step(loss_fn=cross_entropy, *, clip_norm=None, check_finite=False
         if check_finite:
             # Under a loss scale an overflow is skipped, not a divergence, unless the scale is at
             # its floor (`LossScale.diverged`).
+            # Without one, the leaves named are the gradients' where one is not finite, else the params'.
             scaled = state.loss_scale is not None
-            # The leaves named are the gradients' (before clipping) where one is not finite: a NaN one
-            # makes the global norm, every clipped gradient and so every updated param NaN.
-            if scaled:
-                finite = _all_finite(new_state.params)
-            else:
-                grads_ok = _all_finite(raw_grads)
-                bad_grad = ~jnp.all(jnp.stack(jax.tree.leaves(grads_ok)))
-                finite = jax.tree.map(lambda g, p: g & (bad_grad | p), grads_ok, _all_finite(new_state.params))
+            finite = _all_finite(new_state.params) if scaled else jax.tree.map(
+                lambda g, p: g & (~grads_finite | p), grads_ok, _all_finite(new_state.params))
             ok = jnp.all(jnp.stack(jax.tree.leaves(finite)))
             ok &= ~LossScale.diverged(state.loss_scale.scale, ~grads_finite) if scaled else jnp.isfinite(loss)
             new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
